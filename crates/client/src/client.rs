@@ -1,0 +1,769 @@
+//! [`Client`]: the cache-aside read path of design.md §3.
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cacheclear_protocol::{KeyLayout, Lsn, scripts};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RedisResult, Script};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::{Config, HookPoint, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
+use crate::envelope::{Envelope, FORMAT};
+use crate::error::{BoxError, Error};
+use crate::singleflight::{Flights, Role};
+use crate::stats::{Counter, Counters, Stats};
+use crate::ttl::{jittered_ttl_ms, xfetch_should_refresh};
+
+/// What a loader returns: the value and the version it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded<T> {
+    /// The value read from the database.
+    pub value: T,
+    /// The LSN the read is at least as new as, for reads on a read replica: the
+    /// [`crate::replica_read_version`] taken *before* the read. The fill is refused when the
+    /// key's fence (the newest invalidated commit) is newer. `None` for reads on the primary,
+    /// where the lease is the guard.
+    pub version: Option<Lsn>,
+}
+
+impl<T> Loaded<T> {
+    /// A value read on the primary (no version needed: the lease guards the fill).
+    pub fn new(value: T) -> Loaded<T> {
+        Loaded {
+            value,
+            version: None,
+        }
+    }
+
+    /// A value read on a replica whose `pg_last_wal_replay_lsn()` was `version` before the read.
+    pub fn at(value: T, version: Lsn) -> Loaded<T> {
+        Loaded {
+            value,
+            version: Some(version),
+        }
+    }
+}
+
+/// The cache-aside client. Cheap to clone (an `Arc`); clones share the Redis connection, the
+/// counters, the single-flight table and the local tier.
+///
+/// See the [crate docs](crate) for the protocol and an example.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[cfg(feature = "local-tier")]
+type LocalCache = moka::future::Cache<String, Arc<dyn Any + Send + Sync>>;
+
+struct Inner {
+    conn: ConnectionManager,
+    config: Config,
+    counters: Counters,
+    flights: Flights,
+    #[cfg(feature = "local-tier")]
+    local: Option<LocalCache>,
+    fill: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to Redis at `redis_url` (`redis://[user:password@]host:port[/db]`) with a
+    /// [`ConnectionManager`] that reconnects on its own, and builds a client.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `config` is out of range; [`Error::Connect`] if the URL is
+    /// malformed or Redis cannot be reached now.
+    pub async fn connect(redis_url: &str, config: Config) -> Result<Client, Error> {
+        config.validate()?;
+        let url = redact(redis_url);
+        let connect_err = |e: RedisError| Error::Connect {
+            url: url.clone(),
+            source: Arc::new(e),
+        };
+        let client = redis::Client::open(redis_url).map_err(connect_err)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(ms(config.redis_timeout_ms)))
+            .set_connection_timeout(Some(ms(config.redis_connect_timeout_ms)))
+            .set_number_of_retries(2)
+            .set_min_delay(ms(50))
+            .set_max_delay(ms(1_000));
+        let conn = ConnectionManager::new_with_config(client, manager_config)
+            .await
+            .map_err(connect_err)?;
+        Client::new(conn, config)
+    }
+
+    /// Builds a client on an existing connection manager (it is cloned per command).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `config` is out of range, or asks for the local tier while
+    /// the crate feature `local-tier` is off.
+    pub fn new(conn: ConnectionManager, config: Config) -> Result<Client, Error> {
+        config.validate()?;
+        #[cfg(feature = "local-tier")]
+        let local = config.local_tier.as_ref().map(|l| {
+            moka::future::Cache::builder()
+                .max_capacity(l.max_entries)
+                .time_to_live(ms(l.ttl_ms))
+                .build()
+        });
+        #[cfg(not(feature = "local-tier"))]
+        if config.local_tier.is_some() {
+            return Err(crate::config::ConfigError {
+                field: "local_tier",
+                value: "Some(..)".into(),
+                expected: "None: this build lacks the crate feature `local-tier`",
+            }
+            .into());
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                conn,
+                config,
+                counters: Counters::default(),
+                flights: Flights::default(),
+                #[cfg(feature = "local-tier")]
+                local,
+                fill: scripts::fill(),
+                release: scripts::release(),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// A snapshot of this client's counters (shared by its clones).
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Reads cache key `key` through the cache ([`ReadPolicy::Cached`], unless `key` matches
+    /// [`Config::strict_key_prefixes`]).
+    ///
+    /// 1. In-process single-flight: if this process already reads `key`, wait for that read.
+    /// 2. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
+    ///    a hit near its expiry may refresh it early (see [`Config::xfetch_beta`]).
+    /// 3. Miss: `SET {K}:lease <128-bit random token> NX PX lease_ms`. The holder runs `loader`
+    ///    and fills with the protocol's FILL script, which writes only if the lease still holds
+    ///    our token and the fence is not newer than [`Loaded::version`], and releases the lease
+    ///    in the same step. A failed load releases the lease (compare-and-delete) and caches
+    ///    nothing. Leases are the memcache paper's (Nishtala et al., "Scaling Memcache at
+    ///    Facebook", NSDI'13, §3.2.1): they stop both stale sets and thundering herds.
+    /// 4. Lease held elsewhere: poll (`GET`, then retry the lease) with doubling, jittered backoff
+    ///    for up to `lease_wait_ms`, then apply [`Config::on_wait_timeout`].
+    ///
+    /// The value returned by a loader whose fill was refused is still returned to the caller: it
+    /// was current when read, it is just not cached.
+    ///
+    /// `loader` runs at most once per call, and only when this call is the one that must read
+    /// the database. `T` is stored as JSON ([`crate::envelope`]).
+    ///
+    /// # Errors
+    /// - [`Error::InvalidKey`]: `key` is empty or contains `{` / `}`.
+    /// - [`Error::Loader`]: the loader failed (shared with concurrent callers of the same key).
+    /// - [`Error::Redis`]: Redis failed and [`Config::on_redis_error`] is `Error`.
+    /// - [`Error::LeaseWaitTimeout`]: [`Config::on_wait_timeout`] is `Error` and the wait ran out.
+    /// - [`Error::Encode`]: `T`'s `Serialize` failed.
+    pub async fn get_or_load<T, F, Fut, E>(&self, key: &str, loader: F) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        self.get_with(key, ReadPolicy::Cached, loader).await
+    }
+
+    /// [`Client::get_or_load`] with an explicit [`ReadPolicy`] for this call.
+    /// [`ReadPolicy::Strict`] (or a key matching [`Config::strict_key_prefixes`]) runs the loader
+    /// directly, touching neither Redis nor the local tier; the key is still validated.
+    ///
+    /// # Errors
+    /// As [`Client::get_or_load`].
+    pub async fn get_with<T, F, Fut, E>(
+        &self,
+        key: &str,
+        policy: ReadPolicy,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let layout = KeyLayout::new(key)?;
+        if policy == ReadPolicy::Strict || self.inner.config.is_strict_key(key) {
+            self.incr(Counter::strict_loads);
+            return self.run_loader(key, loader).await;
+        }
+        if let Some(v) = self.local_get::<T>(key).await {
+            self.incr(Counter::local_hits);
+            return Ok(v);
+        }
+        loop {
+            match self.inner.flights.join(key) {
+                Role::Leader(leader) => {
+                    let result = self.read_through(&layout, loader).await;
+                    leader.finish_with(|| {
+                        result
+                            .clone()
+                            .map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>)
+                    });
+                    return result;
+                }
+                Role::Follower(follower) => {
+                    self.incr(Counter::coalesced);
+                    match follower.wait().await {
+                        Some(Ok(any)) => match any.downcast::<T>() {
+                            Ok(v) => return Ok(T::clone(&v)),
+                            // The same key read as another type in this process: read on our own.
+                            Err(_) => return self.read_through(&layout, loader).await,
+                        },
+                        Some(Err(e)) => return Err(e),
+                        // The leader was cancelled or panicked: try again.
+                        None => continue,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Strict mode: runs `loader` against the database and returns its value, bypassing every
+    /// cache tier (design.md §6: balances, stock, checkout totals). Counted in `strict_loads`.
+    ///
+    /// # Errors
+    /// [`Error::Loader`] (with an empty key) if the loader fails.
+    pub async fn get_strict<T, F, Fut, E>(&self, loader: F) -> Result<T, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        self.incr(Counter::strict_loads);
+        self.run_loader("", loader).await
+    }
+
+    /// Evicts `key` from this process's local tier (no-op without one). Redis is not touched:
+    /// evicting Redis is the invalidation pipeline's job.
+    pub async fn invalidate_local(&self, key: &str) {
+        #[cfg(feature = "local-tier")]
+        if let Some(local) = &self.inner.local {
+            local.invalidate(key).await;
+        }
+        #[cfg(not(feature = "local-tier"))]
+        let _ = key;
+    }
+
+    // ----- the read path -----
+
+    async fn read_through<T, F, Fut, E>(&self, layout: &KeyLayout, loader: F) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = layout.key();
+        let config = &self.inner.config;
+        let mut conn = self.inner.conn.clone();
+
+        match self.get_value::<T>(&mut conn, layout).await {
+            Err(e) => return self.redis_failed(key, "GET", e, loader).await,
+            Ok(Some(env)) => {
+                // XFetch: near expiry, one reader (the one that wins the draw and the lease)
+                // reloads early; the others, and any refresh that fails, serve the cached value.
+                if self.xfetch_due(&env)
+                    && let Ok(Some(token)) = self.try_lease(&mut conn, layout).await
+                {
+                    self.incr(Counter::early_refreshes);
+                    match self.load_and_fill(layout, token, loader).await {
+                        Ok(v) => return Ok(v),
+                        Err(e) => {
+                            // The cached value is still valid (not invalidated): serve it.
+                            tracing::warn!(key, error = %e, "early refresh failed; serving the cached value");
+                        }
+                    }
+                }
+                self.incr(Counter::hits);
+                self.local_put(key, &env.payload).await;
+                return Ok(env.payload);
+            }
+            Ok(None) => {}
+        }
+
+        self.incr(Counter::misses);
+        let started = Instant::now();
+        let deadline = started + config.lease_wait();
+        let mut backoff = ms(config.backoff_initial_ms);
+        let mut waiting = false;
+        loop {
+            match self.try_lease(&mut conn, layout).await {
+                Ok(Some(token)) => return self.load_and_fill(layout, token, loader).await,
+                Ok(None) => {}
+                Err(e) => return self.redis_failed(key, "lease", e, loader).await,
+            }
+            if !waiting {
+                waiting = true;
+                self.incr(Counter::lease_waits);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.incr(Counter::lease_wait_timeouts);
+                let waited_ms = millis(started.elapsed());
+                return match config.on_wait_timeout {
+                    WaitTimeoutPolicy::LoadWithoutFilling => {
+                        tracing::debug!(
+                            key,
+                            waited_ms,
+                            "lease wait timed out; loading without filling"
+                        );
+                        self.incr(Counter::unfilled_loads);
+                        self.run_loader(key, loader).await
+                    }
+                    WaitTimeoutPolicy::Error => Err(Error::LeaseWaitTimeout {
+                        key: key.to_owned(),
+                        waited_ms,
+                    }),
+                };
+            }
+            // Full jitter in [backoff/2, backoff]: pollers of one key in different processes
+            // spread out instead of arriving together.
+            let half = backoff / 2;
+            let pause = half + half.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            backoff = (backoff * 2).min(ms(config.backoff_max_ms));
+            match self.get_value::<T>(&mut conn, layout).await {
+                Ok(Some(env)) => {
+                    self.incr(Counter::hits);
+                    self.local_put(key, &env.payload).await;
+                    return Ok(env.payload);
+                }
+                Ok(None) => {}
+                Err(e) => return self.redis_failed(key, "poll", e, loader).await,
+            }
+        }
+    }
+
+    /// Whether this hit should try an XFetch early refresh.
+    fn xfetch_due<T>(&self, env: &Envelope<T>) -> bool {
+        let Some(beta) = self.inner.config.xfetch_beta else {
+            return false;
+        };
+        // `1 − random()` is in (0, 1], as ln() needs.
+        let unit = 1.0 - rand::random::<f64>();
+        xfetch_should_refresh(now_ms(), env.delta_ms, env.expiry_ms, beta, unit)
+    }
+
+    /// The lease holder's part: load, then fill-and-release, or release on failure.
+    async fn load_and_fill<T, F, Fut, E>(
+        &self,
+        layout: &KeyLayout,
+        token: String,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = layout.key();
+        let config = &self.inner.config;
+        // Released on every path, including cancellation and panics (see `LeaseGuard::drop`).
+        let guard = LeaseGuard {
+            inner: Some(self.inner.clone()),
+            lease_key: layout.lease(),
+            token,
+        };
+        self.hook(HookPoint::LeaseAcquired, key).await;
+        self.incr(Counter::loads);
+        let started = Instant::now();
+        let loaded = loader().await;
+        let delta_ms = millis(started.elapsed());
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                self.incr(Counter::loader_errors);
+                let err = Error::loader(key, e);
+                tracing::warn!(key, error = %err, "loader failed; releasing the lease, caching nothing");
+                self.hook(HookPoint::BeforeRelease, key).await;
+                guard.release().await;
+                return Err(err);
+            }
+        };
+        self.hook(HookPoint::BeforeFill, key).await;
+
+        let ttl_ms = jittered_ttl_ms(config.ttl_base_ms, config.ttl_jitter, rand::random::<f64>());
+        let env = Envelope {
+            format: FORMAT,
+            version: loaded.version,
+            delta_ms,
+            expiry_ms: now_ms().saturating_add(ttl_ms),
+            payload: loaded.value,
+        };
+        let bytes = match env.encode() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                guard.release().await;
+                return Err(Error::Encode {
+                    key: key.to_owned(),
+                    source: Arc::new(e),
+                });
+            }
+        };
+        let version = env.version.map(Lsn::to_fixed_hex).unwrap_or_default();
+        let mut conn = self.inner.conn.clone();
+        let reply: RedisResult<i64> = self
+            .bounded(
+                self.inner
+                    .fill
+                    .key(layout.value())
+                    .key(layout.lease())
+                    .key(layout.fence())
+                    .arg(&guard.token)
+                    .arg(&version)
+                    .arg(bytes)
+                    .arg(ttl_ms)
+                    .invoke_async(&mut conn),
+            )
+            .await;
+        match reply {
+            Ok(scripts::FILLED) => {
+                guard.disarm();
+                self.incr(Counter::fills);
+                self.local_put(key, &env.payload).await;
+            }
+            Ok(scripts::LEASE_LOST) => {
+                guard.disarm();
+                self.incr(Counter::fills_refused_lease_lost);
+                tracing::debug!(
+                    key,
+                    "fill refused: lease lost (expired or invalidated); not cached"
+                );
+            }
+            Ok(scripts::FENCED) => {
+                guard.disarm();
+                self.incr(Counter::fills_refused_fenced);
+                tracing::debug!(key, version = ?env.version, "fill refused: fence newer than the version read; not cached");
+            }
+            Ok(other) => {
+                self.incr(Counter::redis_errors);
+                tracing::warn!(key, reply = other, "unexpected FILL reply; not cached");
+                guard.release().await;
+            }
+            Err(e) if e.code() == Some("OOM") => {
+                // maxmemory reached and nothing evictable: "don't cache", not a failure.
+                self.incr(Counter::fills_skipped_oom);
+                tracing::warn!(key, error = %e, "redis is out of memory (maxmemory); value not cached");
+                guard.release().await;
+            }
+            Err(e) => {
+                self.redis_error(key, "FILL", &e);
+                guard.release().await;
+            }
+        }
+        Ok(env.payload)
+    }
+
+    /// Runs the loader outside the lease protocol (strict reads, fallbacks, wait timeouts).
+    async fn run_loader<T, F, Fut, E>(&self, key: &str, loader: F) -> Result<T, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        match loader().await {
+            Ok(loaded) => Ok(loaded.value),
+            Err(e) => {
+                self.incr(Counter::loader_errors);
+                Err(Error::loader(key, e))
+            }
+        }
+    }
+
+    /// Applies [`Config::on_redis_error`] after a failed Redis step (already counted).
+    async fn redis_failed<T, F, Fut, E>(
+        &self,
+        key: &str,
+        op: &'static str,
+        e: RedisError,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        match self.inner.config.on_redis_error {
+            RedisErrorPolicy::Fallback => {
+                self.incr(Counter::fallbacks);
+                self.run_loader(key, loader).await
+            }
+            RedisErrorPolicy::Error => Err(Error::Redis {
+                key: key.to_owned(),
+                op,
+                source: Arc::new(e),
+            }),
+        }
+    }
+
+    // ----- Redis steps -----
+
+    /// `GET {K}`, decoded. Undecodable bytes count as a miss.
+    async fn get_value<T: DeserializeOwned>(
+        &self,
+        conn: &mut ConnectionManager,
+        layout: &KeyLayout,
+    ) -> RedisResult<Option<Envelope<T>>> {
+        let bytes: Option<Vec<u8>> = match self
+            .bounded(redis::cmd("GET").arg(layout.value()).query_async(conn))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                self.redis_error(layout.key(), "GET", &e);
+                return Err(e);
+            }
+        };
+        let Some(bytes) = bytes else { return Ok(None) };
+        match Envelope::<T>::decode(&bytes) {
+            Ok(env) => Ok(Some(env)),
+            Err(e) => {
+                self.incr(Counter::decode_errors);
+                tracing::warn!(key = layout.key(), error = %e, "cached value is not a readable envelope; treating it as a miss");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `SET {K}:lease <token> NX PX lease_ms`: `Some(token)` if we got the lease.
+    async fn try_lease(
+        &self,
+        conn: &mut ConnectionManager,
+        layout: &KeyLayout,
+    ) -> RedisResult<Option<String>> {
+        let token = format!("{:032x}", rand::random::<u128>());
+        let reply: RedisResult<Option<String>> = self
+            .bounded(
+                redis::cmd("SET")
+                    .arg(layout.lease())
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.inner.config.lease_ms)
+                    .query_async(conn),
+            )
+            .await;
+        match reply {
+            Ok(Some(_)) => Ok(Some(token)),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.redis_error(layout.key(), "lease", &e);
+                // The SET may have been applied before the error (a timeout): drop it so no lease
+                // of ours lingers (its TTL would end it anyway).
+                LeaseGuard {
+                    inner: Some(self.inner.clone()),
+                    lease_key: layout.lease(),
+                    token,
+                }
+                .release_in_background();
+                Err(e)
+            }
+        }
+    }
+
+    /// Bounds a Redis command by `redis_timeout_ms`, including the connection manager's wait
+    /// for a reconnection.
+    async fn bounded<V>(&self, fut: impl Future<Output = RedisResult<V>>) -> RedisResult<V> {
+        bounded(&self.inner.config, fut).await
+    }
+
+    fn redis_error(&self, key: &str, op: &'static str, e: &RedisError) {
+        redis_error(&self.inner, key, op, e);
+    }
+
+    fn incr(&self, c: Counter) {
+        self.inner.counters.incr(c);
+    }
+
+    async fn hook(&self, point: HookPoint, key: &str) {
+        if let Some(hook) = &self.inner.config.hook {
+            hook(point, key).await;
+        }
+    }
+
+    // ----- local tier -----
+
+    async fn local_get<T: Clone + Send + Sync + 'static>(&self, key: &str) -> Option<T> {
+        #[cfg(feature = "local-tier")]
+        if let Some(local) = &self.inner.local {
+            return local
+                .get(key)
+                .await
+                .and_then(|any| any.downcast_ref::<T>().cloned());
+        }
+        let _ = key;
+        None
+    }
+
+    async fn local_put<T: Clone + Send + Sync + 'static>(&self, key: &str, value: &T) {
+        #[cfg(feature = "local-tier")]
+        if let Some(local) = &self.inner.local {
+            local.insert(key.to_owned(), Arc::new(value.clone())).await;
+        }
+        let _ = (key, value);
+    }
+}
+
+async fn bounded<V>(config: &Config, fut: impl Future<Output = RedisResult<V>>) -> RedisResult<V> {
+    match tokio::time::timeout(ms(config.redis_timeout_ms), fut).await {
+        Ok(r) => r,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no reply within redis_timeout_ms = {}",
+                config.redis_timeout_ms
+            ),
+        ))),
+    }
+}
+
+fn redis_error(inner: &Inner, key: &str, op: &'static str, e: &RedisError) {
+    inner.counters.incr(Counter::redis_errors);
+    tracing::warn!(key, op, error = %e, "redis command failed");
+}
+
+/// Our lease on one key until it is filled or released. Dropped while armed (the read was
+/// cancelled, or the loader panicked), it releases the lease from a background task, so no lease
+/// of ours outlives the read longer than one round trip.
+struct LeaseGuard {
+    /// `None` once disarmed.
+    inner: Option<Arc<Inner>>,
+    lease_key: String,
+    token: String,
+}
+
+impl LeaseGuard {
+    fn disarm(mut self) {
+        self.inner = None;
+    }
+
+    /// `RELEASE`: compare-and-delete of our token.
+    async fn release(mut self) {
+        let Some(inner) = self.inner.clone() else {
+            return;
+        };
+        release(&inner, &self.lease_key, &self.token).await;
+        self.inner = None;
+    }
+
+    fn release_in_background(mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let lease_key = std::mem::take(&mut self.lease_key);
+        let token = std::mem::take(&mut self.token);
+        handle.spawn(async move { release(&inner, &lease_key, &token).await });
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self.inner.is_some() {
+            let guard = LeaseGuard {
+                inner: self.inner.take(),
+                lease_key: std::mem::take(&mut self.lease_key),
+                token: std::mem::take(&mut self.token),
+            };
+            guard.release_in_background();
+        }
+    }
+}
+
+async fn release(inner: &Inner, lease_key: &str, token: &str) {
+    let mut conn = inner.conn.clone();
+    let reply: RedisResult<i64> = bounded(
+        &inner.config,
+        inner
+            .release
+            .key(lease_key)
+            .arg(token)
+            .invoke_async(&mut conn),
+    )
+    .await;
+    if let Err(e) = reply {
+        // The lease's own TTL (lease_ms) ends it.
+        redis_error(inner, lease_key, "RELEASE", &e);
+    }
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(millis)
+        .unwrap_or(0)
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`, for error messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+    format!("{scheme}://{user}:***@{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://:p@h"), "redis://:***@h");
+    }
+
+    #[tokio::test]
+    async fn bounded_times_out() {
+        let config = Config {
+            redis_timeout_ms: 10,
+            ..Config::default()
+        };
+        let r: RedisResult<()> = bounded(&config, std::future::pending()).await;
+        let e = r.unwrap_err();
+        assert!(e.is_timeout() || e.is_io_error(), "{e:?}");
+    }
+}

@@ -1,0 +1,405 @@
+//! The client's options, each with its default and the failure it prevents.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+/// What a miss does when another process holds the lease and the value has not appeared after
+/// [`Config::lease_wait_ms`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WaitTimeoutPolicy {
+    /// Run the loader and return its value without writing it to Redis (default). The caller
+    /// gets an answer within its latency budget; the lease holder still fills. Costs one extra
+    /// database read per waiting process per timeout.
+    #[default]
+    LoadWithoutFilling,
+    /// Return [`crate::Error::LeaseWaitTimeout`]: for callers that prefer failing fast to adding
+    /// database load while something already holds up the key's loader.
+    Error,
+}
+
+/// What a read does when Redis fails (connection refused or lost, timeout, unexpected reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisErrorPolicy {
+    /// Run the loader and return its value without caching (default): the cache is an
+    /// optimisation, and the database is the source of truth. Counted in `redis_errors` and
+    /// `fallbacks`. Beware: with Redis down, every read reaches the database.
+    #[default]
+    Fallback,
+    /// Return [`crate::Error::Redis`]: for deployments where the database cannot take the full
+    /// read load and shedding requests is the better failure.
+    Error,
+}
+
+/// How one read treats the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadPolicy {
+    /// Cache-aside through Redis (and the local tier when configured): [`crate::Client::get_or_load`].
+    #[default]
+    Cached,
+    /// Read the database directly, never the cache, never fill: for data that must never be
+    /// stale (balances, stock decrements, checkout totals; design.md §6).
+    Strict,
+}
+
+/// The optional in-process tier in front of Redis (a [moka](https://docs.rs/moka) future cache).
+///
+/// **Extra staleness.** The invalidation pipeline evicts Redis, not the memory of application
+/// processes: a value held here can be served for up to [`LocalTierConfig::ttl_ms`] after its
+/// invalidation was applied. Enable it only for keys that tolerate that, and keep the TTL short.
+/// [`crate::Client::invalidate_local`] evicts one key from this process. Strict reads never use it,
+/// and values whose fill was refused (the read raced an invalidation) are never put in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTierConfig {
+    /// Time to live of a local entry, ms. Bounds the tier's extra staleness. Must be ≥ 1.
+    pub ttl_ms: u64,
+    /// Maximum number of entries (moka evicts by TinyLFU beyond it). Must be ≥ 1.
+    pub max_entries: u64,
+}
+
+impl Default for LocalTierConfig {
+    /// 1 000 ms, 10 000 entries.
+    fn default() -> Self {
+        LocalTierConfig {
+            ttl_ms: 1_000,
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// Where a [`Hook`] is called. Test instrumentation, not a stable API.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookPoint {
+    /// The lease was just acquired; the loader has not run yet.
+    LeaseAcquired,
+    /// The loader returned a value; the fill script has not run yet.
+    BeforeFill,
+    /// The loader failed; the lease has not been released yet.
+    BeforeRelease,
+}
+
+/// A pause point for tests: awaited at each [`HookPoint`] with the cache key, so a test can make
+/// a race (read old value / invalidate / set old value) happen in a chosen order.
+#[doc(hidden)]
+pub type Hook = Arc<dyn Fn(HookPoint, &str) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Client options. `Config::default()` gives the documented defaults; change fields with struct
+/// update syntax:
+///
+/// ```
+/// use cacheclear_client::{Config, RedisErrorPolicy};
+/// let config = Config { ttl_base_ms: 60_000, on_redis_error: RedisErrorPolicy::Error, ..Config::default() };
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Clone)]
+pub struct Config {
+    /// Lease duration, ms (`SET {K}:lease <token> NX PX lease_ms`). Default **2 000**.
+    ///
+    /// Must exceed a slow load: a loader that outlives its lease cannot fill (safe, but its work
+    /// is wasted and a second loader starts). It is also how long a crashed or paused holder
+    /// blocks others from filling. Two seconds is ~100× a typical keyed PostgreSQL read and short
+    /// enough that a lost holder is replaced quickly. Must be ≥ 1.
+    pub lease_ms: u64,
+    /// How long a miss waits for another process's lease holder before applying
+    /// [`Config::on_wait_timeout`], ms. Default **2 500**.
+    ///
+    /// Longer than `lease_ms` on purpose: waiters retry the lease on every poll, so if the holder
+    /// died, one waiter takes over the lease when it expires and the others keep waiting for its
+    /// fill, instead of all of them loading at once. Set it below `lease_ms` to bound tail
+    /// latency more tightly at the cost of extra loads when a holder is lost.
+    pub lease_wait_ms: u64,
+    /// First wait between polls while another holder loads, ms. Default **5**. Must be ≥ 1.
+    pub backoff_initial_ms: u64,
+    /// Longest wait between polls, ms (the wait doubles up to it, with jitter). Default **100**.
+    /// Must be ≥ `backoff_initial_ms`.
+    pub backoff_max_ms: u64,
+    /// Base value TTL, ms. Default **600 000** (10 minutes).
+    ///
+    /// Not the consistency mechanism (the invalidation pipeline is); it reclaims memory from cold
+    /// keys and bounds the damage if invalidations stop arriving. Must be in 1 ..= 10 years.
+    pub ttl_base_ms: u64,
+    /// Relative TTL spread: each fill's TTL is `ttl_base_ms × (1 ± ttl_jitter)`, uniform, never
+    /// below 1 ms ([`crate::jittered_ttl_ms`]). Default **0.05** (±5%). Prevents avalanches of
+    /// keys that were filled together. Must be in `[0, 1)`.
+    pub ttl_jitter: f64,
+    /// XFetch probabilistic early refresh (Vattani et al., VLDB 2015) with this β; `None` (the
+    /// default) turns it off. `Some(1.0)` is the paper's recommendation. A hit whose
+    /// `now − δ·β·ln(rand) ≥ expiry` tries the lease; if it gets it, it reloads and refills,
+    /// otherwise (someone else is refreshing) it returns the cached value. Must be finite and ≥ 0.
+    pub xfetch_beta: Option<f64>,
+    /// See [`WaitTimeoutPolicy`]. Default [`WaitTimeoutPolicy::LoadWithoutFilling`].
+    pub on_wait_timeout: WaitTimeoutPolicy,
+    /// See [`RedisErrorPolicy`]. Default [`RedisErrorPolicy::Fallback`].
+    pub on_redis_error: RedisErrorPolicy,
+    /// The in-process tier; `None` (the default) disables it. See [`LocalTierConfig`] for the
+    /// extra staleness it brings.
+    pub local_tier: Option<LocalTierConfig>,
+    /// Keys starting with any of these prefixes are always read with [`ReadPolicy::Strict`],
+    /// whatever the call asks. Default empty. Example: `vec!["balance:".into()]`.
+    pub strict_key_prefixes: Vec<String>,
+    /// Bound on each Redis command, ms, including waiting for a reconnection. Default **500**.
+    /// A hung or unreachable Redis then costs a read at most about this long per command before
+    /// [`Config::on_redis_error`] applies, instead of the reconnect backoff's seconds.
+    pub redis_timeout_ms: u64,
+    /// Redis connection timeout, ms, used by [`crate::Client::connect`]. Default **1 000**.
+    pub redis_connect_timeout_ms: u64,
+    /// Test instrumentation: awaited at each [`HookPoint`]. Default `None`.
+    #[doc(hidden)]
+    pub hook: Option<Hook>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lease_ms: 2_000,
+            lease_wait_ms: 2_500,
+            backoff_initial_ms: 5,
+            backoff_max_ms: 100,
+            ttl_base_ms: 600_000,
+            ttl_jitter: 0.05,
+            xfetch_beta: None,
+            on_wait_timeout: WaitTimeoutPolicy::default(),
+            on_redis_error: RedisErrorPolicy::default(),
+            local_tier: None,
+            strict_key_prefixes: Vec::new(),
+            redis_timeout_ms: 500,
+            redis_connect_timeout_ms: 1_000,
+            hook: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("lease_ms", &self.lease_ms)
+            .field("lease_wait_ms", &self.lease_wait_ms)
+            .field("backoff_initial_ms", &self.backoff_initial_ms)
+            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("ttl_base_ms", &self.ttl_base_ms)
+            .field("ttl_jitter", &self.ttl_jitter)
+            .field("xfetch_beta", &self.xfetch_beta)
+            .field("on_wait_timeout", &self.on_wait_timeout)
+            .field("on_redis_error", &self.on_redis_error)
+            .field("local_tier", &self.local_tier)
+            .field("strict_key_prefixes", &self.strict_key_prefixes)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_connect_timeout_ms", &self.redis_connect_timeout_ms)
+            .field("hook", &self.hook.as_ref().map(|_| "set"))
+            .finish()
+    }
+}
+
+/// Ten years in ms: the largest accepted TTL (Redis adds `PX` to its clock in ms; absurd values
+/// overflow it and are rejected as `invalid expire time`).
+const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3_600 * 1_000;
+
+/// A [`Config`] field out of range. The message names the field, the value and the valid range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid cacheclear client config: `{field}` = {value}: {expected}")]
+pub struct ConfigError {
+    /// The field's name.
+    pub field: &'static str,
+    /// The rejected value, formatted.
+    pub value: String,
+    /// The valid range.
+    pub expected: &'static str,
+}
+
+impl Config {
+    /// Checks every field's range.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first field out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn check(
+            ok: bool,
+            field: &'static str,
+            value: impl fmt::Display,
+            expected: &'static str,
+        ) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError {
+                    field,
+                    value: value.to_string(),
+                    expected,
+                })
+            }
+        }
+        check(
+            (1..=MAX_TTL_MS).contains(&self.lease_ms),
+            "lease_ms",
+            self.lease_ms,
+            "between 1 ms and 10 years",
+        )?;
+        check(
+            self.lease_wait_ms <= MAX_TTL_MS,
+            "lease_wait_ms",
+            self.lease_wait_ms,
+            "at most 10 years",
+        )?;
+        check(
+            self.backoff_initial_ms >= 1,
+            "backoff_initial_ms",
+            self.backoff_initial_ms,
+            "at least 1 ms",
+        )?;
+        check(
+            self.backoff_max_ms >= self.backoff_initial_ms,
+            "backoff_max_ms",
+            self.backoff_max_ms,
+            "at least backoff_initial_ms",
+        )?;
+        check(
+            (1..=MAX_TTL_MS).contains(&self.ttl_base_ms),
+            "ttl_base_ms",
+            self.ttl_base_ms,
+            "between 1 ms and 10 years",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.ttl_jitter),
+            "ttl_jitter",
+            self.ttl_jitter,
+            "in [0, 1)",
+        )?;
+        if let Some(beta) = self.xfetch_beta {
+            check(
+                beta.is_finite() && beta >= 0.0,
+                "xfetch_beta",
+                beta,
+                "finite and ≥ 0 (1.0 is the usual choice)",
+            )?;
+        }
+        if let Some(local) = &self.local_tier {
+            check(
+                local.ttl_ms >= 1,
+                "local_tier.ttl_ms",
+                local.ttl_ms,
+                "at least 1 ms",
+            )?;
+            check(
+                local.max_entries >= 1,
+                "local_tier.max_entries",
+                local.max_entries,
+                "at least 1",
+            )?;
+        }
+        check(
+            self.redis_timeout_ms >= 1,
+            "redis_timeout_ms",
+            self.redis_timeout_ms,
+            "at least 1 ms",
+        )?;
+        check(
+            self.redis_connect_timeout_ms >= 1,
+            "redis_connect_timeout_ms",
+            self.redis_connect_timeout_ms,
+            "at least 1 ms",
+        )?;
+        Ok(())
+    }
+
+    /// Whether `key` falls under [`Config::strict_key_prefixes`].
+    pub fn is_strict_key(&self, key: &str) -> bool {
+        self.strict_key_prefixes
+            .iter()
+            .any(|p| key.starts_with(p.as_str()))
+    }
+
+    pub(crate) fn lease_wait(&self) -> Duration {
+        Duration::from_millis(self.lease_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().lease_ms, 2_000);
+        assert!(Config::default().lease_wait_ms > Config::default().lease_ms);
+    }
+
+    #[test]
+    fn rejects_out_of_range() {
+        let err = Config {
+            ttl_jitter: 1.0,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(err.field, "ttl_jitter");
+        assert!(err.to_string().contains("in [0, 1)"), "{err}");
+        assert_eq!(
+            Config {
+                lease_ms: 0,
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "lease_ms"
+        );
+        assert_eq!(
+            Config {
+                ttl_base_ms: 0,
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "ttl_base_ms"
+        );
+        assert_eq!(
+            Config {
+                xfetch_beta: Some(f64::NAN),
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "xfetch_beta"
+        );
+        assert_eq!(
+            Config {
+                backoff_initial_ms: 10,
+                backoff_max_ms: 5,
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "backoff_max_ms"
+        );
+        assert_eq!(
+            Config {
+                local_tier: Some(LocalTierConfig {
+                    ttl_ms: 0,
+                    max_entries: 1
+                }),
+                ..Config::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "local_tier.ttl_ms"
+        );
+    }
+
+    #[test]
+    fn strict_prefixes() {
+        let c = Config {
+            strict_key_prefixes: vec!["balance:".into()],
+            ..Config::default()
+        };
+        assert!(c.is_strict_key("balance:7"));
+        assert!(!c.is_strict_key("product:7"));
+    }
+}

@@ -1,0 +1,158 @@
+//! In-process single-flight: concurrent reads of one key in one process share one read (one
+//! Redis lease attempt, at most one loader run).
+//!
+//! The first caller (the leader) registers a flight and runs the read in its own task; later
+//! callers (followers) wait for its result. If the leader is cancelled or panics before
+//! answering, its flight is removed and the followers retry (one of them becomes the leader).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::watch;
+
+use crate::Error;
+
+/// A finished read, type-erased (the value is an `Arc<T>`).
+pub(crate) type Shared = Result<Arc<dyn Any + Send + Sync>, Error>;
+
+type Slot = watch::Receiver<Option<Shared>>;
+
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<String, (u64, Slot)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// What [`Flights::join`] made of the caller.
+pub(crate) enum Role<'a> {
+    /// Run the read and [`Leader::finish_with`] it.
+    Leader(Leader<'a>),
+    /// Await [`Follower::wait`].
+    Follower(Follower),
+}
+
+pub(crate) struct Leader<'a> {
+    flights: &'a Flights,
+    key: String,
+    id: u64,
+    tx: Option<watch::Sender<Option<Shared>>>,
+}
+
+pub(crate) struct Follower {
+    rx: Slot,
+}
+
+impl Flights {
+    pub(crate) fn join(&self, key: &str) -> Role<'_> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, rx)) = map.get(key) {
+            return Role::Follower(Follower { rx: rx.clone() });
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.to_owned(), (id, rx));
+        Role::Leader(Leader {
+            flights: self,
+            key: key.to_owned(),
+            id,
+            tx: Some(tx),
+        })
+    }
+
+    fn remove(&self, key: &str, id: u64) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(key).is_some_and(|(i, _)| *i == id) {
+            map.remove(key);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Leader<'_> {
+    /// Publishes the result to the followers. The flight is removed first, so a caller arriving
+    /// after this starts a fresh read instead of taking this (possibly older) answer.
+    pub(crate) fn finish_with(mut self, result: impl FnOnce() -> Shared) {
+        self.flights.remove(&self.key, self.id);
+        if let Some(tx) = self.tx.take() {
+            // Only build (clone) the shared result if someone waits for it.
+            if tx.receiver_count() > 0 {
+                // A follower that gave up in the meantime is fine.
+                let _ = tx.send(Some(result()));
+            }
+        }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        // Cancelled or panicked before `finish`: dropping the sender wakes the followers with
+        // an error, and they retry.
+        if self.tx.is_some() {
+            self.flights.remove(&self.key, self.id);
+        }
+    }
+}
+
+impl Follower {
+    /// The leader's result, or `None` if the leader vanished without one (retry).
+    pub(crate) async fn wait(mut self) -> Option<Shared> {
+        match self.rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn followers_get_the_leaders_result() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!("first caller leads")
+        };
+        let Role::Follower(f1) = flights.join("k") else {
+            panic!("second caller follows")
+        };
+        let Role::Follower(f2) = flights.join("k") else {
+            panic!("third caller follows")
+        };
+        let Role::Leader(other) = flights.join("other") else {
+            panic!("other key leads")
+        };
+        leader.finish_with(|| Ok(Arc::new(7u32)));
+        for f in [f1, f2] {
+            let v = f.wait().await.unwrap().unwrap();
+            assert_eq!(v.downcast_ref::<u32>(), Some(&7));
+        }
+        assert_eq!(flights.len(), 1);
+        drop(other);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn vanished_leader_releases_followers() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!()
+        };
+        let Role::Follower(f) = flights.join("k") else {
+            panic!()
+        };
+        drop(leader);
+        assert!(f.wait().await.is_none());
+        assert!(matches!(flights.join("k"), Role::Leader(_)));
+    }
+}
