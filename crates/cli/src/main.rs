@@ -1,1 +1,60 @@
-fn main() {}
+//! `cacheclear`: keeps a Redis cache consistent with PostgreSQL through logical replication.
+//!
+//! Commands: `run` (the pipeline), `bench` (measured figures). `cacheclear <command> --help`
+//! documents each.
+
+mod bench;
+mod config;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Keeps a Redis cache consistent with PostgreSQL: streams committed changes over logical
+/// replication (pgoutput) and evicts the affected cache keys, never before the change is visible
+/// and never losing one.
+#[derive(Parser)]
+#[command(name = "cacheclear", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the invalidation pipeline: PostgreSQL logical replication → Redis evictions.
+    ///
+    /// Creates the publication and slot when absent, checks every rule against its table's replica
+    /// identity, then streams until Ctrl-C / SIGTERM. Serves Prometheus metrics on
+    /// `metrics.listen` (default 127.0.0.1:9187/metrics).
+    Run {
+        /// The TOML config file; environment variables CACHECLEAR__<SECTION>__<FIELD> override it.
+        #[arg(short, long, default_value = "cacheclear.toml")]
+        config: PathBuf,
+    },
+    /// Measure the pipeline and print its figures (each with the command that produced it).
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CACHECLEAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Run { config } => runtime.block_on(run::run(&config)),
+        Command::Bench { which } => runtime.block_on(bench::bench(which)),
+    }
+}

@@ -20,11 +20,15 @@
 //! assert_eq!(Lsn(0x16B_6C50).to_fixed_hex(), "00000000016B6C50");
 //! ```
 
+pub mod batch;
 mod invalidation;
 mod layout;
 mod lsn;
 pub mod scripts;
+pub mod sink;
 
+pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};
+pub use sink::{Sink, SinkError};

@@ -12,22 +12,26 @@
 use redis::Script;
 
 /// Source of [`invalidate`]. `KEYS` are triples `{K}`, `{K}:lease`, `{K}:fence` for any number of
-/// cache keys; `ARGV[1]` the commit LSN (fixed hex), `ARGV[2]` the fence TTL in ms.
-/// Per key: delete value and lease; fence = max(fence, lsn) with TTL refreshed. Idempotent and
+/// cache keys; `ARGV[1]` is the fence TTL in ms and `ARGV[1 + j]` the commit LSN (fixed hex) of the
+/// `j`-th triple, so one call can carry keys of many transactions.
+/// Per key: delete value and lease; fence = max(fence, lsn), TTL refreshed. Idempotent and
 /// commutative: replays and reordering leave the same state. Returns the number of cache keys.
+///
+/// In Redis Cluster every key of one call must hash to one slot: the sinks group by slot.
 pub const INVALIDATE_LUA: &str = r#"
-local lsn = ARGV[1]
-local ttl = ARGV[2]
+local ttl = ARGV[1]
+local n = 0
 for i = 1, #KEYS, 3 do
+  n = n + 1
+  local lsn = ARGV[n + 1]
   redis.call('DEL', KEYS[i], KEYS[i + 1])
   local fence = redis.call('GET', KEYS[i + 2])
   if fence and fence > lsn then
-    redis.call('SET', KEYS[i + 2], fence, 'PX', ttl)
-  else
-    redis.call('SET', KEYS[i + 2], lsn, 'PX', ttl)
+    lsn = fence
   end
+  redis.call('SET', KEYS[i + 2], lsn, 'PX', ttl)
 end
-return #KEYS / 3
+return n
 "#;
 
 /// Source of [`fill`]. `KEYS`: `{K}`, `{K}:lease`, `{K}:fence`. `ARGV[1]` lease token,

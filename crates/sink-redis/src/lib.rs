@@ -1,1 +1,265 @@
-//! placeholder
+//! cacheclear's Redis sink ("direct mode"): applies committed evictions to one Redis with the
+//! protocol's invalidation script ([`cacheclear_protocol::scripts::INVALIDATE_LUA`]).
+//!
+//! Keys of many transactions travel in one script call (each key carries its own commit LSN, the
+//! fence value), `keys_per_call` keys per call, `calls_per_pipeline` calls per round trip,
+//! `pipelines_in_flight` round trips at once on one multiplexed connection. `apply` returns `Ok`
+//! only when Redis replied to every call with the number of keys it processed, and the counts add
+//! up; anything else is an error and the source retries the whole batch (the script is
+//! idempotent).
+//!
+//! Table-wide evictions (TRUNCATE) SCAN for the table's patterns and invalidate what they find,
+//! page by page: keys created after the SCAN began belong to loads that started after the
+//! TRUNCATE was visible, so they are current.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use cacheclear_sink_redis::{RedisConfig, RedisSink};
+//! let sink = RedisSink::connect(RedisConfig::new("redis://127.0.0.1:6379/"))?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+
+use std::time::Duration;
+
+use cacheclear_protocol::scripts::INVALIDATE_LUA;
+use cacheclear_protocol::{Batch, KeyLayout, Lsn, Sink, SinkError};
+use futures::{StreamExt, TryStreamExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use config::RedisConfig;
+
+/// Errors of the Redis sink; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSinkError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Redis replied with an error or the connection failed.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis acknowledged fewer keys than were sent.
+    #[error("Redis acknowledged {acked} of {sent} keys in a pipeline")]
+    ShortAck {
+        /// Keys sent.
+        sent: usize,
+        /// Keys the script reported.
+        acked: i64,
+    },
+    /// A key from the pipeline cannot be laid out (contains a brace).
+    #[error("{0}")]
+    Key(#[from] cacheclear_protocol::KeyError),
+    /// A pipeline took longer than `response_timeout_ms`.
+    #[error("Redis did not answer within {0} ms")]
+    Timeout(u64),
+}
+
+/// The Redis sink. Cheap to clone (one multiplexed, auto-reconnecting connection).
+#[derive(Clone)]
+pub struct RedisSink {
+    conn: ConnectionManager,
+    cfg: RedisConfig,
+    sha: String,
+}
+
+impl RedisSink {
+    /// Validates `cfg` and prepares a lazily connecting, auto-reconnecting connection: Redis may be
+    /// down at start; `apply` fails (and is retried) until it is back.
+    ///
+    /// # Errors
+    /// [`RedisSinkError::Config`] for an invalid configuration.
+    pub fn connect(cfg: RedisConfig) -> Result<RedisSink, RedisSinkError> {
+        cfg.validate().map_err(RedisSinkError::Config)?;
+        let client = redis::Client::open(cfg.url.as_str())?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        let sha = redis::Script::new(INVALIDATE_LUA).get_hash().to_owned();
+        Ok(RedisSink { conn, cfg, sha })
+    }
+
+    /// Invalidates `keys`, each with its commit LSN. Returns the number Redis acknowledged.
+    ///
+    /// # Errors
+    /// A Redis error, a timeout, a short acknowledgement, or a key containing a brace.
+    pub async fn invalidate<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (&'a str, Lsn)>,
+    ) -> Result<u64, RedisSinkError> {
+        let per_pipeline = self.cfg.keys_per_call * self.cfg.calls_per_pipeline;
+        let mut pipelines = Vec::new();
+        let mut chunk: Vec<(&str, Lsn)> = Vec::with_capacity(per_pipeline);
+        let mut total = 0u64;
+        let mut keys = keys.into_iter().peekable();
+        // Pipelines are built and sent `pipelines_in_flight` at a time, so memory stays bounded by
+        // the in-flight pipelines however many keys the batch holds.
+        while keys.peek().is_some() {
+            while pipelines.len() < self.cfg.pipelines_in_flight && keys.peek().is_some() {
+                chunk.clear();
+                chunk.extend(keys.by_ref().take(per_pipeline));
+                pipelines.push(self.pipeline(&chunk)?);
+            }
+            let sent =
+                futures::stream::iter(pipelines.drain(..).map(|(pipe, n)| self.send(pipe, n)))
+                    .buffer_unordered(self.cfg.pipelines_in_flight)
+                    .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+                    .await?;
+            total += sent;
+        }
+        Ok(total)
+    }
+
+    fn pipeline(&self, keys: &[(&str, Lsn)]) -> Result<(redis::Pipeline, usize), RedisSinkError> {
+        let mut pipe = redis::pipe();
+        // Loading first makes the EVALSHAs below immune to NOSCRIPT (a restarted Redis, a
+        // failover); loading a cached script costs one SHA1.
+        pipe.cmd("SCRIPT").arg("LOAD").arg(INVALIDATE_LUA).ignore();
+        for call in keys.chunks(self.cfg.keys_per_call) {
+            let cmd = pipe.cmd("EVALSHA").arg(&self.sha).arg(call.len() * 3);
+            for (key, _) in call {
+                let layout = KeyLayout::new(key)?;
+                cmd.arg(layout.value())
+                    .arg(layout.lease())
+                    .arg(layout.fence());
+            }
+            cmd.arg(self.cfg.fence_ttl_ms);
+            for (_, lsn) in call {
+                cmd.arg(lsn.to_fixed_hex());
+            }
+        }
+        Ok((pipe, keys.len()))
+    }
+
+    async fn send(&self, pipe: redis::Pipeline, sent: usize) -> Result<u64, RedisSinkError> {
+        let mut conn = self.conn.clone();
+        let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
+        let replies: Vec<i64> = tokio::time::timeout(timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| RedisSinkError::Timeout(self.cfg.response_timeout_ms))??;
+        let acked: i64 = replies.iter().sum();
+        if acked != sent as i64 {
+            return Err(RedisSinkError::ShortAck { sent, acked });
+        }
+        Ok(sent as u64)
+    }
+
+    /// Invalidates every key matching one of `patterns` (SCAN MATCH globs over the `{K}` layout),
+    /// with fence `lsn`. Returns the number of distinct cache keys found per page, summed.
+    ///
+    /// # Errors
+    /// A Redis error or timeout.
+    pub async fn invalidate_matching(
+        &self,
+        patterns: &[String],
+        lsn: Lsn,
+    ) -> Result<u64, RedisSinkError> {
+        let mut total = 0u64;
+        let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
+        for pattern in patterns {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut conn = self.conn.clone();
+                let (next, found): (u64, Vec<String>) = tokio::time::timeout(
+                    timeout,
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(self.cfg.scan_count)
+                        .query_async(&mut conn),
+                )
+                .await
+                .map_err(|_| RedisSinkError::Timeout(self.cfg.response_timeout_ms))??;
+                let mut keys: Vec<(&str, Lsn)> = found
+                    .iter()
+                    .filter_map(|k| Some((cache_key_of(k)?, lsn)))
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                total += self.invalidate(keys).await?;
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// The cache key `K` of a Redis key in the protocol layout (`{K}`, `{K}:lease`, `{K}:fence`);
+/// `None` for keys of any other shape.
+pub fn cache_key_of(redis_key: &str) -> Option<&str> {
+    let rest = redis_key.strip_prefix('{')?;
+    let end = rest.find('}')?;
+    let (key, suffix) = (&rest[..end], &rest[end + 1..]);
+    (!key.is_empty() && matches!(suffix, "" | ":lease" | ":fence")).then_some(key)
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.invalidate(BatchKeys {
+            batch,
+            txn: 0,
+            key: 0,
+        })
+        .await?;
+        for txn in &batch.txns {
+            for table in &txn.tables {
+                let n = self
+                    .invalidate_matching(&table.patterns, txn.commit_lsn)
+                    .await?;
+                tracing::info!(table = %table.table, op = ?table.op, keys = n, "evicted every cached key of the table");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every key of a batch with its transaction's commit LSN. (A named type rather than a
+/// `flat_map` closure: the closure's higher-ranked lifetimes make the `apply` future non-`Send`.)
+struct BatchKeys<'a> {
+    batch: &'a Batch,
+    txn: usize,
+    key: usize,
+}
+
+impl<'a> Iterator for BatchKeys<'a> {
+    type Item = (&'a str, Lsn);
+
+    fn next(&mut self) -> Option<(&'a str, Lsn)> {
+        loop {
+            let txn = self.batch.txns.get(self.txn)?;
+            if self.key < txn.keys.len() {
+                self.key += 1;
+                return Some((txn.keys.get(self.key - 1), txn.commit_lsn));
+            }
+            self.txn += 1;
+            self.key = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_of_parses_the_layout() {
+        assert_eq!(cache_key_of("{product:1}"), Some("product:1"));
+        assert_eq!(cache_key_of("{product:1}:lease"), Some("product:1"));
+        assert_eq!(cache_key_of("{product:1}:fence"), Some("product:1"));
+        assert_eq!(cache_key_of("{product:1}:other"), None);
+        assert_eq!(cache_key_of("product:1"), None);
+        assert_eq!(cache_key_of("{}"), None);
+    }
+}

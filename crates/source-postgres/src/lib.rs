@@ -1,1 +1,459 @@
-//! placeholder
+//! cacheclear's CDC source: streams committed changes from PostgreSQL over logical replication
+//! (`pgoutput`), maps rows to cache keys with the rules, and hands committed transactions to a
+//! [`Sink`] — confirming each commit's LSN to PostgreSQL only after the sink acknowledged every
+//! eviction through it.
+//!
+//! ```text
+//!  walsender ──XLogData──► pgoutput::decode ──► ChangeMapper (relation cache, rules)
+//!      ▲                                              │ CommittedTxn (commit order)
+//!      │ standby status (flush LSN)                   ▼
+//!      └────────────── acked LSN ◄── sink task: visibility barrier → Sink::apply (retry forever)
+//! ```
+//!
+//! Guarantees (design.md §3–4): nothing is confirmed mid-transaction or before the sink's `Ok`;
+//! a restart resumes from the slot and re-applies (sinks are idempotent); no transaction's
+//! evictions are applied before its xid is visible to a new snapshot; while the sink is down the
+//! queue is bounded (`queue_batches` × `max_batch_keys`) and the replication stream pauses, its
+//! keepalives still answered by the replication worker; when nothing is in flight the keepalive's
+//! WAL end is confirmed, and heartbeats keep an idle slot's retained WAL bounded.
+
+pub mod barrier;
+pub mod catalog;
+pub mod changes;
+pub mod config;
+pub mod pgoutput;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cacheclear_protocol::{Batch, CommittedTxn, KeyArena, Lsn, Op, Sink, TableEviction};
+use cacheclear_rules::Rules;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use tokio::sync::{mpsc, watch};
+
+pub use catalog::SlotState;
+pub use changes::{ChangeMapper, Mapped};
+pub use config::PostgresConfig;
+
+/// Why the source stopped. Every variant names what failed; the CLI restarts the source after
+/// transient errors (connection loss) and exits on configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The configuration or the database's setup cannot work; the message says how to fix it.
+    #[error("{0}")]
+    Config(String),
+    /// A rule cannot be served by its table (see `TableRules::check_replica_identity`).
+    #[error("{0}")]
+    Rule(String),
+    /// A query on the regular connection failed.
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// The connection pool failed to hand out a connection.
+    #[error("PostgreSQL connection failed: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The replication connection failed.
+    #[error("replication stream failed: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    /// A payload did not decode.
+    #[error("{0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    /// The stream was inconsistent.
+    #[error("{0}")]
+    Map(#[from] changes::MapError),
+    /// The visibility barrier failed.
+    #[error("{0}")]
+    Barrier(#[from] barrier::BarrierError),
+}
+
+impl SourceError {
+    /// True for errors a restart cannot fix (configuration, rules).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Config(_) | SourceError::Rule(_))
+    }
+}
+
+/// Live figures of a running source, readable from other tasks (the bench, the demo, tests).
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    confirmed_lsn: AtomicU64,
+    applied_keys: AtomicU64,
+    applied_txns: AtomicU64,
+}
+
+impl SourceStatus {
+    /// The highest LSN handed to the server as flushed (commit end LSN or idle keepalive WAL end).
+    pub fn confirmed_lsn(&self) -> Lsn {
+        Lsn(self.confirmed_lsn.load(Ordering::Acquire))
+    }
+    /// Cache keys whose eviction the sink acknowledged (table-wide evictions count 0).
+    pub fn applied_keys(&self) -> u64 {
+        self.applied_keys.load(Ordering::Acquire)
+    }
+    /// Transactions whose evictions the sink acknowledged.
+    pub fn applied_txns(&self) -> u64 {
+        self.applied_txns.load(Ordering::Acquire)
+    }
+}
+
+/// Called after each batch the sink acknowledged, with the batch (the bench measures lag here).
+pub type BatchObserver = Arc<dyn Fn(&Batch) + Send + Sync>;
+
+/// Optional hooks of [`run`].
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Shared live figures.
+    pub status: Arc<SourceStatus>,
+    /// Called after each acknowledged batch.
+    pub observer: Option<BatchObserver>,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// A deadpool pool for `url` (regular queries: catalog checks, the visibility barrier, heartbeats).
+///
+/// # Errors
+/// [`SourceError::Config`] when `url` does not parse.
+pub fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, SourceError> {
+    let pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| SourceError::Config(format!("postgres.url: {e}")))?;
+    let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .map_err(|e| SourceError::Config(format!("postgres.url: {e}")))
+}
+
+fn replication_config(cfg: &PostgresConfig) -> Result<ReplicationConfig, SourceError> {
+    use tokio_postgres::config::Host;
+    let pg: tokio_postgres::Config = cfg
+        .url
+        .parse()
+        .map_err(|e| SourceError::Config(format!("postgres.url: {e}")))?;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "127.0.0.1".to_owned(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg
+        .get_user()
+        .map(str::to_owned)
+        .ok_or_else(|| SourceError::Config("postgres.url: no user given".into()))?;
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_owned();
+    let mut rc = ReplicationConfig::new(
+        host,
+        user,
+        password,
+        dbname,
+        cfg.slot.clone(),
+        cfg.publication.clone(),
+    )
+    .with_port(port)
+    .with_tls(TlsConfig::disabled())
+    .with_start_lsn(pgwire_replication::Lsn::ZERO)
+    .with_status_interval(cfg.status_interval())
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(1024)
+    .with_application_name("cacheclear");
+    rc.max_message_size = 256 << 20;
+    Ok(rc)
+}
+
+fn lsn(l: pgwire_replication::Lsn) -> Lsn {
+    Lsn(l.as_u64())
+}
+
+/// Runs the source until `shutdown` resolves (then returns `Ok`) or an error stops it.
+///
+/// Start-up: checks every rule against its table's replica identity, ensures the publication and
+/// slot, then streams from the slot's confirmed position. A newly created slot first evicts every
+/// rule table's keys (changes before the slot existed were never seen).
+///
+/// # Errors
+/// See [`SourceError`]; [`SourceError::is_fatal`] tells configuration errors from transient ones.
+pub async fn run<S: Sink>(
+    cfg: &PostgresConfig,
+    rules: Arc<Rules>,
+    sink: S,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SourceError> {
+    cfg.validate().map_err(SourceError::Config)?;
+    let pool = pool(&cfg.url, 3)?;
+    let slot_state = {
+        let client = pool.get().await?;
+        catalog::check_rules(&client, &rules).await?;
+        catalog::ensure_publication(&client, &cfg.publication, &rules, cfg.create_publication)
+            .await?;
+        catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?
+    };
+    let mut repl = ReplicationClient::connect(replication_config(cfg)?).await?;
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, ?slot_state, "streaming");
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(cfg.queue_batches);
+    let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let sink_task = tokio::spawn(sink_loop(
+        sink,
+        pool.clone(),
+        batch_rx,
+        ack_tx,
+        Arc::clone(&pending),
+        options.clone(),
+    ));
+    let housekeeping = tokio::spawn(housekeeping(pool.clone(), cfg.clone()));
+    let _guard = AbortOnDrop(vec![sink_task.abort_handle(), housekeeping.abort_handle()]);
+
+    let mut current = Batch::default();
+    let mut current_keys = 0usize;
+    if let SlotState::Created { at } = slot_state {
+        current.txns.push(evict_everything(&rules, at));
+    }
+    let mut mapper = ChangeMapper::new(Arc::clone(&rules), cfg.max_txn_keys);
+    let mut sink_task = sink_task;
+    tokio::pin!(shutdown);
+    loop {
+        let room = current_keys < cfg.max_batch_keys;
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                tracing::info!("shutting down; unconfirmed work will be replayed from the slot");
+                repl.stop();
+                return Ok(());
+            }
+            ended = &mut sink_task => {
+                return Err(SourceError::Config(format!("the sink task ended unexpectedly: {ended:?}")));
+            }
+            Ok(()) = ack_rx.changed() => {
+                let acked = *ack_rx.borrow_and_update();
+                confirm(&repl, &options.status, acked);
+            }
+            permit = batch_tx.reserve(), if !current.txns.is_empty() => {
+                let Ok(permit) = permit else {
+                    return Err(SourceError::Config("the sink task stopped".into()));
+                };
+                pending.fetch_add(1, Ordering::AcqRel);
+                permit.send(std::mem::take(&mut current));
+                current_keys = 0;
+            }
+            event = repl.recv(), if room => {
+                let Some(event) = event? else {
+                    return Err(SourceError::Config("the replication stream ended".into()));
+                };
+                let mapped = match event {
+                    ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                        mapper.handle(pgoutput::Message::Begin {
+                            final_lsn: lsn(final_lsn),
+                            commit_time_us: commit_time_micros.saturating_add(pgoutput::PG_EPOCH_OFFSET_US),
+                            xid,
+                        })?
+                    }
+                    ReplicationEvent::Commit { lsn: commit_lsn, end_lsn, commit_time_micros } => {
+                        mapper.handle(pgoutput::Message::Commit {
+                            commit_lsn: lsn(commit_lsn),
+                            end_lsn: lsn(end_lsn),
+                            commit_time_us: commit_time_micros.saturating_add(pgoutput::PG_EPOCH_OFFSET_US),
+                        })?
+                    }
+                    ReplicationEvent::XLogData { data, .. } => mapper.handle(pgoutput::decode(&data)?)?,
+                    ReplicationEvent::Message { transactional, lsn: at, prefix, content } => {
+                        mapper.handle(pgoutput::Message::Message { transactional, lsn: lsn(at), prefix, content })?
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => Mapped::Message(lsn(wal_end)),
+                    ReplicationEvent::StoppedAt { .. } => {
+                        return Err(SourceError::Config("the replication stream stopped".into()));
+                    }
+                };
+                match mapped {
+                    Mapped::Committed(txn) => {
+                        current_keys += txn.keys.len().max(1);
+                        current.txns.push(txn);
+                    }
+                    Mapped::Message(at) => {
+                        // Idle: nothing open, queued or unacknowledged, so every commit before
+                        // `at` has been applied; confirming it lets the slot release WAL.
+                        if !mapper.in_transaction() && current.txns.is_empty() && pending.load(Ordering::Acquire) == 0 {
+                            confirm(&repl, &options.status, at);
+                        }
+                    }
+                    Mapped::Nothing => {}
+                }
+            }
+        }
+    }
+}
+
+fn confirm(repl: &ReplicationClient, status: &SourceStatus, at: Lsn) {
+    let previous = status.confirmed_lsn.fetch_max(at.0, Ordering::AcqRel);
+    if at.0 > previous {
+        repl.update_applied_lsn(pgwire_replication::Lsn::from_u64(at.0));
+        metrics::gauge!("cacheclear_confirmed_lsn").set(at.0 as f64);
+    }
+}
+
+/// The synthetic first transaction of a new slot: every rule table, evicted as a whole.
+fn evict_everything(rules: &Rules, at: Lsn) -> CommittedTxn {
+    CommittedTxn {
+        xid: 0,
+        commit_lsn: at,
+        commit_time_us: now_us(),
+        keys: KeyArena::default(),
+        tables: rules
+            .tables()
+            .map(|t| TableEviction {
+                table: Arc::from(t.qualified()),
+                op: Op::Truncate,
+                patterns: t.scan_patterns(),
+            })
+            .collect(),
+    }
+}
+
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// The sink side: visibility barrier, apply with retry, acknowledge.
+async fn sink_loop<S: Sink>(
+    mut sink: S,
+    pool: deadpool_postgres::Pool,
+    mut batches: mpsc::Receiver<Batch>,
+    ack: watch::Sender<Lsn>,
+    pending: Arc<AtomicUsize>,
+    options: RunOptions,
+) {
+    let name = sink.name();
+    while let Some(batch) = batches.recv().await {
+        // xid 0 (InvalidTransactionId) marks the synthetic eviction of a new slot.
+        let xids: Vec<u32> = batch
+            .txns
+            .iter()
+            .filter(|t| t.xid != 0 && (!t.keys.is_empty() || !t.tables.is_empty()))
+            .map(|t| t.xid)
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let barrier = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                barrier::wait_visible(&client, &xids)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match barrier.await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "visibility barrier failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 0u64;
+        loop {
+            match sink.apply(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    metrics::counter!("cacheclear_sink_errors_total", "sink" => name).increment(1);
+                    metrics::counter!("cacheclear_sink_retries_total", "sink" => name).increment(1);
+                    tracing::warn!(sink = name, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "sink failed to apply a batch; retrying (nothing after it is confirmed meanwhile)");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let now = now_us();
+        let keys = batch.key_count() as u64;
+        for t in &batch.txns {
+            if !t.keys.is_empty() || !t.tables.is_empty() {
+                let lag_ms = (now - t.commit_time_us).max(0) as f64 / 1000.0;
+                metrics::histogram!("cacheclear_commit_to_applied_lag_ms").record(lag_ms);
+            }
+        }
+        metrics::counter!("cacheclear_invalidations_applied_total").increment(keys);
+        metrics::counter!("cacheclear_transactions_applied_total")
+            .increment(batch.txns.len() as u64);
+        options
+            .status
+            .applied_keys
+            .fetch_add(keys, Ordering::AcqRel);
+        options
+            .status
+            .applied_txns
+            .fetch_add(batch.txns.len() as u64, Ordering::AcqRel);
+        if let Some(observer) = &options.observer {
+            observer(&batch);
+        }
+        if let Some(last) = batch.last_lsn() {
+            ack.send_replace(last);
+        }
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Heartbeats and the retained-WAL gauge.
+async fn housekeeping(pool: deadpool_postgres::Pool, cfg: PostgresConfig) {
+    let heartbeat =
+        (cfg.heartbeat_interval_ms > 0).then(|| Duration::from_millis(cfg.heartbeat_interval_ms));
+    let mut tick = tokio::time::interval(
+        heartbeat
+            .unwrap_or(Duration::from_secs(5))
+            .min(Duration::from_secs(5)),
+    );
+    let mut last_heartbeat = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let Ok(client) = pool.get().await else {
+            continue;
+        };
+        if let Some(every) = heartbeat
+            && last_heartbeat.elapsed() >= every
+        {
+            last_heartbeat = tokio::time::Instant::now();
+            if let Err(e) = client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, 'cacheclear.heartbeat', '')",
+                    &[],
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+        match client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&cfg.slot],
+            )
+            .await
+        {
+            Ok(Some(row)) => {
+                if let Ok(Some(bytes)) = row.try_get::<_, Option<f64>>(0) {
+                    metrics::gauge!("cacheclear_slot_retained_wal_bytes").set(bytes);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "retained WAL query failed"),
+        }
+    }
+}

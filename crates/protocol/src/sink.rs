@@ -1,0 +1,23 @@
+//! The boundary between the CDC source and whatever applies its evictions.
+//!
+//! The source hands a [`Batch`] to a [`Sink`] and confirms the batch's last commit LSN to
+//! PostgreSQL only once `apply` returned `Ok` — the sink's `Ok` is its promise that every eviction
+//! in the batch is durable in its target (a Redis reply, a Kafka delivery report). An `Err` is
+//! retried with backoff, forever, with the same batch; nothing after it is confirmed meanwhile.
+//! Sinks must therefore be idempotent: a batch may be applied more than once (retries, restarts).
+
+use std::future::Future;
+
+use crate::Batch;
+
+/// Any error a sink reports; the source logs it and retries the batch.
+pub type SinkError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Applies batches of committed evictions. See the module docs for the contract.
+pub trait Sink: Send + 'static {
+    /// A short name for logs and metrics labels (`redis`, `kafka`).
+    fn name(&self) -> &'static str;
+
+    /// Applies every eviction of `batch`; returns `Ok` only when all are acknowledged.
+    fn apply(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+}

@@ -1,0 +1,165 @@
+//! The visibility barrier (design.md §3).
+//!
+//! Logical decoding can hand us a commit before other sessions can see it: with synchronous
+//! replication the committing backend flushes its commit record, then waits for the standby, and
+//! for that whole wait new snapshots still treat the transaction as in progress. An eviction
+//! applied in that window lets a reader refill the old row, and nothing evicts it again.
+//!
+//! So before a batch is applied, every transaction id in it must be visible to a new snapshot:
+//! one `SELECT pg_current_snapshot()` per batch, evaluated here, repeated with backoff while any
+//! is still in progress. pgoutput's Begin carries a 32-bit xid; it is widened to the 64-bit xid8
+//! with the epoch of the snapshot's `xmax` (a committed xid is always below `xmax`).
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// A parsed `pg_snapshot` (`xmin:xmax:xip_list`), see PostgreSQL 15 docs §9.27 Table 9.79
+/// "Snapshot Information Functions".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Earliest transaction id still active; all below are finished.
+    pub xmin: u64,
+    /// First as-yet-unassigned transaction id; all at or above are not yet started.
+    pub xmax: u64,
+    /// Transaction ids in progress at the time (all in `xmin..xmax`).
+    pub xip: Vec<u64>,
+}
+
+/// Text that is not a `pg_snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a pg_snapshot (expected `xmin:xmax:xip,...`)")]
+pub struct SnapshotParseError(pub String);
+
+impl FromStr for Snapshot {
+    type Err = SnapshotParseError;
+    fn from_str(s: &str) -> Result<Snapshot, SnapshotParseError> {
+        let err = || SnapshotParseError(s.to_owned());
+        let mut parts = s.trim().splitn(3, ':');
+        let xmin = parts.next().and_then(|p| p.parse().ok()).ok_or_else(err)?;
+        let xmax = parts.next().and_then(|p| p.parse().ok()).ok_or_else(err)?;
+        let xip = match parts.next() {
+            None | Some("") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|x| x.parse().map_err(|_| err()))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Snapshot { xmin, xmax, xip })
+    }
+}
+
+impl Snapshot {
+    /// Widens a 32-bit xid (as pgoutput's Begin carries it) to xid8, taking the epoch from
+    /// `xmax`; an xid numerically above `xmax`'s low half belongs to the previous epoch.
+    pub fn widen(&self, xid: u32) -> u64 {
+        let full = (self.xmax & !0xFFFF_FFFF) | u64::from(xid);
+        if full >= self.xmax && full >= 1 << 32 {
+            full - (1 << 32)
+        } else {
+            full
+        }
+    }
+
+    /// True when a transaction with this xid8 is visible to the snapshot as committed-or-aborted
+    /// (i.e. no longer in progress). Same rule as `pg_visible_in_snapshot`.
+    pub fn is_finished(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+/// Waits until every xid in `xids` is finished in a new snapshot. Returns how many snapshots were
+/// taken beyond the first (0 when everything was already visible).
+///
+/// Backoff between snapshots: 1 ms doubling to 50 ms. There is no deadline: a commit waiting for
+/// a synchronous standby is waited for, however long (that is the point); the wait is logged every
+/// 10 s with the xids still in progress.
+///
+/// # Errors
+/// The query's error, or a snapshot that does not parse.
+pub async fn wait_visible(
+    client: &tokio_postgres::Client,
+    xids: &[u32],
+) -> Result<u32, BarrierError> {
+    if xids.is_empty() {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let mut last_log = started;
+    let mut backoff = Duration::from_millis(1);
+    let mut retries = 0u32;
+    loop {
+        let row = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await?;
+        let text: &str = row.try_get(0)?;
+        let snapshot: Snapshot = text.parse()?;
+        let pending: Vec<u32> = xids
+            .iter()
+            .copied()
+            .filter(|&x| !snapshot.is_finished(snapshot.widen(x)))
+            .collect();
+        if pending.is_empty() {
+            return Ok(retries);
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            tracing::warn!(
+                ?pending,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "committed transactions are not yet visible (waiting for a synchronous standby?); holding their invalidations"
+            );
+            last_log = Instant::now();
+        }
+        retries += 1;
+        metrics::counter!("cacheclear_barrier_waits_total").increment(1);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The visibility check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BarrierError {
+    /// The snapshot query failed.
+    #[error("visibility barrier: snapshot query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// The server returned something that is not a snapshot.
+    #[error("visibility barrier: {0}")]
+    Parse(#[from] SnapshotParseError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_checks_visibility() {
+        let s: Snapshot = "100:105:101,103".parse().unwrap();
+        assert_eq!(s.xip, vec![101, 103]);
+        assert!(s.is_finished(99));
+        assert!(s.is_finished(100));
+        assert!(!s.is_finished(101));
+        assert!(s.is_finished(102));
+        assert!(!s.is_finished(105));
+        let empty: Snapshot = "7:7:".parse().unwrap();
+        assert!(empty.xip.is_empty() && empty.is_finished(6) && !empty.is_finished(7));
+        assert!("7:x:".parse::<Snapshot>().is_err());
+    }
+
+    #[test]
+    fn widens_across_the_epoch() {
+        let s = Snapshot {
+            xmin: (3 << 32) + 10,
+            xmax: (3 << 32) + 20,
+            xip: vec![],
+        };
+        assert_eq!(s.widen(15), (3 << 32) + 15);
+        // An xid above xmax's low half was assigned in the previous epoch.
+        assert_eq!(s.widen(u32::MAX - 5), (2 << 32) + u64::from(u32::MAX - 5));
+        let first_epoch = Snapshot {
+            xmin: 700,
+            xmax: 800,
+            xip: vec![],
+        };
+        assert_eq!(first_epoch.widen(750), 750);
+    }
+}

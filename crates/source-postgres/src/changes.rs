@@ -1,0 +1,401 @@
+//! From decoded `pgoutput` messages to committed transactions' cache keys.
+//!
+//! [`ChangeMapper`] keeps the relation cache (every `Relation` message replaces its entry, so an
+//! `ALTER TABLE` mid-stream — added, dropped, renamed or retyped columns — applies to the rows that
+//! follow it without a restart) and the open transaction. Per row it asks the rules for keys:
+//! INSERT → new row; UPDATE → old row (when the replica identity sends one) and new row; DELETE →
+//! old row; TRUNCATE → every key of the table's rules.
+//!
+//! A row whose keys cannot be computed — a rule column that a later `ALTER TABLE` renamed away, an
+//! unchanged TOAST value with no old image to take it from — is never skipped: the whole table's
+//! keys are evicted instead ([`TableEviction`]), and the cause is logged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use cacheclear_protocol::{CommittedTxn, KeyArena, Lsn, Op, TableEviction};
+use cacheclear_rules::{Column, RowImage, Rules, TableRules};
+
+use crate::pgoutput::{Datum, Message, OldKind, Relation, Tuple};
+
+/// Keys remembered per transaction for de-duplication (a hot category key touched by every row of
+/// a bulk UPDATE is sent once). Bounded so a million-row transaction doesn't double its memory;
+/// past it, duplicates are sent (harmless: invalidation is idempotent).
+const DEDUP_CAPACITY: usize = 16 * 1024;
+
+/// Turns a `pgoutput` message stream into [`CommittedTxn`]s. One per replication connection.
+pub struct ChangeMapper {
+    rules: Arc<Rules>,
+    relations: HashMap<u32, RelationState>,
+    open: Option<OpenTxn>,
+    max_txn_keys: usize,
+    scratch: Vec<String>,
+}
+
+struct RelationState {
+    relation: Relation,
+    /// `schema.table`, shared by every key run of this table.
+    qualified: Arc<str>,
+}
+
+struct OpenTxn {
+    txn: CommittedTxn,
+    seen: HashSet<String>,
+    /// Tables evicted as a whole in this transaction (their rows add no more keys).
+    whole: HashSet<u32>,
+    /// Tables whose rows added keys (for the over-budget fallback).
+    touched: HashSet<u32>,
+    over_budget: bool,
+}
+
+/// What the mapper made of one message.
+#[derive(Debug)]
+pub enum Mapped {
+    /// Nothing to do yet (a row inside a transaction, a relation, a type ...).
+    Nothing,
+    /// A transaction committed; its evictions (possibly none) are ready.
+    Committed(CommittedTxn),
+    /// A non-transactional logical message (heartbeat) at this LSN, outside any transaction.
+    Message(Lsn),
+}
+
+/// A message the mapper cannot place: a row for a relation it never saw, or a row outside a
+/// transaction. The stream cannot continue safely; the source restarts from the slot.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// A change referenced a relation OID no `Relation` message introduced.
+    #[error("change for relation OID {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    /// A change or Commit arrived with no open transaction.
+    #[error("{0} arrived outside a transaction (no Begin)")]
+    NoTransaction(&'static str),
+    /// A row's column count differs from its Relation message.
+    #[error("{table}: row has {got} columns, its Relation message has {want}")]
+    ColumnCount {
+        table: String,
+        got: usize,
+        want: usize,
+    },
+}
+
+impl ChangeMapper {
+    /// A mapper using `rules`. A transaction whose keys exceed `max_txn_keys` switches to evicting
+    /// its tables as a whole (bounding memory: a key costs its length plus 4 bytes).
+    pub fn new(rules: Arc<Rules>, max_txn_keys: usize) -> ChangeMapper {
+        ChangeMapper {
+            rules,
+            relations: HashMap::new(),
+            open: None,
+            max_txn_keys,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// True while a transaction is open (between Begin and Commit).
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Keys held by the open transaction.
+    pub fn open_keys(&self) -> usize {
+        self.open.as_ref().map_or(0, |o| o.txn.keys.len())
+    }
+
+    /// The cached relation with this OID.
+    pub fn relation(&self, oid: u32) -> Option<&Relation> {
+        self.relations.get(&oid).map(|r| &r.relation)
+    }
+
+    /// Feeds one message.
+    ///
+    /// # Errors
+    /// [`MapError`] when the stream is inconsistent (see its variants).
+    pub fn handle(&mut self, message: Message) -> Result<Mapped, MapError> {
+        match message {
+            Message::Begin {
+                final_lsn,
+                commit_time_us,
+                xid,
+            } => {
+                if let Some(open) = &self.open {
+                    tracing::warn!(
+                        xid = open.txn.xid,
+                        "Begin without Commit; dropping the open transaction"
+                    );
+                }
+                self.open = Some(OpenTxn {
+                    txn: CommittedTxn {
+                        xid,
+                        commit_lsn: final_lsn,
+                        commit_time_us,
+                        keys: KeyArena::default(),
+                        tables: Vec::new(),
+                    },
+                    seen: HashSet::new(),
+                    whole: HashSet::new(),
+                    touched: HashSet::new(),
+                    over_budget: false,
+                });
+                Ok(Mapped::Nothing)
+            }
+            Message::Commit {
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
+                let mut open = self.open.take().ok_or(MapError::NoTransaction("Commit"))?;
+                open.txn.commit_lsn = end_lsn;
+                open.txn.commit_time_us = commit_time_us;
+                Ok(Mapped::Committed(open.txn))
+            }
+            Message::Relation(relation) => {
+                if let Some(rules) = self.rules.table(&relation.namespace, &relation.name) {
+                    check_relation(rules, &relation);
+                }
+                let qualified = Arc::from(format!("{}.{}", relation.namespace, relation.name));
+                self.relations.insert(
+                    relation.oid,
+                    RelationState {
+                        relation,
+                        qualified,
+                    },
+                );
+                Ok(Mapped::Nothing)
+            }
+            Message::Insert { relation, new } => {
+                self.row(relation, Op::Insert, &[(Image::New, &new, None)])?;
+                Ok(Mapped::Nothing)
+            }
+            Message::Update { relation, old, new } => {
+                match &old {
+                    Some((kind, old_tuple)) => self.row(
+                        relation,
+                        Op::Update,
+                        &[
+                            (Image::Old(*kind), old_tuple, None),
+                            (Image::New, &new, Some(old_tuple)),
+                        ],
+                    )?,
+                    None => self.row(relation, Op::Update, &[(Image::New, &new, None)])?,
+                }
+                Ok(Mapped::Nothing)
+            }
+            Message::Delete {
+                relation,
+                old: (kind, old),
+            } => {
+                self.row(relation, Op::Delete, &[(Image::Old(kind), &old, None)])?;
+                Ok(Mapped::Nothing)
+            }
+            Message::Truncate { relations, .. } => {
+                for oid in relations {
+                    self.evict_table(oid, Op::Truncate)?;
+                }
+                Ok(Mapped::Nothing)
+            }
+            Message::Message {
+                transactional: false,
+                lsn,
+                ..
+            } if self.open.is_none() => Ok(Mapped::Message(lsn)),
+            Message::Message { .. } | Message::Origin { .. } | Message::Type { .. } => {
+                Ok(Mapped::Nothing)
+            }
+        }
+    }
+
+    fn row(
+        &mut self,
+        oid: u32,
+        op: Op,
+        images: &[(Image, &Tuple, Option<&Tuple>)],
+    ) -> Result<(), MapError> {
+        let state = self
+            .relations
+            .get(&oid)
+            .ok_or(MapError::UnknownRelation(oid))?;
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(MapError::NoTransaction("a row change"))?;
+        let Some(rules) = self
+            .rules
+            .table(&state.relation.namespace, &state.relation.name)
+        else {
+            return Ok(()); // published, but no rule maps it to keys
+        };
+        if open.whole.contains(&oid) {
+            return Ok(());
+        }
+        for &(image, tuple, toast_source) in images {
+            if tuple.len() != state.relation.columns.len() {
+                return Err(MapError::ColumnCount {
+                    table: state.qualified.to_string(),
+                    got: tuple.len(),
+                    want: state.relation.columns.len(),
+                });
+            }
+            self.scratch.clear();
+            let row = Row {
+                relation: &state.relation,
+                tuple,
+                image,
+                toast_source,
+            };
+            if let Err(e) = rules.keys_for(&row, &mut self.scratch) {
+                tracing::warn!(
+                    table = %state.qualified, ?op, error = %e,
+                    "cannot compute this row's cache keys; evicting every key of the table instead"
+                );
+                metrics::counter!("cacheclear_table_fallbacks_total").increment(1);
+                let qualified = Arc::clone(&state.qualified);
+                push_table_eviction(open, oid, &qualified, op, rules);
+                return Ok(());
+            }
+            open.touched.insert(oid);
+            for key in self.scratch.drain(..) {
+                if open.seen.contains(&key) {
+                    continue;
+                }
+                open.txn.keys.push(&state.qualified, op, &key);
+                if open.seen.len() < DEDUP_CAPACITY {
+                    open.seen.insert(key);
+                }
+            }
+        }
+        if open.txn.keys.len() > self.max_txn_keys && !open.over_budget {
+            tracing::warn!(
+                xid = open.txn.xid,
+                keys = open.txn.keys.len(),
+                max_txn_keys = self.max_txn_keys,
+                "transaction exceeds the per-transaction key budget; evicting its tables as a whole"
+            );
+            open.over_budget = true;
+            let touched: Vec<u32> = open.touched.iter().copied().collect();
+            open.txn.keys.clear();
+            open.seen.clear();
+            for t in touched {
+                if let (Some(st), Some(r)) = (
+                    self.relations.get(&t),
+                    self.relations
+                        .get(&t)
+                        .and_then(|s| self.rules.table(&s.relation.namespace, &s.relation.name)),
+                ) {
+                    push_table_eviction(open, t, &st.qualified, op, r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn evict_table(&mut self, oid: u32, op: Op) -> Result<(), MapError> {
+        let state = self
+            .relations
+            .get(&oid)
+            .ok_or(MapError::UnknownRelation(oid))?;
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(MapError::NoTransaction("Truncate"))?;
+        if let Some(rules) = self
+            .rules
+            .table(&state.relation.namespace, &state.relation.name)
+        {
+            push_table_eviction(open, oid, &state.qualified, op, rules);
+        }
+        Ok(())
+    }
+}
+
+fn push_table_eviction(open: &mut OpenTxn, oid: u32, table: &Arc<str>, op: Op, rules: &TableRules) {
+    if open.whole.insert(oid) {
+        open.txn.tables.push(TableEviction {
+            table: Arc::clone(table),
+            op,
+            patterns: rules.scan_patterns(),
+        });
+    }
+}
+
+/// Logs (at error level) when a relation's schema no longer supports its rule: a renamed or
+/// dropped column, or a replica identity that stopped carrying a rule column in old images. The
+/// rows that follow fall back to table-wide eviction, so nothing is lost meanwhile.
+fn check_relation(rules: &TableRules, relation: &Relation) {
+    let columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
+    let identity = identity_of(relation);
+    if let Err(e) = rules.check_replica_identity(&identity, &columns) {
+        tracing::error!(
+            table = %format!("{}.{}", relation.namespace, relation.name),
+            error = %e,
+            "the table's schema changed under its rule; rows will be evicted table-wide until fixed"
+        );
+    }
+}
+
+/// The replica identity a `Relation` message describes.
+pub fn identity_of(relation: &Relation) -> cacheclear_rules::ReplicaIdentity {
+    use cacheclear_rules::ReplicaIdentity;
+    let key_columns = || {
+        relation
+            .columns
+            .iter()
+            .filter(|c| c.key)
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    match relation.replica_identity {
+        b'f' => ReplicaIdentity::Full,
+        b'n' => ReplicaIdentity::Nothing,
+        b'i' => ReplicaIdentity::Index {
+            key_columns: key_columns(),
+        },
+        _ => ReplicaIdentity::Default {
+            key_columns: key_columns(),
+        },
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Image {
+    New,
+    Old(OldKind),
+}
+
+/// One row image as the rules see it.
+struct Row<'a> {
+    relation: &'a Relation,
+    tuple: &'a Tuple,
+    image: Image,
+    /// For a new image: the old image, where unchanged TOAST values can be read from.
+    toast_source: Option<&'a Tuple>,
+}
+
+impl RowImage for Row<'_> {
+    fn column(&self, name: &str) -> Column<'_> {
+        let Some(i) = self.relation.columns.iter().position(|c| c.name == name) else {
+            return Column::Absent;
+        };
+        if matches!(self.image, Image::Old(OldKind::Key)) && !self.relation.columns[i].key {
+            // A 'K' image sends non-identity columns as NULL: they are unknown, not NULL.
+            return Column::Absent;
+        }
+        datum_column(&self.tuple[i], self.toast_source.and_then(|t| t.get(i)))
+    }
+}
+
+fn datum_column<'a>(datum: &'a Datum, toast_source: Option<&'a Datum>) -> Column<'a> {
+    match datum {
+        Datum::Null => Column::Null,
+        Datum::Text(b) => match std::str::from_utf8(b) {
+            Ok(s) => Column::Text(s),
+            Err(_) => Column::Absent,
+        },
+        Datum::Binary(_) => Column::Absent,
+        // pgoutput did not send the value because it did not change: take it from the old image
+        // when there is one (REPLICA IDENTITY FULL sends old values in full). Never NULL.
+        Datum::UnchangedToast => match toast_source {
+            Some(d @ Datum::Text(_)) => datum_column(d, None),
+            _ => Column::UnchangedToast,
+        },
+    }
+}

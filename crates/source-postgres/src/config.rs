@@ -1,0 +1,136 @@
+//! `[postgres]` section of the configuration: where to stream from and how.
+
+use std::time::Duration;
+
+/// The CDC source's options. Every field has a default except `url`.
+///
+/// ```toml
+/// [postgres]
+/// url = "postgres://cacheclear:secret@127.0.0.1:5432/shop"
+/// slot = "cacheclear"
+/// publication = "cacheclear"
+/// ```
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL (`postgres://user:password@host:port/dbname`) or libpq key=value string.
+    /// The user needs the REPLICATION attribute (or superuser) and, to create the publication,
+    /// ownership of the rule tables.
+    pub url: String,
+    /// Logical replication slot name. Created with the `pgoutput` plugin when absent (see
+    /// `create_slot`). Default `cacheclear`.
+    #[serde(default = "default_name")]
+    pub slot: String,
+    /// Publication name. Created `FOR TABLE <every rule table>` when absent (see
+    /// `create_publication`). Default `cacheclear`.
+    #[serde(default = "default_name")]
+    pub publication: String,
+    /// Create the slot when it does not exist. A new slot starts at the current WAL position:
+    /// changes committed before it are never seen, so every rule table's keys are evicted once
+    /// when the slot is created. Default `true`.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Create the publication when it does not exist. Default `true`.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Interval of `pg_logical_emit_message` heartbeats, in ms; 0 disables them. Heartbeats give an
+    /// idle slot something to confirm so its retained WAL stays bounded. Default 10000.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// How often the confirmed LSN is reported to the server (standby status update), in ms.
+    /// Default 1000.
+    #[serde(default = "default_status_ms")]
+    pub status_interval_ms: u64,
+    /// Keys one transaction may hold before its tables are evicted as a whole instead; bounds
+    /// memory (a key costs its length + 4 bytes). Default 2000000 (about 40 MB of keys).
+    #[serde(default = "default_max_txn_keys")]
+    pub max_txn_keys: usize,
+    /// A batch handed to the sink is closed at this many keys; larger batches amortise the
+    /// visibility-barrier query and Redis round trips. Default 20000.
+    #[serde(default = "default_max_batch_keys")]
+    pub max_batch_keys: usize,
+    /// Batches queued between the decoder and the sink; with `max_batch_keys` this bounds the
+    /// memory used while the sink is slow or down (back-pressure then pauses the replication
+    /// stream, whose keepalives are still answered). Default 4.
+    #[serde(default = "default_queue")]
+    pub queue_batches: usize,
+}
+
+fn default_name() -> String {
+    "cacheclear".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_heartbeat_ms() -> u64 {
+    10_000
+}
+fn default_status_ms() -> u64 {
+    1_000
+}
+fn default_max_txn_keys() -> usize {
+    2_000_000
+}
+fn default_max_batch_keys() -> usize {
+    20_000
+}
+fn default_queue() -> usize {
+    4
+}
+
+impl PostgresConfig {
+    /// A config with every default and this URL.
+    pub fn new(url: impl Into<String>) -> PostgresConfig {
+        PostgresConfig {
+            url: url.into(),
+            slot: default_name(),
+            publication: default_name(),
+            create_slot: true,
+            create_publication: true,
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            status_interval_ms: default_status_ms(),
+            max_txn_keys: default_max_txn_keys(),
+            max_batch_keys: default_max_batch_keys(),
+            queue_batches: default_queue(),
+        }
+    }
+
+    /// Checks values that parse but make no sense. Errors name the field and the reason.
+    ///
+    /// # Errors
+    /// A message naming the first invalid field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| format!("postgres.url: not a PostgreSQL connection string: {e}"))?;
+        for (field, name) in [
+            ("postgres.slot", &self.slot),
+            ("postgres.publication", &self.publication),
+        ] {
+            if name.is_empty()
+                || name.len() > 63
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(format!(
+                    "{field}: `{name}` must be 1-63 characters of a-z, 0-9 and _ (PostgreSQL's rule for slot names)"
+                ));
+            }
+        }
+        if self.status_interval_ms == 0 {
+            return Err("postgres.status_interval_ms: must be at least 1".into());
+        }
+        if self.max_batch_keys == 0 || self.queue_batches == 0 || self.max_txn_keys == 0 {
+            return Err(
+                "postgres.max_batch_keys, queue_batches and max_txn_keys must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `status_interval_ms` as a duration.
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.status_interval_ms)
+    }
+}
