@@ -1,0 +1,114 @@
+//! The visibility barrier (design.md §3), reproduced with a synchronous standby that never comes:
+//! the UPDATE's commit record is flushed and streamed to the slot, yet other sessions still see the
+//! old row until the standby requirement is lifted.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
+    let env = Env::start();
+    let admin = env.pg().await;
+    let mut r = env.redis().await;
+    let running = start_pipeline(&env).await;
+
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'nosuch'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    // The writer's commit hangs waiting for the missing standby.
+    let writer = env.pg().await;
+    let update = tokio::spawn(async move {
+        writer
+            .batch_execute("UPDATE product SET price_cents = 999 WHERE id = 20")
+            .await
+    });
+
+    // Wait until the commit record is flushed and the walsender has sent it to us.
+    wait_for(
+        "the walsender to send the hanging commit",
+        Duration::from_secs(20),
+        || {
+            let admin = &admin;
+            async move {
+                let row = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                let waiting: i64 = row.get(0);
+                let sent = admin
+                    .query_one(
+                        "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false)
+                     FROM pg_stat_replication WHERE application_name = 'cacheclear'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                waiting == 1 && sent.get::<_, bool>(0)
+            }
+        },
+    )
+    .await;
+    // Give an eager pipeline every chance to evict now (it must not).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !update.is_finished(),
+        "the UPDATE should still be waiting for the standby"
+    );
+
+    // A reader misses and fills from the database: it still sees the old price.
+    let reader = env.pg().await;
+    let price: i64 = reader
+        .query_one("SELECT price_cents FROM product WHERE id = 20", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        price, 1020,
+        "the reader must see the old row during the wait"
+    );
+    set(&mut r, "{product:20}", &price.to_string()).await;
+    let slot_before = slot_confirmed(&admin).await;
+
+    // The eviction is being held: the old value is still there, nothing confirmed past it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&mut r, "{product:20}").await.as_deref(), Some("1020"));
+
+    // Lift the requirement: the commit becomes visible, and only then is the key evicted.
+    admin
+        .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    update.await.unwrap().unwrap();
+    wait_for(
+        "the held eviction to be applied",
+        Duration::from_secs(20),
+        || {
+            let mut r = r.clone();
+            async move { !exists(&mut r, "{product:20}").await }
+        },
+    )
+    .await;
+    let new_price: i64 = reader
+        .query_one("SELECT price_cents FROM product WHERE id = 20", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(new_price, 999);
+    assert!(fence(&mut r, "product:20").await.expect("fence") > slot_before);
+    running.stop().await.unwrap();
+}
