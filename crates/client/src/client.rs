@@ -291,7 +291,7 @@ impl Client {
                 // XFetch: near expiry, one reader (the one that wins the draw and the lease)
                 // reloads early; the others, and any refresh that fails, serve the cached value.
                 if self.xfetch_due(&env)
-                    && let Ok(Some(token)) = self.try_lease(&mut conn, layout).await
+                    && let Ok(Lease::Acquired(token)) = self.try_lease(&mut conn, layout).await
                 {
                     self.incr(Counter::early_refreshes);
                     match self.load_and_fill(layout, token, loader).await {
@@ -316,8 +316,12 @@ impl Client {
         let mut waiting = false;
         loop {
             match self.try_lease(&mut conn, layout).await {
-                Ok(Some(token)) => return self.load_and_fill(layout, token, loader).await,
-                Ok(None) => {}
+                Ok(Lease::Acquired(token)) => {
+                    return self.load_and_fill(layout, token, loader).await;
+                }
+                Ok(Lease::HeldElsewhere) => {}
+                // Redis is full: "don't cache" (not a Redis failure, whatever the policy).
+                Ok(Lease::OutOfMemory) => return self.run_loader(key, loader).await,
                 Err(e) => return self.redis_failed(key, "lease", e, loader).await,
             }
             if !waiting {
@@ -469,7 +473,7 @@ impl Client {
                 tracing::warn!(key, reply = other, "unexpected FILL reply; not cached");
                 guard.release().await;
             }
-            Err(e) if e.code() == Some("OOM") => {
+            Err(e) if is_oom(&e) => {
                 // maxmemory reached and nothing evictable: "don't cache", not a failure.
                 self.incr(Counter::fills_skipped_oom);
                 tracing::warn!(key, error = %e, "redis is out of memory (maxmemory); value not cached");
@@ -554,12 +558,12 @@ impl Client {
         }
     }
 
-    /// `SET {K}:lease <token> NX PX lease_ms`: `Some(token)` if we got the lease.
+    /// `SET {K}:lease <token> NX PX lease_ms`.
     async fn try_lease(
         &self,
         conn: &mut ConnectionManager,
         layout: &KeyLayout,
-    ) -> RedisResult<Option<String>> {
+    ) -> RedisResult<Lease> {
         let token = format!("{:032x}", rand::random::<u128>());
         let reply: RedisResult<Option<String>> = self
             .bounded(
@@ -573,8 +577,14 @@ impl Client {
             )
             .await;
         match reply {
-            Ok(Some(_)) => Ok(Some(token)),
-            Ok(None) => Ok(None),
+            Ok(Some(_)) => Ok(Lease::Acquired(token)),
+            Ok(None) => Ok(Lease::HeldElsewhere),
+            Err(e) if is_oom(&e) => {
+                // maxmemory reached and nothing evictable: nothing can be cached now.
+                self.incr(Counter::fills_skipped_oom);
+                tracing::warn!(key = layout.key(), error = %e, "redis is out of memory (maxmemory); not caching");
+                Ok(Lease::OutOfMemory)
+            }
             Err(e) => {
                 self.redis_error(layout.key(), "lease", &e);
                 // The SET may have been applied before the error (a timeout): drop it so no lease
@@ -644,6 +654,21 @@ async fn bounded<V>(config: &Config, fut: impl Future<Output = RedisResult<V>>) 
             ),
         ))),
     }
+}
+
+/// What `SET {K}:lease NX` gave us.
+enum Lease {
+    /// The lease, with our token.
+    Acquired(String),
+    /// Another loader holds it.
+    HeldElsewhere,
+    /// Redis replied OOM: maxmemory reached with nothing evictable.
+    OutOfMemory,
+}
+
+/// Redis's `-OOM command not allowed when used memory > 'maxmemory'` reply.
+fn is_oom(e: &RedisError) -> bool {
+    e.code() == Some("OOM")
 }
 
 fn redis_error(inner: &Inner, key: &str, op: &'static str, e: &RedisError) {

@@ -51,6 +51,8 @@
 //! - `postgres` (default): [`replica_read_version`], via `tokio-postgres`.
 //! - `local-tier` (default): the in-process tier, via `moka`. Still off unless configured.
 
+#![warn(missing_docs)]
+
 mod client;
 mod config;
 pub mod envelope;

@@ -68,7 +68,7 @@ counters! {
     fills => "Fills that wrote the value.",
     fills_refused_lease_lost => "Fills refused because the lease was no longer ours (expired, or deleted by an invalidation: the \"stale set\" of the memcache paper).",
     fills_refused_fenced => "Fills refused because the fence was newer than the version read (a lagging replica).",
-    fills_skipped_oom => "Fills refused by Redis with OOM (`maxmemory` reached, nothing evictable): not cached.",
+    fills_skipped_oom => "Reads that could not cache because Redis replied OOM (`maxmemory` reached, nothing evictable) to the lease or the fill: the loaded value is returned, not cached, and not counted as a Redis error.",
     lease_waits => "Reads that found another process's lease and waited.",
     lease_wait_timeouts => "Waits that reached `lease_wait_ms` without a value.",
     unfilled_loads => "Loader runs after a wait timeout, not filled (`WaitTimeoutPolicy::LoadWithoutFilling`).",
