@@ -173,7 +173,9 @@ impl Client {
     /// was current when read, it is just not cached.
     ///
     /// `loader` runs at most once per call, and only when this call is the one that must read
-    /// the database. `T` is stored as JSON ([`crate::envelope`]).
+    /// the database. Concurrent callers of one key in one process share a single loader run (the
+    /// first caller's), so every loader of a key must read the same thing. `T` is stored as JSON
+    /// ([`crate::envelope`]); it must deserialize from what it serializes to.
     ///
     /// # Errors
     /// - [`Error::InvalidKey`]: `key` is empty or contains `{` / `}`.
@@ -248,6 +250,8 @@ impl Client {
 
     /// Strict mode: runs `loader` against the database and returns its value, bypassing every
     /// cache tier (design.md §6: balances, stock, checkout totals). Counted in `strict_loads`.
+    /// The loader has the same shape as for [`Client::get_or_load`], so one loader serves both;
+    /// its version is ignored.
     ///
     /// # Errors
     /// [`Error::Loader`] (with an empty key) if the loader fails.
