@@ -1,1 +1,39 @@
-//! placeholder
+//! Private, throwaway PostgreSQL and Redis servers for cacheclear's integration tests, benchmarks
+//! and the zero-config `cacheclear demo`.
+//!
+//! Each instance is started from the installed binaries, in its own temporary directory, on a
+//! free port on 127.0.0.1 (never the system servers on 5432/6379), and is killed and deleted when
+//! dropped. Many instances can run at once, from many threads and many processes: ports that get
+//! taken between "found free" and "bound" are retried with a new port.
+//!
+//! ```no_run
+//! use cacheclear_harness::{PgInstance, RedisInstance};
+//! # fn main() -> Result<(), cacheclear_harness::HarnessError> {
+//! let pg = PgInstance::start()?; // wal_level=logical, trust auth, ~1-2 s
+//! assert_eq!(pg.psql("SHOW wal_level")?, "logical");
+//! let redis = RedisInstance::start()?;
+//! assert_eq!(redis.cli(&["PING"])?, "PONG");
+//! println!("{} {}", pg.conn_string(), redis.url());
+//! # Ok(()) }
+//! ```
+//!
+//! Binaries: PostgreSQL from `$CACHECLEAR_PG_BIN`, else `pg_config --bindir`, else the
+//! highest `/usr/lib/postgresql/*/bin`, else `PATH`; Redis from `$CACHECLEAR_REDIS_BIN`, else
+//! `PATH`. See [`PgBinaries`] and [`RedisBinaries`] to check prerequisites up front.
+//!
+//! Everything here is synchronous (std::process); async callers use `spawn_blocking` or start
+//! instances before the async work.
+
+#![warn(missing_docs)]
+
+mod bins;
+mod error;
+mod pg;
+mod process;
+mod redis;
+
+pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
+pub use error::HarnessError;
+pub use pg::{PgInstance, PgOptions};
+pub use process::{free_port, kill_on_parent_exit, spawn_tied_to_process};
+pub use redis::{RedisInstance, RedisOptions};
