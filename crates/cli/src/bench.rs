@@ -1,21 +1,317 @@
-//! `cacheclear bench …`: measured figures.
+//! `cacheclear bench pipeline`: measured figures of the invalidation pipeline.
+//!
+//! Everything runs on this machine: private PostgreSQL and Redis (started from the installed
+//! binaries, unless URLs are given), the pipeline in this process, and a load generator on its own
+//! connections. Figures:
+//! - commit→evicted lag (ms, p50/p99): from the transaction's commit timestamp (PostgreSQL's clock,
+//!   the same machine) to Redis's acknowledgement of its evictions, per row changed, at a steady
+//!   1k and 10k row changes/s;
+//! - bulk: one UPDATE of N rows (default 1,000,000), rows/s from its commit to the last eviction;
+//! - peak RSS (VmHWM) of this process: pipeline plus load generator, an upper bound of the
+//!   pipeline's own.
 
-use clap::Subcommand;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cacheclear_harness::{PgInstance, RedisInstance};
+use cacheclear_protocol::Batch;
+use cacheclear_rules::{RuleConfig, Rules};
+use cacheclear_sink_redis::{RedisConfig, RedisSink};
+use cacheclear_source_postgres::{PostgresConfig, RunOptions, now_us};
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
 
 /// Which benchmark to run.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Commit→evicted lag at steady 1k and 10k row changes/s, bulk UPDATE throughput, peak RSS.
-    Pipeline {
-        /// Print one JSON object instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
+    Pipeline(PipelineArgs),
+}
+
+/// Options of `bench pipeline`.
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// Print one JSON object (fields lag_1k_p50_ms, lag_1k_p99_ms, lag_10k_p50_ms, lag_10k_p99_ms,
+    /// bulk_rows, bulk_rows_per_s, peak_rss_mb, …) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds of each steady-rate phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rows of the bulk UPDATE (and of the benchmark table).
+    #[arg(long, default_value_t = 1_000_000)]
+    bulk_rows: u64,
+    /// Use this PostgreSQL (needs wal_level=logical) instead of a private instance. The bench
+    /// creates and drops the table `cacheclear_bench_product`, the slot and publication
+    /// `cacheclear_bench`.
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 /// Runs one benchmark.
 pub async fn bench(which: BenchCommand) -> anyhow::Result<()> {
     match which {
-        BenchCommand::Pipeline { json: _ } => anyhow::bail!("bench pipeline is not built yet"),
+        BenchCommand::Pipeline(args) => pipeline(args).await,
     }
+}
+
+/// Lag per row, in microseconds, recorded by the pipeline's batch observer.
+struct Recorder {
+    hist: Histogram<u64>,
+    /// Set when a transaction with at least this many keys is applied: (keys, commit µs, applied µs).
+    bulk_threshold: u64,
+    bulk: Option<(u64, i64, i64)>,
+    recording: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Figures {
+    command: String,
+    lag_1k_p50_ms: f64,
+    lag_1k_p99_ms: f64,
+    lag_1k_max_ms: f64,
+    achieved_1k_rows_per_s: f64,
+    lag_10k_p50_ms: f64,
+    lag_10k_p99_ms: f64,
+    lag_10k_max_ms: f64,
+    achieved_10k_rows_per_s: f64,
+    bulk_rows: u64,
+    bulk_seconds: f64,
+    bulk_rows_per_s: f64,
+    peak_rss_mb: f64,
+    cores: usize,
+}
+
+async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // Private instances unless URLs were given; they stop when dropped (end of this function).
+    let pg_instance = match &args.postgres_url {
+        Some(_) => None,
+        None => Some(tokio::task::spawn_blocking(PgInstance::start).await??),
+    };
+    let redis_instance = match &args.redis_url {
+        Some(_) => None,
+        None => Some(tokio::task::spawn_blocking(RedisInstance::start).await??),
+    };
+    let pg_url = args.postgres_url.clone().or(pg_instance.as_ref().map(PgInstance::url)).context("postgres url")?;
+    let redis_url = args.redis_url.clone().or(redis_instance.as_ref().map(RedisInstance::url)).context("redis url")?;
+    let progress = |msg: &str| {
+        if !args.json {
+            eprintln!("bench: {msg}");
+        }
+    };
+
+    let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.context("connect PostgreSQL")?;
+    tokio::spawn(conn);
+    progress(&format!("creating {} rows", args.bulk_rows));
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS cacheclear_bench_product;
+         SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
+         DROP PUBLICATION IF EXISTS cacheclear_bench;
+         CREATE TABLE cacheclear_bench_product (id int PRIMARY KEY, category_id int NOT NULL, price_cents bigint NOT NULL, name text NOT NULL);
+         ALTER TABLE cacheclear_bench_product REPLICA IDENTITY FULL;
+         INSERT INTO cacheclear_bench_product SELECT g, g % 1000, 1000, 'product ' || g FROM generate_series(1, {}) g;
+         VACUUM ANALYZE cacheclear_bench_product;",
+        args.bulk_rows
+    ))
+    .await
+    .context("creating the benchmark table")?;
+
+    let rules = Arc::new(Rules::compile(&[RuleConfig {
+        table: "public.cacheclear_bench_product".into(),
+        keys: vec!["bench:product:{id}".into(), "bench:category:{category_id}:products".into()],
+    }])?);
+    let mut pg_cfg = PostgresConfig::new(pg_url.clone());
+    pg_cfg.slot = "cacheclear_bench".into();
+    pg_cfg.publication = "cacheclear_bench".into();
+    pg_cfg.status_interval_ms = 200;
+    let recorder = Arc::new(Mutex::new(Recorder {
+        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        bulk_threshold: args.bulk_rows,
+        bulk: None,
+        recording: false,
+    }));
+    let observer = {
+        let recorder = Arc::clone(&recorder);
+        Arc::new(move |batch: &Batch| {
+            let applied = now_us();
+            let Ok(mut r) = recorder.lock() else { return };
+            for t in &batch.txns {
+                let keys = t.keys.len() as u64;
+                if keys >= r.bulk_threshold {
+                    r.bulk = Some((keys, t.commit_time_us, applied));
+                } else if r.recording && keys > 0 {
+                    // One product key per row (plus deduplicated category keys): count rows.
+                    let rows = t.keys.runs().iter().map(|_| 0).count().max(1) as u64;
+                    let _ = rows;
+                    let lag = (applied - t.commit_time_us).max(1) as u64;
+                    let products = t.keys.iter().filter(|k| k.starts_with("bench:product:")).count() as u64;
+                    let _ = r.hist.record_n(lag, products.max(1));
+                }
+            }
+        })
+    };
+    let options = RunOptions { observer: Some(observer), ..RunOptions::default() };
+    let status = Arc::clone(&options.status);
+    let sink = RedisSink::connect(RedisConfig::new(redis_url.clone()))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let source = tokio::spawn(async move {
+        cacheclear_source_postgres::run(&pg_cfg, rules, sink, options, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let started = Instant::now();
+    while status.applied_txns() < 1 {
+        if source.is_finished() {
+            bail!("the pipeline stopped: {:?}", source.await);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the pipeline did not start within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut phases = Vec::new();
+    for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
+        progress(&format!("steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s", args.seconds));
+        if let Ok(mut r) = recorder.lock() {
+            r.hist.reset();
+            r.recording = true;
+        }
+        let achieved = steady_load(&pg_url, rate, rows_per_txn, args.seconds, args.bulk_rows).await?;
+        // Let the tail drain into the histogram.
+        let target = status.applied_txns();
+        let drain = Instant::now();
+        while drain.elapsed() < Duration::from_secs(2) && status.applied_txns() == target {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(mut r) = recorder.lock() else { bail!("recorder poisoned") };
+        r.recording = false;
+        let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+        phases.push((ms(0.5), ms(0.99), r.hist.max() as f64 / 1000.0, achieved));
+    }
+
+    progress(&format!("bulk: one UPDATE of {} rows", args.bulk_rows));
+    db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1").await?;
+    let waited = Instant::now();
+    let bulk = loop {
+        if let Some(b) = recorder.lock().ok().and_then(|r| r.bulk) {
+            break b;
+        }
+        if waited.elapsed() > Duration::from_secs(600) {
+            bail!("the bulk UPDATE was not applied within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
+    let _ = stop_tx.send(());
+    let _ = source.await;
+    let _ = db
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
+             DROP PUBLICATION IF EXISTS cacheclear_bench; DROP TABLE IF EXISTS cacheclear_bench_product;",
+        )
+        .await;
+
+    let figures = Figures {
+        command,
+        lag_1k_p50_ms: phases[0].0,
+        lag_1k_p99_ms: phases[0].1,
+        lag_1k_max_ms: phases[0].2,
+        achieved_1k_rows_per_s: phases[0].3,
+        lag_10k_p50_ms: phases[1].0,
+        lag_10k_p99_ms: phases[1].1,
+        lag_10k_max_ms: phases[1].2,
+        achieved_10k_rows_per_s: phases[1].3,
+        bulk_rows: args.bulk_rows,
+        bulk_seconds,
+        bulk_rows_per_s: args.bulk_rows as f64 / bulk_seconds,
+        peak_rss_mb: peak_rss_mb()?,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        print_table(&figures);
+    }
+    Ok(())
+}
+
+fn print_table(f: &Figures) {
+    println!("$ {}", f.command);
+    println!("{:<44} {:>12}", "figure", "value");
+    println!("{:<44} {:>9.2} ms", "lag p50 @ 1k rows/s", f.lag_1k_p50_ms);
+    println!("{:<44} {:>9.2} ms", "lag p99 @ 1k rows/s (target < 10 ms)", f.lag_1k_p99_ms);
+    println!("{:<44} {:>9.2} ms", "lag max @ 1k rows/s", f.lag_1k_max_ms);
+    println!("{:<44} {:>12.0}", "  achieved rows/s", f.achieved_1k_rows_per_s);
+    println!("{:<44} {:>9.2} ms", "lag p50 @ 10k rows/s", f.lag_10k_p50_ms);
+    println!("{:<44} {:>9.2} ms", "lag p99 @ 10k rows/s", f.lag_10k_p99_ms);
+    println!("{:<44} {:>9.2} ms", "lag max @ 10k rows/s", f.lag_10k_max_ms);
+    println!("{:<44} {:>12.0}", "  achieved rows/s", f.achieved_10k_rows_per_s);
+    println!("{:<44} {:>12}", "bulk UPDATE rows", f.bulk_rows);
+    println!("{:<44} {:>10.2} s", "bulk commit → last eviction", f.bulk_seconds);
+    println!("{:<44} {:>12.0}", "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s);
+    println!("{:<44} {:>9.1} MB", "peak RSS of the bench process (target < 50)", f.peak_rss_mb);
+    println!("{:<44} {:>12}", "cores", f.cores);
+}
+
+/// Peak resident set size of this process (VmHWM from /proc/self/status), in MB (10^6 bytes).
+fn peak_rss_mb() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM does not parse")?;
+    Ok(kb * 1024.0 / 1e6)
+}
+
+/// Issues `rate` row changes per second for `seconds`, as transactions of `rows_per_txn`
+/// single-statement UPDATEs of random rows, from 4 connections. Returns the achieved rows/s.
+async fn steady_load(url: &str, rate: u64, rows_per_txn: u64, seconds: u64, table_rows: u64) -> anyhow::Result<f64> {
+    const WORKERS: u64 = 4;
+    let txns_per_s = (rate / rows_per_txn).max(1);
+    let period = Duration::from_secs_f64(WORKERS as f64 / txns_per_s as f64);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        tasks.push(tokio::spawn(async move {
+            let stmt = client
+                .prepare("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1 WHERE id = ANY($1)")
+                .await?;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+            let mut rows = 0u64;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let ids: Vec<i32> = (0..rows_per_txn)
+                    .map(|_| {
+                        // xorshift64: uniform ids without a dependency.
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (1 + seed % table_rows) as i32
+                    })
+                    .collect();
+                rows += client.execute(&stmt, &[&ids]).await?;
+            }
+            anyhow::Ok(rows)
+        }));
+    }
+    let started = Instant::now();
+    let mut rows = 0;
+    for t in tasks {
+        rows += t.await??;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64().max(seconds as f64))
 }
