@@ -41,18 +41,24 @@ return n
 /// Writes the value only if the lease still holds our token AND the fence is not newer than the
 /// version. Releases our lease in every case where it is still ours (compare-and-delete).
 /// Returns [`FILLED`], [`LEASE_LOST`] or [`FENCED`].
+///
+/// The value `SET` is the script's first write on purpose: Redis refuses a script with `OOM` at
+/// its first write that may grow memory, so under `maxmemory` with nothing evictable the fill
+/// fails cleanly (nothing written, lease untouched — the client then releases it) instead of
+/// deleting the lease and pushing memory past the limit.
 pub const FILL_LUA: &str = r#"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
-redis.call('DEL', KEYS[2])
 if ARGV[2] ~= '' then
   local fence = redis.call('GET', KEYS[3])
   if fence and fence > ARGV[2] then
+    redis.call('DEL', KEYS[2])
     return -1
   end
 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+redis.call('DEL', KEYS[2])
 return 1
 "#;
 
