@@ -227,6 +227,7 @@ impl ChangeMapper {
         if open.whole.contains(&oid) {
             return Ok(());
         }
+        self.scratch.clear();
         for &(image, tuple, toast_source) in images {
             if tuple.len() != state.relation.columns.len() {
                 return Err(MapError::ColumnCount {
@@ -235,7 +236,6 @@ impl ChangeMapper {
                     want: state.relation.columns.len(),
                 });
             }
-            self.scratch.clear();
             let row = Row {
                 relation: &state.relation,
                 tuple,
@@ -252,15 +252,18 @@ impl ChangeMapper {
                 push_table_eviction(open, oid, &qualified, op, rules);
                 return Ok(());
             }
-            open.touched.insert(oid);
-            for key in self.scratch.drain(..) {
-                if open.seen.contains(&key) {
-                    continue;
-                }
-                open.txn.keys.push(&state.qualified, op, &key);
-                if open.seen.len() < DEDUP_CAPACITY {
-                    open.seen.insert(key);
-                }
+        }
+        // The old and new images of an UPDATE usually give the same keys: send each once.
+        self.scratch.sort_unstable();
+        self.scratch.dedup();
+        open.touched.insert(oid);
+        for key in self.scratch.drain(..) {
+            if open.seen.contains(&key) {
+                continue;
+            }
+            open.txn.keys.push(&state.qualified, op, &key);
+            if open.seen.len() < DEDUP_CAPACITY {
+                open.seen.insert(key);
             }
         }
         if open.txn.keys.len() > self.max_txn_keys && !open.over_budget {
