@@ -24,6 +24,7 @@ pub mod batch;
 mod invalidation;
 mod layout;
 mod lsn;
+pub mod record;
 pub mod scripts;
 pub mod sink;
 
@@ -31,4 +32,5 @@ pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};
+pub use record::{BusRecord, RecordError};
 pub use sink::{Sink, SinkError};
