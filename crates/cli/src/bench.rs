@@ -97,15 +97,25 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(tokio::task::spawn_blocking(RedisInstance::start).await??),
     };
-    let pg_url = args.postgres_url.clone().or(pg_instance.as_ref().map(PgInstance::url)).context("postgres url")?;
-    let redis_url = args.redis_url.clone().or(redis_instance.as_ref().map(RedisInstance::url)).context("redis url")?;
+    let pg_url = args
+        .postgres_url
+        .clone()
+        .or(pg_instance.as_ref().map(PgInstance::url))
+        .context("postgres url")?;
+    let redis_url = args
+        .redis_url
+        .clone()
+        .or(redis_instance.as_ref().map(RedisInstance::url))
+        .context("redis url")?;
     let progress = |msg: &str| {
         if !args.json {
             eprintln!("bench: {msg}");
         }
     };
 
-    let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.context("connect PostgreSQL")?;
+    let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+        .await
+        .context("connect PostgreSQL")?;
     tokio::spawn(conn);
     progress(&format!("creating {} rows", args.bulk_rows));
     db.batch_execute(&format!(
@@ -123,7 +133,10 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     let rules = Arc::new(Rules::compile(&[RuleConfig {
         table: "public.cacheclear_bench_product".into(),
-        keys: vec!["bench:product:{id}".into(), "bench:category:{category_id}:products".into()],
+        keys: vec![
+            "bench:product:{id}".into(),
+            "bench:category:{category_id}:products".into(),
+        ],
     }])?);
     let mut pg_cfg = PostgresConfig::new(pg_url.clone());
     pg_cfg.slot = "cacheclear_bench".into();
@@ -149,13 +162,20 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
                     let rows = t.keys.runs().iter().map(|_| 0).count().max(1) as u64;
                     let _ = rows;
                     let lag = (applied - t.commit_time_us).max(1) as u64;
-                    let products = t.keys.iter().filter(|k| k.starts_with("bench:product:")).count() as u64;
+                    let products = t
+                        .keys
+                        .iter()
+                        .filter(|k| k.starts_with("bench:product:"))
+                        .count() as u64;
                     let _ = r.hist.record_n(lag, products.max(1));
                 }
             }
         })
     };
-    let options = RunOptions { observer: Some(observer), ..RunOptions::default() };
+    let options = RunOptions {
+        observer: Some(observer),
+        ..RunOptions::default()
+    };
     let status = Arc::clone(&options.status);
     let sink = RedisSink::connect(RedisConfig::new(redis_url.clone()))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -178,12 +198,16 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     let mut phases = Vec::new();
     for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
-        progress(&format!("steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s", args.seconds));
+        progress(&format!(
+            "steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s",
+            args.seconds
+        ));
         if let Ok(mut r) = recorder.lock() {
             r.hist.reset();
             r.recording = true;
         }
-        let achieved = steady_load(&pg_url, rate, rows_per_txn, args.seconds, args.bulk_rows).await?;
+        let achieved =
+            steady_load(&pg_url, rate, rows_per_txn, args.seconds, args.bulk_rows).await?;
         // Let the tail drain into the histogram.
         let target = status.applied_txns();
         let drain = Instant::now();
@@ -191,14 +215,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Ok(mut r) = recorder.lock() else { bail!("recorder poisoned") };
+        let Ok(mut r) = recorder.lock() else {
+            bail!("recorder poisoned")
+        };
         r.recording = false;
         let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
         phases.push((ms(0.5), ms(0.99), r.hist.max() as f64 / 1000.0, achieved));
     }
 
     progress(&format!("bulk: one UPDATE of {} rows", args.bulk_rows));
-    db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1").await?;
+    db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1")
+        .await?;
     let waited = Instant::now();
     let bulk = loop {
         if let Some(b) = recorder.lock().ok().and_then(|r| r.bulk) {
@@ -247,24 +274,55 @@ fn print_table(f: &Figures) {
     println!("$ {}", f.command);
     println!("{:<44} {:>12}", "figure", "value");
     println!("{:<44} {:>9.2} ms", "lag p50 @ 1k rows/s", f.lag_1k_p50_ms);
-    println!("{:<44} {:>9.2} ms", "lag p99 @ 1k rows/s (target < 10 ms)", f.lag_1k_p99_ms);
+    println!(
+        "{:<44} {:>9.2} ms",
+        "lag p99 @ 1k rows/s (target < 10 ms)", f.lag_1k_p99_ms
+    );
     println!("{:<44} {:>9.2} ms", "lag max @ 1k rows/s", f.lag_1k_max_ms);
-    println!("{:<44} {:>12.0}", "  achieved rows/s", f.achieved_1k_rows_per_s);
-    println!("{:<44} {:>9.2} ms", "lag p50 @ 10k rows/s", f.lag_10k_p50_ms);
-    println!("{:<44} {:>9.2} ms", "lag p99 @ 10k rows/s", f.lag_10k_p99_ms);
-    println!("{:<44} {:>9.2} ms", "lag max @ 10k rows/s", f.lag_10k_max_ms);
-    println!("{:<44} {:>12.0}", "  achieved rows/s", f.achieved_10k_rows_per_s);
+    println!(
+        "{:<44} {:>12.0}",
+        "  achieved rows/s", f.achieved_1k_rows_per_s
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "lag p50 @ 10k rows/s", f.lag_10k_p50_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "lag p99 @ 10k rows/s", f.lag_10k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "lag max @ 10k rows/s", f.lag_10k_max_ms
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "  achieved rows/s", f.achieved_10k_rows_per_s
+    );
     println!("{:<44} {:>12}", "bulk UPDATE rows", f.bulk_rows);
-    println!("{:<44} {:>10.2} s", "bulk commit → last eviction", f.bulk_seconds);
-    println!("{:<44} {:>12.0}", "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s);
-    println!("{:<44} {:>9.1} MB", "peak RSS of the bench process (target < 50)", f.peak_rss_mb);
+    println!(
+        "{:<44} {:>10.2} s",
+        "bulk commit → last eviction", f.bulk_seconds
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "peak RSS of the bench process (target < 50)", f.peak_rss_mb
+    );
     println!("{:<44} {:>12}", "cores", f.cores);
 }
 
 /// Peak resident set size of this process (VmHWM from /proc/self/status), in MB (10^6 bytes).
 fn peak_rss_mb() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
     let kb: f64 = line
         .split_whitespace()
         .nth(1)
@@ -275,7 +333,13 @@ fn peak_rss_mb() -> anyhow::Result<f64> {
 
 /// Issues `rate` row changes per second for `seconds`, as transactions of `rows_per_txn`
 /// single-statement UPDATEs of random rows, from 4 connections. Returns the achieved rows/s.
-async fn steady_load(url: &str, rate: u64, rows_per_txn: u64, seconds: u64, table_rows: u64) -> anyhow::Result<f64> {
+async fn steady_load(
+    url: &str,
+    rate: u64,
+    rows_per_txn: u64,
+    seconds: u64,
+    table_rows: u64,
+) -> anyhow::Result<f64> {
     const WORKERS: u64 = 4;
     let txns_per_s = (rate / rows_per_txn).max(1);
     let period = Duration::from_secs_f64(WORKERS as f64 / txns_per_s as f64);
