@@ -123,6 +123,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(1);
     loop {
+        let started = std::time::Instant::now();
         let sink = RedisSink::connect(cfg.redis.clone())?;
         let result = tokio::select! {
             r = cacheclear_source_postgres::run(&cfg.postgres, Arc::clone(&rules), sink, options.clone(), std::future::pending()) => r,
@@ -135,6 +136,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             Ok(()) => return Ok(()),
             Err(e) if e.is_fatal() => return Err(anyhow::Error::new(e).context("cacheclear run")),
             Err(e) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    // It ran fine for a while: this is a new failure, not a crash loop.
+                    backoff = Duration::from_secs(1);
+                }
                 tracing::error!(error = %e, retry_in_s = backoff.as_secs(), "pipeline stopped; restarting from the slot");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -65,6 +65,10 @@ pub enum SourceError {
     /// The visibility barrier failed.
     #[error("{0}")]
     Barrier(#[from] barrier::BarrierError),
+    /// The replication stream or the sink task ended unexpectedly (server restart, walsender
+    /// terminated, a panicking observer); a restart resumes from the slot.
+    #[error("{0}")]
+    Ended(String),
 }
 
 impl SourceError {
@@ -234,7 +238,7 @@ pub async fn run<S: Sink>(
                 return Ok(());
             }
             ended = &mut sink_task => {
-                return Err(SourceError::Config(format!("the sink task ended unexpectedly: {ended:?}")));
+                return Err(SourceError::Ended(format!("the sink task ended unexpectedly: {ended:?}")));
             }
             Ok(()) = ack_rx.changed() => {
                 let acked = *ack_rx.borrow_and_update();
@@ -242,7 +246,7 @@ pub async fn run<S: Sink>(
             }
             permit = batch_tx.reserve(), if !current.txns.is_empty() => {
                 let Ok(permit) = permit else {
-                    return Err(SourceError::Config("the sink task stopped".into()));
+                    return Err(SourceError::Ended("the sink task stopped".into()));
                 };
                 pending.fetch_add(1, Ordering::AcqRel);
                 permit.send(std::mem::take(&mut current));
@@ -250,7 +254,7 @@ pub async fn run<S: Sink>(
             }
             event = repl.recv(), if room => {
                 let Some(event) = event? else {
-                    return Err(SourceError::Config("the replication stream ended".into()));
+                    return Err(SourceError::Ended("the replication stream ended".into()));
                 };
                 let mapped = match event {
                     ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
@@ -273,7 +277,7 @@ pub async fn run<S: Sink>(
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } => Mapped::Message(lsn(wal_end)),
                     ReplicationEvent::StoppedAt { .. } => {
-                        return Err(SourceError::Config("the replication stream stopped".into()));
+                        return Err(SourceError::Ended("the replication stream stopped".into()));
                     }
                 };
                 match mapped {
