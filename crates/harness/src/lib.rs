@@ -28,12 +28,14 @@
 
 mod bins;
 mod error;
+mod kafka;
 mod pg;
 mod process;
 mod redis;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
 pub use error::HarnessError;
+pub use kafka::{KafkaBroker, KafkaOptions, TANSU_BIN_ENV, TANSU_INSTALL, find_tansu};
 pub use pg::{PgInstance, PgOptions};
 pub use process::{free_port, kill_on_parent_exit, spawn_tied_to_process};
 pub use redis::{RedisInstance, RedisOptions};

@@ -1,0 +1,664 @@
+//! Throwaway Kafka-protocol brokers: [tansu](https://github.com/tansu-io/tansu) with in-memory
+//! storage.
+//!
+//! No Kafka broker is packaged for Debian/Ubuntu, and Apache Kafka needs a JVM; tansu is one
+//! self-contained binary speaking the Kafka wire protocol (produce with `acks=all`, idempotent
+//! producers, consumer groups, offset commits — checked with librdkafka 2.10 and 2.16).
+//!
+//! ```no_run
+//! use cacheclear_harness::KafkaBroker;
+//! # fn main() -> Result<(), cacheclear_harness::HarnessError> {
+//! let kafka = KafkaBroker::start()?; // ~100 ms
+//! kafka.create_topic("cacheclear.invalidations", 4)?;
+//! println!("bootstrap.servers = {}", kafka.bootstrap()); // "127.0.0.1:PORT"
+//! # Ok(()) }
+//! ```
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::HarnessError;
+use crate::process::{
+    self, PortReservation, describe, file_len, free_port, kill_on_parent_exit, spawn_error,
+    spawn_tied_to_process, status_text, tail,
+};
+
+/// Environment variable naming the `tansu` executable (or the directory holding it).
+pub const TANSU_BIN_ENV: &str = "CACHECLEAR_TANSU_BIN";
+
+/// The command that installs the broker binary the harness uses.
+pub const TANSU_INSTALL: &str = "cargo install tansu@0.6.0 --locked --features dynostore";
+
+const SERVER: &str = "Kafka (tansu)";
+const HOST: &str = "127.0.0.1";
+const PORT_ATTEMPTS: u32 = 5;
+const LOG_TAIL_LINES: usize = 30;
+/// Environment variables tansu reads as defaults for its flags; removed so a developer's
+/// settings cannot redirect our private broker.
+const TANSU_ENV: [&str; 12] = [
+    "ADVERTISED_LISTENER_URL",
+    "CLUSTER_ID",
+    "DATA_LAKE",
+    "DELTA_DATABASE",
+    "ICEBERG_CATALOG",
+    "ICEBERG_NAMESPACE",
+    "ICEBERG_WAREHOUSE",
+    "LISTENER_URL",
+    "ORIGIN_URL",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "SCHEMA_REGISTRY",
+    "STORAGE_ENGINE",
+];
+
+/// Options for [`KafkaBroker::start_with`]. `KafkaOptions::default()` is what
+/// [`KafkaBroker::start`] uses.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// Extra `tansu broker` arguments, appended after the harness's own.
+    pub extra_args: Vec<String>,
+    /// The broker's `RUST_LOG` filter (default `"warn"`; its log is [`KafkaBroker::log_path`]).
+    pub log_filter: String,
+    /// How long to wait for the broker to answer Kafka requests after starting it (default 30 s).
+    pub startup_timeout: Duration,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        KafkaOptions {
+            extra_args: Vec::new(),
+            log_filter: "warn".into(),
+            startup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A private Kafka-protocol broker (tansu) on a free port on 127.0.0.1, run as a child process:
+/// `tansu broker --listener-url tcp://127.0.0.1:N --advertised-listener-url tcp://127.0.0.1:N
+/// --storage-engine memory://tansu/`. One broker, node id 0; storage is in memory, so topics and
+/// records live only as long as the process. Its stdout/stderr go to `<temp dir>/tansu.log`.
+///
+/// Lifetime: dropping the broker kills it (SIGKILL), waits for it and deletes the directory. If
+/// this process dies without running `Drop`, Linux kills the broker too (parent-death signal).
+///
+/// All methods block; from async code call them in `spawn_blocking` or before the runtime work.
+#[derive(Debug)]
+pub struct KafkaBroker {
+    tansu: PathBuf,
+    root: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    opts: KafkaOptions,
+    topics: Mutex<Vec<(String, u32)>>,
+    server: Option<Child>,
+    reservation: Option<PortReservation>,
+    dir: Option<TempDir>,
+}
+
+impl KafkaBroker {
+    /// Starts a broker with default options and waits until it answers Kafka requests (a
+    /// metadata request from `tansu topic list`). Takes about 100 ms.
+    ///
+    /// # Errors
+    /// [`HarnessError::BinaryNotFound`] if `tansu` is missing (the message says how to install
+    /// it: [`TANSU_INSTALL`]); a broker that exits or does not answer in time (the error carries
+    /// the tail of its log); ports that keep being taken.
+    pub fn start() -> Result<KafkaBroker, HarnessError> {
+        Self::start_with(KafkaOptions::default())
+    }
+
+    /// Like [`KafkaBroker::start`], with extra broker arguments, log filter and startup timeout.
+    ///
+    /// # Errors
+    /// As [`KafkaBroker::start`]; a bad extra argument shows up as
+    /// [`HarnessError::ServerExited`] with tansu's complaint in the log tail.
+    pub fn start_with(opts: KafkaOptions) -> Result<KafkaBroker, HarnessError> {
+        let tansu = find_tansu()?;
+        let dir = tempfile::Builder::new()
+            .prefix("cacheclear-kafka-")
+            .tempdir()
+            .map_err(|e| {
+                HarnessError::io(
+                    format!(
+                        "could not create a temporary directory in {} for the Kafka broker (set \
+                         TMPDIR to a writable directory)",
+                        std::env::temp_dir().display()
+                    ),
+                    e,
+                )
+            })?;
+        let root = dir.path().to_path_buf();
+        let mut broker = KafkaBroker {
+            tansu,
+            log_path: root.join("tansu.log"),
+            root,
+            port: 0,
+            opts,
+            topics: Mutex::new(Vec::new()),
+            server: None,
+            reservation: None,
+            dir: Some(dir),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = free_port()?;
+            match broker.launch(port) {
+                Ok(()) => return Ok(broker),
+                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => continue,
+                Err(HarnessError::PortInUse {
+                    server,
+                    port,
+                    hint,
+                    log_tail,
+                    ..
+                }) => {
+                    return Err(HarnessError::PortInUse {
+                        server,
+                        port,
+                        attempts: attempt,
+                        hint,
+                        log_tail,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The `bootstrap.servers` value for Kafka clients: `"127.0.0.1:PORT"`.
+    pub fn bootstrap(&self) -> String {
+        format!("{HOST}:{}", self.port)
+    }
+
+    /// TCP port the broker listens on (on 127.0.0.1). Stays the same across
+    /// [`KafkaBroker::stop`]/[`KafkaBroker::start_again`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker URL tansu's own commands take (`--broker`): `"tcp://127.0.0.1:PORT"`.
+    pub fn broker_url(&self) -> String {
+        format!("tcp://{HOST}:{}", self.port)
+    }
+
+    /// The `tansu` executable in use.
+    pub fn binary(&self) -> &Path {
+        &self.tansu
+    }
+
+    /// The instance's temp dir (working directory of the broker; deleted on drop).
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// The broker log (stdout/stderr of `tansu broker`, appended across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `lines` lines of the broker log, for diagnostics in failing tests.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path, 0, lines)
+    }
+
+    /// Process id of the broker, `None` while stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
+    /// True while the broker process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.server.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
+    /// Creates topic `name` with `partitions` partitions (replication factor 1), via
+    /// `tansu topic create`. The topic is remembered: [`KafkaBroker::start_again`] re-creates it.
+    ///
+    /// # Errors
+    /// [`HarnessError::CommandFailed`] with tansu's output when the broker refuses (e.g. the topic
+    /// already exists: `TopicAlreadyExists`, or `partitions` is 0) or is unreachable (stopped).
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), HarnessError> {
+        self.create_topic_once(name, partitions)?;
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.retain(|(n, _)| n != name);
+        topics.push((name.to_string(), partitions));
+        Ok(())
+    }
+
+    /// Kills the broker (SIGKILL: "Kafka goes down"; in-memory topics and records are lost) and
+    /// waits for it. The port stays reserved: connections are refused and no other process can
+    /// bind it until [`KafkaBroker::start_again`]. Stopping a stopped broker is a no-op.
+    ///
+    /// # Errors
+    /// [`HarnessError::StopTimeout`] if the process does not exit even after SIGKILL.
+    pub fn stop(&mut self) -> Result<(), HarnessError> {
+        let Some(mut child) = self.server.take() else {
+            return Ok(());
+        };
+        let pid = child.id();
+        let result = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
+        self.reservation = PortReservation::new(self.port);
+        result.map_err(|waited| {
+            self.server = Some(child);
+            HarnessError::StopTimeout {
+                server: SERVER,
+                port: self.port,
+                pid,
+                timeout: waited,
+            }
+        })
+    }
+
+    /// Starts the broker again on the same port (stopping it first if it runs), waits until it
+    /// answers, and re-creates every topic made with [`KafkaBroker::create_topic`] — empty:
+    /// records produced before the restart are gone (memory storage).
+    ///
+    /// # Errors
+    /// As [`KafkaBroker::start`] and [`KafkaBroker::create_topic`];
+    /// [`HarnessError::PortInUse`] if another process took the port meanwhile (the port cannot
+    /// change: clients hold it).
+    pub fn start_again(&mut self) -> Result<(), HarnessError> {
+        self.stop()?;
+        let port = self.port;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.reservation = None;
+            match self.launch(port) {
+                Ok(()) => break,
+                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(HarnessError::PortInUse {
+                    server, log_tail, ..
+                }) => {
+                    return Err(HarnessError::PortInUse {
+                        server,
+                        port,
+                        attempts: attempt,
+                        hint: "Another process took the port while the broker was stopped; \
+                               start a new broker instead.",
+                        log_tail,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let topics = self
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, partitions) in topics {
+            self.create_topic_once(&name, partitions)?;
+        }
+        Ok(())
+    }
+
+    fn create_topic_once(&self, name: &str, partitions: u32) -> Result<(), HarnessError> {
+        let partitions_arg = i32::try_from(partitions).unwrap_or(i32::MAX).to_string();
+        let broker_url = self.broker_url();
+        let mut cmd = self.tansu_command();
+        cmd.args(["topic", "create", name, "--partitions", &partitions_arg])
+            .args(["--broker", &broker_url]);
+        let hint = if self.server.is_none() {
+            "this broker is stopped: call start_again() first".to_string()
+        } else {
+            format!(
+                "check the topic name and partition count; the broker log is {}",
+                self.log_path.display()
+            )
+        };
+        run_tansu(cmd, Duration::from_secs(30), hint)
+    }
+
+    /// `tansu` with the harness's environment: working directory = our temp dir (tansu reads a
+    /// `.env` file from its working directory), tansu's own environment defaults removed.
+    fn tansu_command(&self) -> Command {
+        let mut cmd = Command::new(&self.tansu);
+        cmd.current_dir(&self.root).stdin(Stdio::null());
+        for var in TANSU_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", "error");
+        cmd
+    }
+
+    fn launch(&mut self, port: u16) -> Result<(), HarnessError> {
+        let log_start = file_len(&self.log_path);
+        let open_log = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log_path)
+                .map_err(|e| {
+                    HarnessError::io(format!("could not open {}", self.log_path.display()), e)
+                })
+        };
+        let (out, err) = (open_log()?, open_log()?);
+        let url = format!("tcp://{HOST}:{port}");
+        let mut cmd = self.tansu_command();
+        cmd.stdout(out)
+            .stderr(err)
+            .env("RUST_LOG", &self.opts.log_filter)
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .args(&self.opts.extra_args)
+            .process_group(0);
+        kill_on_parent_exit(&mut cmd, libc::SIGKILL);
+        let child = spawn_tied_to_process(cmd).map_err(|e| spawn_error(&self.tansu, e, None))?;
+        self.port = port;
+        self.server = Some(child);
+        match self.wait_ready(port, log_start) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Some(mut child) = self.server.take() {
+                    let _ = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Polls until the port accepts connections and `tansu topic list` gets a metadata answer,
+    /// while checking that our process is still alive (a taken port makes it exit at once).
+    fn wait_ready(&mut self, port: u16, log_start: u64) -> Result<(), HarnessError> {
+        let timeout = self.opts.startup_timeout;
+        let deadline = Instant::now() + timeout;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(self.exited_error(port, log_start, status));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+                let mut cmd = self.tansu_command();
+                cmd.args(["topic", "list", "--broker", &format!("tcp://{HOST}:{port}")]);
+                let answered = run_tansu(cmd, Duration::from_secs(10), String::new()).is_ok();
+                // Whoever answered, our broker must still be alive for it to have been ours.
+                if let Some(status) = self.exit_status() {
+                    return Err(self.exited_error(port, log_start, status));
+                }
+                if answered {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::StartTimeout {
+                    server: SERVER,
+                    port,
+                    timeout,
+                    log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// `Some(status)` when our broker process is gone (`Some(None)`: status unknown).
+    fn exit_status(&mut self) -> Option<Option<std::process::ExitStatus>> {
+        match self.server.as_mut() {
+            Some(child) => match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(Some(status)),
+                Err(_) => Some(None),
+            },
+            None => Some(None),
+        }
+    }
+
+    fn exited_error(
+        &self,
+        port: u16,
+        log_start: u64,
+        status: Option<std::process::ExitStatus>,
+    ) -> HarnessError {
+        let since = process::read_from(&self.log_path, log_start);
+        let log_tail = tail(&self.log_path, log_start, LOG_TAIL_LINES);
+        if since.contains("Address already in use") || since.contains("AddrInUse") {
+            return HarnessError::PortInUse {
+                server: SERVER,
+                port,
+                attempts: 1,
+                hint: "Parallel tests or other programs keep taking the free ports we pick; \
+                       retry, or run fewer tests at once.",
+                log_tail,
+            };
+        }
+        HarnessError::ServerExited {
+            server: SERVER,
+            port,
+            status: status_text(status),
+            log_tail,
+        }
+    }
+}
+
+impl Drop for KafkaBroker {
+    /// Kills the broker, waits for it, then deletes the temp dir. Errors are reported on stderr.
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            eprintln!("cacheclear-harness: {e}");
+        }
+        self.reservation = None;
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(e) = dir.close() {
+                eprintln!(
+                    "cacheclear-harness: could not remove {}: {e}; delete it by hand",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Runs a short `tansu` command (killed after `timeout`); its stdout+stderr become the error's
+/// output on failure.
+fn run_tansu(mut cmd: Command, timeout: Duration, hint: String) -> Result<(), HarnessError> {
+    let command = describe(&cmd);
+    let program = PathBuf::from(cmd.get_program());
+    let out = tempfile::tempfile()
+        .map_err(|e| HarnessError::io("could not create a temporary file for tansu's output", e))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| HarnessError::io("could not duplicate a file descriptor", e))?;
+    let read_back = out
+        .try_clone()
+        .map_err(|e| HarnessError::io("could not duplicate a file descriptor", e))?;
+    cmd.stdout(out).stderr(err);
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&program, e, None))?;
+    let status = match process::wait_timeout(&mut child, timeout) {
+        Ok(Some(status)) => Some(status),
+        Ok(None) | Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    };
+    if status.is_some_and(|s| s.success()) {
+        return Ok(());
+    }
+    let output = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = read_back;
+        let mut buf = Vec::new();
+        let _ = f
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| f.read_to_end(&mut buf));
+        let text = String::from_utf8_lossy(&buf);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    };
+    Err(HarnessError::CommandFailed {
+        command,
+        status: match status {
+            Some(s) => status_text(Some(s)),
+            None => format!("no answer within {timeout:?}, killed"),
+        },
+        output,
+        hint,
+    })
+}
+
+/// Finds `tansu`: `$CACHECLEAR_TANSU_BIN` (the executable, or a directory holding it) if set and
+/// non-empty (and then nothing else), else `PATH`, else `$CARGO_HOME/bin`, else `~/.cargo/bin`.
+///
+/// # Errors
+/// [`HarnessError::BinaryNotFound`] naming every place searched and the install command
+/// [`TANSU_INSTALL`].
+pub fn find_tansu() -> Result<PathBuf, HarnessError> {
+    find_tansu_with(
+        std::env::var_os(TANSU_BIN_ENV).as_deref(),
+        std::env::var_os("PATH").as_deref(),
+        std::env::var_os("CARGO_HOME").as_deref(),
+        std::env::var_os("HOME").as_deref(),
+    )
+}
+
+fn find_tansu_with(
+    env: Option<&OsStr>,
+    path_var: Option<&OsStr>,
+    cargo_home: Option<&OsStr>,
+    home: Option<&OsStr>,
+) -> Result<PathBuf, HarnessError> {
+    let hint = format!(
+        "install it with `{TANSU_INSTALL}` (a Kafka-protocol broker in one binary; the build \
+         takes about 10 minutes), or set {TANSU_BIN_ENV} to its path"
+    );
+    if let Some(env) = env.filter(|v| !v.is_empty()) {
+        let given = PathBuf::from(env);
+        let candidate = if given.is_dir() {
+            given.join("tansu")
+        } else {
+            given.clone()
+        };
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        return Err(HarnessError::BinaryNotFound {
+            what: "tansu (the Kafka-protocol broker)".into(),
+            searched: format!("{TANSU_BIN_ENV}={}", given.display()),
+            hint: format!(
+                "point {TANSU_BIN_ENV} at the tansu executable (or its directory), or unset it to \
+                 search PATH and ~/.cargo/bin; if it is not installed, install it with \
+                 `{TANSU_INSTALL}`"
+            ),
+        });
+    }
+    let mut searched = vec![format!("{TANSU_BIN_ENV} (unset)"), "PATH".to_string()];
+    if let Some(found) = path_var.and_then(|p| {
+        std::env::split_paths(p)
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(|d| d.join("tansu"))
+            .find(|p| is_executable(p))
+    }) {
+        return Ok(found);
+    }
+    let cargo_dirs = cargo_home
+        .filter(|v| !v.is_empty())
+        .map(|c| PathBuf::from(c).join("bin"))
+        .into_iter()
+        .chain(
+            home.filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cargo").join("bin")),
+        );
+    for dir in cargo_dirs {
+        let candidate = dir.join("tansu");
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        searched.push(dir.display().to_string());
+    }
+    Err(HarnessError::BinaryNotFound {
+        what: "tansu (the Kafka-protocol broker)".into(),
+        searched: searched.join(", "),
+        hint,
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn missing_tansu_says_how_to_install_it() {
+        let empty = tempfile::tempdir().expect("tempdir");
+        let p = empty.path().as_os_str();
+        let err = find_tansu_with(None, Some(p), None, Some(p)).expect_err("missing");
+        let msg = err.to_string();
+        assert!(msg.contains(TANSU_INSTALL), "{msg}");
+        assert!(msg.contains("CACHECLEAR_TANSU_BIN (unset), PATH"), "{msg}");
+        assert!(msg.contains(".cargo/bin"), "{msg}");
+        let err = find_tansu_with(Some(p), None, None, None).expect_err("missing");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("{TANSU_BIN_ENV}={}", empty.path().display())));
+        assert!(msg.contains(TANSU_INSTALL), "{msg}");
+    }
+
+    #[test]
+    fn tansu_is_found_in_env_dir_env_file_and_cargo_bin() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let bin = home.path().join(".cargo").join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        let exe = bin.join("tansu");
+        std::fs::write(&exe, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let found = find_tansu_with(None, None, None, Some(home.path().as_os_str()));
+        assert_eq!(found.expect("in ~/.cargo/bin"), exe);
+        let found = find_tansu_with(Some(bin.as_os_str()), None, None, None);
+        assert_eq!(found.expect("env dir"), exe);
+        let found = find_tansu_with(Some(exe.as_os_str()), None, None, None);
+        assert_eq!(found.expect("env file"), exe);
+        let found = find_tansu_with(None, Some(bin.as_os_str()), None, None);
+        assert_eq!(found.expect("PATH"), exe);
+    }
+
+    #[test]
+    fn broker_starts_creates_topics_and_restarts() {
+        let mut kafka = KafkaBroker::start().expect("start tansu");
+        let bootstrap = kafka.bootstrap();
+        assert_eq!(bootstrap, format!("127.0.0.1:{}", kafka.port()));
+        kafka.create_topic("harness.test", 3).expect("create topic");
+        let err = kafka
+            .create_topic("harness.test", 3)
+            .expect_err("exists already");
+        assert!(
+            err.to_string().contains("TopicAlreadyExists"),
+            "{err}\nlog: {}",
+            kafka.log_tail(20)
+        );
+        kafka.stop().expect("stop");
+        assert!(TcpStream::connect(("127.0.0.1", kafka.port())).is_err());
+        let err = kafka.create_topic("other", 1).expect_err("stopped");
+        assert!(err.to_string().contains("start_again"), "{err}");
+        kafka.start_again().expect("start again");
+        assert_eq!(kafka.bootstrap(), bootstrap);
+        // The remembered topic was re-created, so creating it again conflicts.
+        let err = kafka
+            .create_topic("harness.test", 3)
+            .expect_err("re-created");
+        assert!(err.to_string().contains("TopicAlreadyExists"), "{err}");
+        let dir = kafka.dir().to_path_buf();
+        drop(kafka);
+        assert!(!dir.exists());
+    }
+}
