@@ -227,6 +227,11 @@ impl ChangeMapper {
         if open.whole.contains(&oid) {
             return Ok(());
         }
+        if open.over_budget {
+            // Past the key budget every further table is evicted as a whole too.
+            push_table_eviction(open, oid, &state.qualified, op, rules);
+            return Ok(());
+        }
         self.scratch.clear();
         for &(image, tuple, toast_source) in images {
             if tuple.len() != state.relation.columns.len() {
@@ -274,16 +279,13 @@ impl ChangeMapper {
                 "transaction exceeds the per-transaction key budget; evicting its tables as a whole"
             );
             open.over_budget = true;
-            let touched: Vec<u32> = open.touched.iter().copied().collect();
             open.txn.keys.clear();
             open.seen.clear();
-            for t in touched {
-                if let (Some(st), Some(r)) = (
-                    self.relations.get(&t),
-                    self.relations
-                        .get(&t)
-                        .and_then(|s| self.rules.table(&s.relation.namespace, &s.relation.name)),
-                ) {
+            for t in std::mem::take(&mut open.touched) {
+                let Some(st) = self.relations.get(&t) else {
+                    continue;
+                };
+                if let Some(r) = self.rules.table(&st.relation.namespace, &st.relation.name) {
                     push_table_eviction(open, t, &st.qualified, op, r);
                 }
             }
@@ -400,5 +402,178 @@ fn datum_column<'a>(datum: &'a Datum, toast_source: Option<&'a Datum>) -> Column
             Some(d @ Datum::Text(_)) => datum_column(d, None),
             _ => Column::UnchangedToast,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Datum, RelationColumn};
+    use bytes::Bytes;
+    use cacheclear_rules::RuleConfig;
+
+    fn rules() -> Arc<Rules> {
+        Arc::new(
+            Rules::compile(&[
+                RuleConfig {
+                    table: "public.product".into(),
+                    keys: vec![
+                        "product:{id}".into(),
+                        "category:{category_id}:products".into(),
+                    ],
+                },
+                RuleConfig {
+                    table: "public.page".into(),
+                    keys: vec!["page:{id}".into()],
+                },
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn relation(oid: u32, name: &str, identity: u8) -> Message {
+        let col = |name: &str, key: bool| RelationColumn {
+            name: name.into(),
+            key,
+            type_oid: 23,
+            type_modifier: -1,
+        };
+        Message::Relation(Relation {
+            oid,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: identity,
+            columns: vec![
+                col("id", true),
+                col("category_id", false),
+                col("body", false),
+            ],
+        })
+    }
+
+    fn t(v: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn begin(m: &mut ChangeMapper) {
+        m.handle(Message::Begin {
+            final_lsn: Lsn(10),
+            commit_time_us: 0,
+            xid: 7,
+        })
+        .unwrap();
+    }
+
+    fn commit(m: &mut ChangeMapper) -> CommittedTxn {
+        match m
+            .handle(Message::Commit {
+                commit_lsn: Lsn(10),
+                end_lsn: Lsn(20),
+                commit_time_us: 5,
+            })
+            .unwrap()
+        {
+            Mapped::Committed(txn) => txn,
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn update_with_unchanged_toast_and_key_images() {
+        let mut m = ChangeMapper::new(rules(), 1000);
+        m.handle(relation(1, "product", b'f')).unwrap();
+        begin(&mut m);
+        // Category moves 3 → 7; `body` is unchanged TOAST in the new row.
+        m.handle(Message::Update {
+            relation: 1,
+            old: Some((OldKind::Full, vec![t("5"), t("3"), t("long")])),
+            new: vec![t("5"), t("7"), Datum::UnchangedToast],
+        })
+        .unwrap();
+        let txn = commit(&mut m);
+        assert_eq!(
+            txn.commit_lsn,
+            Lsn(20),
+            "the fence/confirm LSN is the commit's end"
+        );
+        let mut keys: Vec<&str> = txn.keys.iter().collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["category:3:products", "category:7:products", "product:5"]
+        );
+        assert!(txn.tables.is_empty());
+
+        // A 'K' image carries only the key: category_id is unknown there, so the row's keys
+        // cannot be computed and the table is evicted as a whole (never read as NULL).
+        begin(&mut m);
+        m.handle(Message::Delete {
+            relation: 1,
+            old: (OldKind::Key, vec![t("5"), Datum::Null, Datum::Null]),
+        })
+        .unwrap();
+        let txn = commit(&mut m);
+        assert!(txn.keys.is_empty());
+        assert_eq!(txn.tables.len(), 1);
+        assert_eq!(&*txn.tables[0].table, "public.product");
+        assert_eq!(txn.tables[0].op, Op::Delete);
+    }
+
+    #[test]
+    fn over_budget_transactions_evict_whole_tables() {
+        let mut m = ChangeMapper::new(rules(), 3);
+        m.handle(relation(1, "product", b'f')).unwrap();
+        m.handle(relation(2, "page", b'f')).unwrap();
+        begin(&mut m);
+        for id in 0..5 {
+            m.handle(Message::Insert {
+                relation: 1,
+                new: vec![t(&id.to_string()), t("1"), t("")],
+            })
+            .unwrap();
+        }
+        // A table first touched after the budget is exceeded is evicted whole as well.
+        m.handle(Message::Insert {
+            relation: 2,
+            new: vec![t("9"), Datum::Null, t("")],
+        })
+        .unwrap();
+        let txn = commit(&mut m);
+        assert!(txn.keys.is_empty(), "keys dropped once over budget");
+        let mut tables: Vec<&str> = txn.tables.iter().map(|e| &*e.table).collect();
+        tables.sort_unstable();
+        assert_eq!(tables, ["public.page", "public.product"]);
+    }
+
+    #[test]
+    fn rows_outside_a_transaction_or_of_unknown_relations_are_errors() {
+        let mut m = ChangeMapper::new(rules(), 10);
+        assert!(matches!(
+            m.handle(Message::Insert {
+                relation: 9,
+                new: vec![]
+            }),
+            Err(MapError::UnknownRelation(9))
+        ));
+        m.handle(relation(1, "product", b'f')).unwrap();
+        assert!(matches!(
+            m.handle(Message::Insert {
+                relation: 1,
+                new: vec![t("1"), t("1"), t("")]
+            }),
+            Err(MapError::NoTransaction(_))
+        ));
+        begin(&mut m);
+        assert!(matches!(
+            m.handle(Message::Insert {
+                relation: 1,
+                new: vec![t("1")]
+            }),
+            Err(MapError::ColumnCount {
+                got: 1,
+                want: 3,
+                ..
+            })
+        ));
     }
 }
