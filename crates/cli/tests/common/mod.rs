@@ -203,3 +203,195 @@ pub async fn slot_confirmed(pg: &tokio_postgres::Client) -> Lsn {
         .parse()
         .expect("lsn parses")
 }
+
+// ---- The real binary (`cacheclear run --config …`) ----
+
+/// Path of the `cacheclear` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_cacheclear");
+
+/// A `cacheclear.toml` for `env` with the product rules. `redis_extra` lines go into `[redis]`,
+/// `pg_extra` lines into `[postgres]`; `metrics_listen` is `[metrics] listen` (empty disables).
+pub fn config_toml(env: &Env, pg_extra: &str, redis_extra: &str, metrics_listen: &str) -> String {
+    format!(
+        r#"[postgres]
+url = "{pg}"
+status_interval_ms = 100
+{pg_extra}
+
+[redis]
+url = "{redis}"
+{redis_extra}
+
+[metrics]
+listen = "{metrics_listen}"
+
+[[rules]]
+table = "public.product"
+keys = ["product:{{id}}", "category:{{category_id}}:products"]
+"#,
+        pg = env.pg.url(),
+        redis = env.redis.url(),
+    )
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A `cacheclear` command with no inherited `CACHECLEAR__*` overrides.
+pub fn command(args: &[&std::ffi::OsStr]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CACHECLEAR__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// A running `cacheclear run --config <path>`, its stderr in a log file. Killed (SIGKILL) when
+/// dropped — also when a test fails — and, through the parent-death signal, if the test process
+/// dies; its log is printed when dropped during a panic.
+pub struct Process {
+    child: Option<std::process::Child>,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    pub fn run(config: &std::path::Path, log: &std::path::Path) -> Process {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut cmd = command(&["run".as_ref(), "--config".as_ref(), config.as_os_str()]);
+        cmd.env("CACHECLEAR_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        cacheclear_harness::kill_on_parent_exit(&mut cmd, 9);
+        let child = cacheclear_harness::spawn_tied_to_process(cmd).expect("spawn cacheclear");
+        Process {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    /// SIGKILL (`kill -9`) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `None` while running, else the exit status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().expect("try_wait")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- cacheclear log (last 40 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Runs a `cacheclear` command to completion (killed after `timeout`): (exit success, stdout,
+/// stderr).
+pub fn run_to_end(
+    mut cmd: std::process::Command,
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"));
+    let mut child = cmd.spawn().expect("spawn cacheclear");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &std::path::Path| {
+        let mut s = String::new();
+        let _ = std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut s));
+        s
+    };
+    (status, read(&out_path), read(&err_path))
+}
+
+/// Whether the `cacheclear` slot is held by a walsender.
+pub async fn slot_active(pg: &tokio_postgres::Client) -> Option<bool> {
+    pg.query_opt(
+        "SELECT active FROM pg_replication_slots WHERE slot_name = 'cacheclear'",
+        &[],
+    )
+    .await
+    .expect("slot")
+    .map(|row| row.get(0))
+}
+
+/// Waits until a pipeline streams from the `cacheclear` slot and has applied everything it had
+/// (its first batch included): the slot exists, is held, and its confirmed position passes a point
+/// taken after that (non-transactional messages give the stream something to confirm).
+pub async fn wait_streaming(pg: &tokio_postgres::Client, timeout: Duration) {
+    wait_for("the slot to be streamed", timeout, || async {
+        slot_active(pg).await == Some(true)
+    })
+    .await;
+    let mark = current_lsn(pg).await;
+    let start = Instant::now();
+    loop {
+        pg.batch_execute("SELECT pg_logical_emit_message(false, 'cacheclear.test', '')")
+            .await
+            .expect("emit message");
+        if slot_confirmed(pg).await > mark {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for the slot to confirm past {mark}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `EXISTS` of many keys in one round trip.
+pub async fn exist_many(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> Vec<bool> {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("EXISTS").arg(k);
+    }
+    let found: Vec<i64> = pipe.query_async(conn).await.expect("EXISTS pipeline");
+    found.into_iter().map(|n| n == 1).collect()
+}
