@@ -1,0 +1,240 @@
+//! `[kafka]` and `[debezium]` sections of `invalidator.toml`.
+
+use std::collections::BTreeMap;
+
+/// `[kafka]`: the consumer group, its input topics and the dead-letter topic.
+///
+/// ```toml
+/// [kafka]
+/// brokers = "kafka-1:9092,kafka-2:9092"   # bootstrap.servers
+/// group_id = "cacheclear-eu-west"          # one group per Redis deployment (region)
+/// topics = ["cacheclear.invalidations"]    # cacheclear bus records (the Kafka sink's topic)
+/// debezium_topics = ["shop.public.product"] # Debezium PostgreSQL change-event topics
+/// dead_letter_topic = "cacheclear.invalidator.dlq"
+/// batch_max_records = 10000
+/// batch_max_wait_ms = 5
+///
+/// [kafka.properties]                       # any other librdkafka setting, verbatim
+/// "session.timeout.ms" = "10000"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub brokers: String,
+    /// `group.id` of the consumer group. Every process with the same group id shares the input
+    /// partitions (scale out by starting more); each group receives every record, so one group per
+    /// Redis deployment fans the stream out to all of them.
+    pub group_id: String,
+    /// Topics carrying cacheclear bus records ([`cacheclear_protocol::BusRecord`] JSON).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Topics carrying Debezium PostgreSQL connector change events (JSON, with or without the
+    /// `{"schema":…,"payload":…}` wrapper), usually one per table: `<topic.prefix>.<schema>.<table>`.
+    /// Exact names (no regular expressions). Mapped to keys through `[[rules]]`.
+    #[serde(default)]
+    pub debezium_topics: Vec<String>,
+    /// Where malformed records go, with the reason in header `cacheclear.dlq.reason` (see the crate
+    /// docs). Required: a record that cannot be applied is never dropped silently. The topic must
+    /// exist unless the brokers auto-create topics.
+    pub dead_letter_topic: String,
+    /// Most records applied as one batch (one Redis round of pipelines, one offset commit).
+    /// Default 10000.
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// Longest wait, in ms, for more records once a batch has its first one. Default 5.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// Extra librdkafka properties for the consumer and the dead-letter producer (security,
+    /// timeouts, `partition.assignment.strategy`, …). `bootstrap.servers`, `group.id`,
+    /// `enable.auto.commit` and `enable.auto.offset.store` are set by the invalidator and may not
+    /// appear here. Defaults set by the invalidator and overridable here:
+    /// `auto.offset.reset = "earliest"` (a new group starts at the oldest retained record: nothing
+    /// published before it started is skipped) and `fetch.wait.max.ms = "10"` (low latency).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_batch_max_records() -> usize {
+    10_000
+}
+fn default_batch_max_wait_ms() -> u64 {
+    5
+}
+
+/// Properties the invalidator owns: setting them would break its commit protocol or identity.
+const RESERVED_PROPERTIES: [&str; 4] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
+
+impl KafkaConfig {
+    /// Every default, with these brokers, group, bus topics and dead-letter topic.
+    pub fn new(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: Vec<String>,
+        dead_letter_topic: impl Into<String>,
+    ) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics,
+            debezium_topics: Vec::new(),
+            dead_letter_topic: dead_letter_topic.into(),
+            batch_max_records: default_batch_max_records(),
+            batch_max_wait_ms: default_batch_max_wait_ms(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Checks values that parse but make no sense.
+    ///
+    /// # Errors
+    /// A message naming the first invalid field (`kafka.<field>`) and the reason.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.brokers.trim().is_empty() {
+            return Err("kafka.brokers: empty (expected host:port[,host:port…])".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return Err("kafka.group_id: empty".into());
+        }
+        if self.topics.is_empty() && self.debezium_topics.is_empty() {
+            return Err(
+                "kafka.topics / kafka.debezium_topics: at least one input topic is needed".into(),
+            );
+        }
+        for t in self.topics.iter().chain(&self.debezium_topics) {
+            if t.trim().is_empty() {
+                return Err("kafka.topics: empty topic name".into());
+            }
+            if self.topics.contains(t) && self.debezium_topics.contains(t) {
+                return Err(format!(
+                    "kafka.topics: `{t}` is listed both as a bus topic and as a Debezium topic"
+                ));
+            }
+            if *t == self.dead_letter_topic {
+                return Err(format!(
+                    "kafka.dead_letter_topic: `{t}` is also an input topic (a malformed record would loop)"
+                ));
+            }
+        }
+        if self.dead_letter_topic.trim().is_empty() {
+            return Err("kafka.dead_letter_topic: empty".into());
+        }
+        if self.batch_max_records == 0 {
+            return Err("kafka.batch_max_records: must be at least 1".into());
+        }
+        for key in self.properties.keys() {
+            if RESERVED_PROPERTIES.contains(&key.as_str()) {
+                return Err(format!(
+                    "kafka.properties: `{key}` is set by the invalidator (use kafka.brokers / kafka.group_id; offsets are always committed manually)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How Debezium `before` images are to be read: the tables' PostgreSQL `REPLICA IDENTITY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BeforeImages {
+    /// `REPLICA IDENTITY FULL`: `before` carries every column, so a `null` there is SQL NULL.
+    #[default]
+    Full,
+    /// `REPLICA IDENTITY DEFAULT`/`INDEX`: `before` carries only the identity columns (the
+    /// columns of the Kafka message key); Debezium writes `null` for every other column, so those
+    /// count as unknown (a template needing one falls back to a table-wide eviction).
+    Default,
+}
+
+/// `[debezium]`: how Debezium change events are read. Every field has a default.
+///
+/// ```toml
+/// [debezium]
+/// before_images = "full"          # or "default": see BeforeImages
+/// unavailable_value_placeholder = "__debezium_unavailable_value"
+/// evict_on_snapshot = true
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumConfig {
+    /// The tables' replica identity as it shapes `before` images. Default `full`.
+    #[serde(default)]
+    pub before_images: BeforeImages,
+    /// The connector's `unavailable.value.placeholder` (the value it writes for an unchanged
+    /// TOASTed column). Never used as a key value. Default `__debezium_unavailable_value`.
+    #[serde(default = "default_placeholder")]
+    pub unavailable_value_placeholder: String,
+    /// Whether snapshot reads (`op = "r"`) evict their row's keys. Default `true`: a snapshot
+    /// runs when the connector starts without an offset or re-snapshots after losing its slot,
+    /// i.e. exactly when changes may have been missed (design.md §4: a gap is answered with
+    /// evictions before serving); evicting what the snapshot reads closes that gap. `false` for
+    /// deployments that know their cache started empty.
+    #[serde(default = "default_true")]
+    pub evict_on_snapshot: bool,
+}
+
+fn default_placeholder() -> String {
+    "__debezium_unavailable_value".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for DebeziumConfig {
+    fn default() -> Self {
+        DebeziumConfig {
+            before_images: BeforeImages::default(),
+            unavailable_value_placeholder: default_placeholder(),
+            evict_on_snapshot: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates_fields() {
+        let ok = KafkaConfig::new("b:9092", "g", vec!["bus".into()], "dlq");
+        assert_eq!(ok.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.topics.clear();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("at least one input topic")
+        );
+        let mut c = ok.clone();
+        c.dead_letter_topic = "bus".into();
+        assert!(c.validate().unwrap_err().contains("dead_letter_topic"));
+        let mut c = ok.clone();
+        c.properties
+            .insert("enable.auto.commit".into(), "true".into());
+        assert!(c.validate().unwrap_err().contains("enable.auto.commit"));
+        let mut c = ok;
+        c.debezium_topics = vec!["bus".into()];
+        assert!(c.validate().unwrap_err().contains("both"));
+    }
+
+    #[test]
+    fn debezium_defaults() {
+        let d: DebeziumConfig = toml_like(r#"{}"#);
+        assert_eq!(d, DebeziumConfig::default());
+        assert_eq!(
+            d.unavailable_value_placeholder,
+            "__debezium_unavailable_value"
+        );
+        let d: DebeziumConfig = toml_like(r#"{"before_images":"default"}"#);
+        assert_eq!(d.before_images, BeforeImages::Default);
+    }
+
+    fn toml_like<T: serde::de::DeserializeOwned>(json: &str) -> T {
+        serde_json::from_str(json).unwrap()
+    }
+}

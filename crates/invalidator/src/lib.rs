@@ -1,0 +1,224 @@
+//! cacheclear's invalidator: a Kafka consumer group that applies invalidation records to Redis or
+//! Redis Cluster through [`cacheclear_sink_redis::RedisSink`] (the protocol's invalidation script:
+//! delete value and lease, fence = max(fence, LSN)), committing offsets only after Redis
+//! acknowledged them (design.md §2 "bus mode", §4).
+//!
+//! Inputs, per topic (see [`KafkaConfig`]):
+//! - **bus records** ([`cacheclear_protocol::BusRecord`]) published by cacheclear's Kafka sink:
+//!   one per cache key, or one per table-wide eviction;
+//! - **Debezium PostgreSQL change events** (JSON), mapped to keys through the same `[[rules]]` as
+//!   the pipeline, so existing Debezium deployments can adopt the invalidator alone. The mapping
+//!   is documented on [`Decoder`] and in the table below.
+//!
+//! # Delivery
+//! - Offsets are committed manually (`enable.auto.commit=false`). Per partition the committed
+//!   offset is the highest contiguous offset whose record was acknowledged by Redis (or, for a
+//!   malformed record, by the dead-letter topic), plus one ([`OffsetTracker`]). A crash replays
+//!   from there; replays are harmless (the script is idempotent and fences only move forward).
+//! - Batching: up to `batch_max_records` records or `batch_max_wait_ms` after the first one are
+//!   applied together (keys de-duplicated, highest LSN kept), then their offsets are committed.
+//! - Rebalances: a custom [`rdkafka::consumer::ConsumerContext`] records assignments and
+//!   revocations with a generation per partition ([`Ownership`]). Work received under an
+//!   assignment that was revoked meanwhile is dropped, never committed: the new owner reads it
+//!   again from the last commit.
+//! - Redis down: the batch is retried with backoff (100 ms doubling to 5 s) until acknowledged;
+//!   nothing is committed meanwhile. Past `max.poll.interval.ms` (librdkafka default 5 min) the
+//!   member leaves the group and its partitions go elsewhere; a commit it then attempts covers
+//!   only records it applied itself, so it can move an offset back (duplicates), never past an
+//!   unapplied record.
+//! - Fan-out: each consumer group receives every record, so one group per Redis deployment (one
+//!   per region) keeps all of them invalidated; scale a group by starting more processes.
+//!
+//! # Malformed records
+//! A record that is not a valid bus record / Debezium event is logged with its topic, partition
+//! and offset and produced to `dead_letter_topic` with the original key and value and headers
+//! `cacheclear.dlq.reason` (why), `cacheclear.dlq.topic`, `cacheclear.dlq.partition`,
+//! `cacheclear.dlq.offset`. Its offset is committed only after the dead-letter produce is
+//! acknowledged (`acks=all`); failures are retried with backoff.
+//!
+//! # Debezium mapping
+//! Reference: Debezium connector for PostgreSQL, "Data change events"
+//! (<https://debezium.io/documentation/reference/stable/connectors/postgresql.html#postgresql-events>).
+//! Fence = `source.lsn`, commit time = `source.ts_ms`, table = `source.schema`.`source.table`.
+//!
+//! | `op` | evicts |
+//! |---|---|
+//! | `c` create | keys of `after` |
+//! | `u` update | keys of `before` and `after`; without `before` (REPLICA IDENTITY DEFAULT) only `after` when every template column is in the message key, else table-wide |
+//! | `d` delete | keys of `before`; table-wide without `before` |
+//! | `r` snapshot read | keys of `after` (`debezium.evict_on_snapshot`, default true), else nothing |
+//! | `t` truncate | table-wide: every key matching the table's [`cacheclear_rules::TableRules::scan_patterns`] |
+//! | `m` message | nothing (acknowledged) |
+//! | tombstone (null value) | nothing (acknowledged) |
+//! | table without a rule | nothing (acknowledged) |
+//! | anything else | dead-letter topic |
+//!
+//! A primary-key change arrives as a `d` (old key) and a `c` (new key) event: both keys are
+//! evicted. A column holding the unavailable-value placeholder (unchanged TOAST) is never a key
+//! value: the old image's value is used when it has one, else the table is evicted whole.
+//!
+//! Values are rendered the way PostgreSQL prints them for integer, text-like (text, varchar,
+//! char, uuid, enum) and boolean (`t`/`f`) columns. **Limits**: other types are not in
+//! PostgreSQL's text form in Debezium JSON (dates as day counts, timestamps as µs, `numeric` as
+//! base64 bytes, floats, bytea as base64, json, arrays). When the value carries its schema
+//! (`value.converter.schemas.enable=true`), template columns of such types count as unknown and
+//! their table is evicted whole; **without the schema they cannot be recognised**, so template
+//! columns must then be of the supported types. Debezium's `source.lsn` is the LSN of the change,
+//! not of the end of its commit record: fences are exact against primary readers (the lease
+//! protects them) but a read-replica reader whose version falls between a change and its commit
+//! can still refill an old value; use the bus (cacheclear's own source) where replica readers
+//! pass versions.
+//!
+//! # Example
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use cacheclear_invalidator::{InvalidatorConfig, KafkaConfig, RunOptions, run};
+//! use cacheclear_sink_redis::RedisConfig;
+//! let cfg = InvalidatorConfig {
+//!     kafka: KafkaConfig::new("127.0.0.1:9092", "eu", vec!["cacheclear".into()], "cacheclear.dlq"),
+//!     redis: RedisConfig::new("redis://127.0.0.1:6379/"),
+//!     debezium: Default::default(),
+//!     rules: vec![],
+//! };
+//! let rules = Arc::new(cfg.validate()?);
+//! run(&cfg, rules, RunOptions::default(), async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod config;
+mod decode;
+mod offsets;
+mod run;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cacheclear_rules::{RuleConfig, Rules};
+use cacheclear_sink_redis::RedisConfig;
+
+pub use config::{BeforeImages, DebeziumConfig, KafkaConfig};
+pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
+pub use offsets::{OffsetTracker, Ownership, Tp};
+pub use run::{InvalidatorError, run};
+
+/// The invalidator's configuration (`invalidator.toml` without the CLI's `[metrics]`).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidatorConfig {
+    /// `[kafka]`: group, topics, dead-letter topic, batching.
+    pub kafka: KafkaConfig,
+    /// `[redis]`: the Redis (or Redis Cluster) to invalidate; see [`RedisConfig`].
+    pub redis: RedisConfig,
+    /// `[debezium]`: how Debezium events are read (defaults suit REPLICA IDENTITY FULL tables).
+    #[serde(default)]
+    pub debezium: DebeziumConfig,
+    /// `[[rules]]`: table → key templates, needed for Debezium topics (bus records carry keys).
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+impl InvalidatorConfig {
+    /// Validates every section and compiles the rules.
+    ///
+    /// # Errors
+    /// A message naming the field and the reason (`kafka.group_id: empty`, `rules: …`).
+    pub fn validate(&self) -> Result<Rules, String> {
+        self.kafka.validate()?;
+        self.redis.validate()?;
+        if !self.kafka.debezium_topics.is_empty() && self.rules.is_empty() {
+            return Err(
+                "rules: Debezium topics need at least one [[rules]] entry (a table and its key templates)"
+                    .into(),
+            );
+        }
+        Rules::compile(&self.rules).map_err(|e| format!("rules: {e}"))
+    }
+}
+
+/// Live counters of a running invalidator (shared; read them from any thread).
+#[derive(Debug, Default)]
+pub struct InvalidatorStatus {
+    records_applied: AtomicU64,
+    records_skipped: AtomicU64,
+    records_dead_lettered: AtomicU64,
+    records_dropped: AtomicU64,
+    keys_evicted: AtomicU64,
+    batches: AtomicU64,
+    commits: AtomicU64,
+    assigned: AtomicU64,
+}
+
+impl InvalidatorStatus {
+    /// Records whose evictions Redis acknowledged.
+    pub fn records_applied(&self) -> u64 {
+        self.records_applied.load(Ordering::Acquire)
+    }
+    /// Records acknowledged with nothing to evict (tombstones, tables without rules, messages).
+    pub fn records_skipped(&self) -> u64 {
+        self.records_skipped.load(Ordering::Acquire)
+    }
+    /// Malformed records the dead-letter topic acknowledged.
+    pub fn records_dead_lettered(&self) -> u64 {
+        self.records_dead_lettered.load(Ordering::Acquire)
+    }
+    /// Records dropped uncommitted because their partition was revoked.
+    pub fn records_dropped(&self) -> u64 {
+        self.records_dropped.load(Ordering::Acquire)
+    }
+    /// Cache keys sent to Redis (after de-duplication within a batch) plus keys found by
+    /// table-wide evictions.
+    pub fn keys_evicted(&self) -> u64 {
+        self.keys_evicted.load(Ordering::Acquire)
+    }
+    /// Batches applied.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Acquire)
+    }
+    /// Offset commits issued (one per batch with something to commit).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Acquire)
+    }
+    /// Partitions assigned to this member now.
+    pub fn assigned_partitions(&self) -> u64 {
+        self.assigned.load(Ordering::Acquire)
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
+/// One batch Redis acknowledged, as passed to a [`BatchObserver`].
+#[derive(Debug)]
+pub struct AppliedBatch<'a> {
+    /// Commit time (µs since the Unix epoch) of every applied record of the batch, in receive
+    /// order (bus `commit_time_us`, Debezium `source.ts_ms` × 1000).
+    pub commit_times_us: &'a [i64],
+    /// When Redis acknowledged the batch, µs since the Unix epoch.
+    pub applied_at_us: i64,
+    /// Distinct cache keys sent.
+    pub keys: usize,
+}
+
+/// Called after each batch Redis acknowledged, before its offsets are committed (the benchmark
+/// measures commit → Redis-ack lag here). Must be quick.
+pub type BatchObserver = Arc<dyn Fn(&AppliedBatch<'_>) + Send + Sync>;
+
+/// Optional hooks of [`run`].
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Shared live counters.
+    pub status: Arc<InvalidatorStatus>,
+    /// Called after each acknowledged batch.
+    pub observer: Option<BatchObserver>,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}

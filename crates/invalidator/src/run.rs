@@ -1,0 +1,468 @@
+//! The consume → apply → commit loop.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cacheclear_protocol::Lsn;
+use cacheclear_rules::Rules;
+use cacheclear_sink_redis::{RedisSink, RedisSinkError};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::decode::{Decoded, Decoder, Format, Malformed};
+use crate::offsets::{OffsetTracker, Ownership, Tp};
+use crate::{AppliedBatch, InvalidatorConfig, InvalidatorStatus, RunOptions, now_us};
+
+/// Errors that stop the invalidator (everything transient is retried inside).
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidatorError {
+    /// The configuration is invalid (names the field).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// librdkafka refused to create the consumer or producer, or to subscribe.
+    #[error("Kafka client: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The Redis sink refused its configuration.
+    #[error("Redis sink: {0}")]
+    Redis(#[from] RedisSinkError),
+}
+
+/// Header names on dead-letter records.
+pub(crate) const DLQ_REASON: &str = "cacheclear.dlq.reason";
+
+/// Records assignments and revocations for the consume loop (rebalance callbacks run inside
+/// `recv`, on the loop's own task).
+struct GroupContext {
+    ownership: Arc<Ownership>,
+    status: Arc<InvalidatorStatus>,
+    group: String,
+}
+
+fn tps(list: &TopicPartitionList) -> Vec<Tp> {
+    list.elements()
+        .iter()
+        .map(|e| Tp {
+            topic: e.topic().to_owned(),
+            partition: e.partition(),
+        })
+        .collect()
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let revoked = tps(list);
+                tracing::info!(group = %self.group, partitions = ?revoked, "partitions revoked; their in-flight work is dropped uncommitted");
+                metrics::counter!("cacheclear_invalidator_rebalances_total", "kind" => "revoke")
+                    .increment(1);
+                self.ownership.revoke(revoked);
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "rebalance error; dropping every assignment");
+                self.ownership.revoke_all();
+            }
+        }
+        self.status.assigned.store(
+            self.ownership.owned().len() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let assigned = tps(list);
+            tracing::info!(group = %self.group, partitions = ?assigned, "partitions assigned");
+            metrics::counter!("cacheclear_invalidator_rebalances_total", "kind" => "assign")
+                .increment(1);
+            self.ownership.assign(assigned);
+        }
+        self.status.assigned.store(
+            self.ownership.owned().len() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Not fatal: the records are applied; the next commit (or a replay) covers them.
+            tracing::warn!(group = %self.group, error = %e, offsets = ?tps(offsets), "offset commit failed");
+            metrics::counter!("cacheclear_invalidator_commit_errors_total").increment(1);
+        }
+    }
+}
+
+/// One received record, decoded.
+struct Received {
+    tp: Tp,
+    generation: u64,
+    offset: i64,
+    outcome: Result<Decoded, Malformed>,
+    /// Key and value, kept for the dead-letter topic (malformed records only).
+    raw: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+}
+
+/// Runs the invalidator until `shutdown` completes: subscribes `cfg.kafka.group_id` to the input
+/// topics, applies batches to `cfg.redis`, commits what Redis acknowledged.
+///
+/// Returns `Ok(())` after `shutdown`, once the last acknowledged offsets are committed
+/// (synchronously). Work not yet acknowledged is left uncommitted and replayed by whoever owns
+/// its partition next.
+///
+/// # Errors
+/// [`InvalidatorError`] when the configuration is invalid or the Kafka clients cannot be created;
+/// broker and Redis outages are retried, never returned.
+pub async fn run(
+    cfg: &InvalidatorConfig,
+    rules: Arc<Rules>,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), InvalidatorError> {
+    cfg.kafka.validate().map_err(InvalidatorError::Config)?;
+    let sink = RedisSink::connect(cfg.redis.clone())?;
+    let decoder = Decoder::new(rules, cfg.debezium.clone());
+    let formats: HashMap<String, Format> = cfg
+        .kafka
+        .topics
+        .iter()
+        .map(|t| (t.clone(), Format::Bus))
+        .chain(
+            cfg.kafka
+                .debezium_topics
+                .iter()
+                .map(|t| (t.clone(), Format::Debezium)),
+        )
+        .collect();
+    let ownership = Arc::new(Ownership::default());
+    let status = Arc::clone(&options.status);
+
+    let mut client = ClientConfig::new();
+    client
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10");
+    for (k, v) in &cfg.kafka.properties {
+        client.set(k, v);
+    }
+    client.set("bootstrap.servers", &cfg.kafka.brokers);
+    let mut producer_cfg = ClientConfig::new();
+    for (k, v) in &cfg.kafka.properties {
+        // Consumer-only settings would only make librdkafka warn on the producer.
+        if !matches!(
+            k.as_str(),
+            "auto.offset.reset"
+                | "fetch.wait.max.ms"
+                | "session.timeout.ms"
+                | "heartbeat.interval.ms"
+                | "max.poll.interval.ms"
+                | "partition.assignment.strategy"
+                | "fetch.min.bytes"
+                | "fetch.max.bytes"
+                | "max.partition.fetch.bytes"
+                | "group.instance.id"
+                | "isolation.level"
+        ) {
+            producer_cfg.set(k, v);
+        }
+    }
+    producer_cfg
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("acks", "all")
+        .set("message.timeout.ms", "30000");
+    client
+        .set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer<GroupContext> = client.create_with_context(GroupContext {
+        ownership: Arc::clone(&ownership),
+        status: Arc::clone(&status),
+        group: cfg.kafka.group_id.clone(),
+    })?;
+    let producer: FutureProducer = producer_cfg.create()?;
+    let topics: Vec<&str> = formats.keys().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(group = %cfg.kafka.group_id, topics = ?topics, "invalidator subscribed");
+
+    let max_records = cfg.kafka.batch_max_records;
+    let max_wait = Duration::from_millis(cfg.kafka.batch_max_wait_ms);
+    let mut tracker = OffsetTracker::default();
+    tokio::pin!(shutdown);
+    let mut batch: Vec<Received> = Vec::with_capacity(max_records.min(65_536));
+    'outer: loop {
+        batch.clear();
+        // The first record (or shutdown), then more until the batch is full or max_wait passed.
+        let first = tokio::select! {
+            biased;
+            () = &mut shutdown => break 'outer,
+            m = consumer.recv() => m,
+        };
+        let receive = |m: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
+                       batch: &mut Vec<Received>| {
+            match m {
+                Ok(m) => {
+                    let tp = Tp {
+                        topic: m.topic().to_owned(),
+                        partition: m.partition(),
+                    };
+                    let format = formats.get(&tp.topic).copied().unwrap_or(Format::Bus);
+                    let outcome = decoder.decode(format, m.key(), m.payload());
+                    let raw = outcome
+                        .is_err()
+                        .then(|| (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+                    // Rebalance callbacks ran inside this recv: the generation is current.
+                    let generation = ownership.generation(&tp).unwrap_or(0);
+                    batch.push(Received {
+                        tp,
+                        generation,
+                        offset: m.offset(),
+                        outcome,
+                        raw,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error (retried by librdkafka)");
+                    metrics::counter!("cacheclear_invalidator_kafka_errors_total").increment(1);
+                }
+            }
+        };
+        receive(first, &mut batch);
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < max_records {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(m) => receive(m, &mut batch),
+                Err(_) => break,
+            }
+        }
+        // Records of partitions revoked while the batch filled are dropped (not applied, not
+        // committed): the partition's next owner reads them again.
+        let before = batch.len();
+        batch.retain(|r| ownership.generation(&r.tp) == Some(r.generation));
+        let dropped = (before - batch.len()) as u64;
+        if dropped > 0 {
+            InvalidatorStatus::add(&status.records_dropped, dropped);
+            metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "dropped_revoked")
+                .increment(dropped);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        for r in &batch {
+            tracker.received(&r.tp, r.generation, r.offset);
+        }
+
+        if !apply(
+            &batch,
+            &sink,
+            &producer,
+            &cfg.kafka.dead_letter_topic,
+            &options,
+            &mut shutdown,
+        )
+        .await
+        {
+            break 'outer; // shutdown while retrying: nothing of this batch is committed
+        }
+        for r in &batch {
+            tracker.applied(&r.tp, r.generation, r.offset);
+        }
+        let commits = tracker.take_commits(|tp| ownership.generation(tp));
+        if !commits.is_empty() {
+            let mut list = TopicPartitionList::new();
+            for (tp, offset) in &commits {
+                if let Err(e) =
+                    list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+                {
+                    tracing::warn!(error = %e, "cannot build the commit list");
+                }
+            }
+            if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+                tracing::warn!(error = %e, "offset commit failed; the next batch commits again");
+            }
+            InvalidatorStatus::add(&status.commits, 1);
+        }
+    }
+
+    // Shutdown: make the last acknowledged offsets durable before leaving the group.
+    let last = tracker.committed(|tp| ownership.generation(tp));
+    if !last.is_empty() {
+        let mut list = TopicPartitionList::new();
+        for (tp, offset) in &last {
+            let _ = list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+            tracing::warn!(error = %e, "final offset commit failed; the next owner replays from the previous commit");
+        }
+    }
+    consumer.unsubscribe();
+    tracing::info!(group = %cfg.kafka.group_id, "invalidator stopped");
+    Ok(())
+}
+
+/// Applies one batch: evictions to Redis, malformed records to the dead-letter topic, both
+/// retried until acknowledged. Returns `false` if `shutdown` completed first.
+async fn apply(
+    batch: &[Received],
+    sink: &RedisSink,
+    producer: &FutureProducer,
+    dead_letter_topic: &str,
+    options: &RunOptions,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> bool {
+    let status = &options.status;
+    let mut keys: Vec<(&str, Lsn)> = Vec::new();
+    let mut tables: Vec<(&[String], Lsn)> = Vec::new();
+    let mut commit_times = Vec::with_capacity(batch.len());
+    let mut skipped = 0u64;
+    let mut malformed: Vec<&Received> = Vec::new();
+    for r in batch {
+        match &r.outcome {
+            Ok(Decoded::Evict(e)) => {
+                keys.extend(e.keys.iter().map(|k| (k.as_str(), e.lsn)));
+                if !e.patterns.is_empty() {
+                    tables.push((&e.patterns, e.lsn));
+                }
+                commit_times.push(e.commit_time_us);
+            }
+            Ok(Decoded::Skip(why)) => {
+                tracing::debug!(topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, reason = %why, "nothing to evict");
+                skipped += 1;
+            }
+            Err(reason) => {
+                tracing::error!(topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, reason = %reason, dead_letter_topic, "malformed record; sending it to the dead-letter topic");
+                malformed.push(r);
+            }
+        }
+    }
+    // One eviction per key, at the highest LSN of the batch (the script keeps the max anyway).
+    keys.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+    keys.dedup_by(|later, first| later.0 == first.0);
+    tables.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+    tables.dedup_by(|later, first| later.0 == first.0);
+
+    // Dead letters go out concurrently with the Redis work.
+    let dlq = async {
+        for r in &malformed {
+            if !dead_letter(r, producer, dead_letter_topic).await {
+                return;
+            }
+        }
+    };
+    let redis = async {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut result = sink.invalidate(keys.iter().copied()).await;
+            if let Ok(mut n) = result {
+                for (patterns, lsn) in &tables {
+                    match sink.invalidate_matching(patterns, *lsn).await {
+                        Ok(found) => n += found,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                if result.is_ok() {
+                    return n;
+                }
+            }
+            if let Err(e) = result {
+                tracing::error!(error = %e, keys = keys.len(), retry_in_ms = backoff.as_millis() as u64, "Redis did not acknowledge the batch; retrying (nothing committed)");
+                metrics::counter!("cacheclear_invalidator_redis_errors_total").increment(1);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    };
+    let work = async { tokio::join!(redis, dlq).0 };
+    let evicted = tokio::select! {
+        biased;
+        () = shutdown.as_mut() => return false,
+        n = work => n,
+    };
+    let applied_at_us = now_us();
+    if let Some(observer) = &options.observer {
+        observer(&AppliedBatch {
+            commit_times_us: &commit_times,
+            applied_at_us,
+            keys: keys.len(),
+        });
+    }
+    let lag = metrics::histogram!("cacheclear_invalidator_commit_to_applied_lag_ms");
+    for t in &commit_times {
+        lag.record((applied_at_us - t).max(0) as f64 / 1000.0);
+    }
+    let applied = commit_times.len() as u64;
+    InvalidatorStatus::add(&status.records_applied, applied);
+    InvalidatorStatus::add(&status.records_skipped, skipped);
+    InvalidatorStatus::add(&status.records_dead_lettered, malformed.len() as u64);
+    InvalidatorStatus::add(&status.keys_evicted, evicted);
+    InvalidatorStatus::add(&status.batches, 1);
+    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "applied")
+        .increment(applied);
+    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "skipped")
+        .increment(skipped);
+    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "dead_lettered")
+        .increment(malformed.len() as u64);
+    metrics::counter!("cacheclear_invalidator_keys_evicted_total").increment(evicted);
+    true
+}
+
+/// Produces one malformed record to the dead-letter topic, retrying until acknowledged.
+async fn dead_letter(r: &Received, producer: &FutureProducer, topic: &str) -> bool {
+    let reason = match &r.outcome {
+        Err(m) => m.0.as_str(),
+        Ok(_) => return true,
+    };
+    let (key, value) = match &r.raw {
+        Some((k, v)) => (k.as_deref(), v.as_deref()),
+        None => (None, None),
+    };
+    let partition = r.tp.partition.to_string();
+    let offset = r.offset.to_string();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: DLQ_REASON,
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "cacheclear.dlq.topic",
+                value: Some(r.tp.topic.as_str()),
+            })
+            .insert(Header {
+                key: "cacheclear.dlq.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "cacheclear.dlq.offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => return true,
+            Err((e, _)) => {
+                tracing::error!(error = %e, dead_letter_topic = topic, source_topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, retry_in_ms = backoff.as_millis() as u64, "dead-letter produce failed; retrying (nothing committed)");
+                metrics::counter!("cacheclear_invalidator_dlq_errors_total").increment(1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
