@@ -179,6 +179,26 @@ pub enum HarnessError {
         /// Extra advice, starting with a separator, or empty.
         hint: String,
     },
+
+    /// A Redis Cluster did not reach the expected state in time (slots assigned and
+    /// `cluster_state:ok` on every node, replicas in sync, or a failover's new role).
+    #[error(
+        "Redis Cluster on 127.0.0.1 ports {ports}: {what} did not happen within {timeout:?}; last \
+         observation: {detail}. The machine may be overloaded (raise the startup_timeout option) \
+         or a node is stuck. The node logs end with:\n{log_tail}"
+    )]
+    ClusterNotReady {
+        /// The client ports of the cluster's nodes, comma separated.
+        ports: String,
+        /// What we waited for, e.g. "cluster_state:ok with all 16384 slots on every node".
+        what: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last thing that did not match (a node's reply or error).
+        detail: String,
+        /// The last lines of every node's log, each headed by its port.
+        log_tail: String,
+    },
 }
 
 impl HarnessError {

@@ -17,6 +17,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A Redis Cluster is several such Redis instances joined together: [`RedisCluster::start`]
+//! (`masters`, `replicas_per_master`).
+//!
 //! Binaries: PostgreSQL from `$CACHECLEAR_PG_BIN`, else `pg_config --bindir`, else the
 //! highest `/usr/lib/postgresql/*/bin`, else `PATH`; Redis from `$CACHECLEAR_REDIS_BIN`, else
 //! `PATH`. See [`PgBinaries`] and [`RedisBinaries`] to check prerequisites up front.
@@ -27,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod bins;
+mod cluster;
 mod error;
 mod kafka;
 mod pg;
@@ -34,6 +38,7 @@ mod process;
 mod redis;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
+pub use cluster::{CLUSTER_SLOTS, RedisCluster};
 pub use error::HarnessError;
 pub use kafka::{KafkaBroker, KafkaOptions, TANSU_BIN_ENV, TANSU_INSTALL, find_tansu};
 pub use pg::{PgInstance, PgOptions};

@@ -72,6 +72,10 @@ pub struct RedisInstance {
     opts: RedisOptions,
     server: Option<Child>,
     reservation: Option<PortReservation>,
+    /// Cluster nodes only: the cluster bus port (`--cluster-port`), and its reservation while
+    /// the server is stopped.
+    bus_port: Option<u16>,
+    bus_reservation: Option<PortReservation>,
     dir: Option<TempDir>,
 }
 
@@ -93,6 +97,18 @@ impl RedisInstance {
     /// As [`RedisInstance::start`]; a bad extra argument shows up as
     /// [`HarnessError::ServerExited`] with Redis's complaint in the log tail.
     pub fn start_with(opts: RedisOptions) -> Result<RedisInstance, HarnessError> {
+        Self::start_inner(opts, false)
+    }
+
+    /// Starts one Redis Cluster node: like [`RedisInstance::start_with`], plus
+    /// `--cluster-enabled yes --cluster-config-file nodes.conf --cluster-port <bus port>`
+    /// (`nodes.conf` lives in the instance's temp dir; the bus port is a second free port, picked
+    /// again with the client port when either is taken). The node starts alone, without slots.
+    pub(crate) fn start_cluster_node(opts: RedisOptions) -> Result<RedisInstance, HarnessError> {
+        Self::start_inner(opts, true)
+    }
+
+    fn start_inner(opts: RedisOptions, cluster: bool) -> Result<RedisInstance, HarnessError> {
         let bins = RedisBinaries::discover()?;
         let dir = tempfile::Builder::new()
             .prefix("cacheclear-redis-")
@@ -116,12 +132,17 @@ impl RedisInstance {
             opts,
             server: None,
             reservation: None,
+            bus_port: None,
+            bus_reservation: None,
             dir: Some(dir),
         };
         let mut attempt = 0;
         loop {
             attempt += 1;
             let port = free_port()?;
+            if cluster {
+                redis.bus_port = Some(free_port()?);
+            }
             match redis.launch(port) {
                 Ok(()) => return Ok(redis),
                 Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => continue,
@@ -161,6 +182,13 @@ impl RedisInstance {
         format!("redis://{HOST}:{}/", self.port)
     }
 
+    /// The cluster bus port (`--cluster-port`) of a Redis Cluster node started by
+    /// [`crate::RedisCluster`]; `None` for a standalone server. Stays the same across
+    /// [`RedisInstance::stop`]/[`RedisInstance::start_again`].
+    pub fn cluster_bus_port(&self) -> Option<u16> {
+        self.bus_port
+    }
+
     /// The instance's temp dir (working directory of the server; deleted on drop).
     pub fn dir(&self) -> &Path {
         &self.root
@@ -193,7 +221,8 @@ impl RedisInstance {
 
     /// Kills the server (SIGKILL: "Redis goes down", nothing is saved) and waits for it. The
     /// port stays reserved: connections to it are refused and no other process can bind it until
-    /// [`RedisInstance::start_again`]. Stopping a stopped instance is a no-op.
+    /// [`RedisInstance::start_again`] (a cluster node's bus port too). Stopping a stopped
+    /// instance is a no-op.
     ///
     /// # Errors
     /// [`HarnessError::StopTimeout`] if the process does not exit even after SIGKILL.
@@ -204,6 +233,7 @@ impl RedisInstance {
         let pid = child.id();
         let result = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
         self.reservation = PortReservation::new(self.port);
+        self.bus_reservation = self.bus_port.and_then(PortReservation::new);
         result.map_err(|waited| {
             self.server = Some(child);
             HarnessError::StopTimeout {
@@ -216,7 +246,8 @@ impl RedisInstance {
     }
 
     /// Starts the server again on the same port (stopping it first if it runs). The data set
-    /// starts empty. Waits until it answers.
+    /// starts empty; a cluster node keeps its identity and bus port (its `nodes.conf` stays in
+    /// the temp dir) and rejoins its cluster. Waits until it answers.
     ///
     /// # Errors
     /// As [`RedisInstance::start`]; [`HarnessError::PortInUse`] if another process took the port
@@ -228,6 +259,7 @@ impl RedisInstance {
         loop {
             attempt += 1;
             self.reservation = None;
+            self.bus_reservation = None;
             match self.launch(port) {
                 Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
                     std::thread::sleep(Duration::from_millis(200));
@@ -310,9 +342,18 @@ impl RedisInstance {
             .args(["--port", &port.to_string(), "--bind", HOST])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
-            .arg(&self.root)
-            .args(&self.opts.extra_args)
-            .process_group(0);
+            .arg(&self.root);
+        if let Some(bus_port) = self.bus_port {
+            // Relative to --dir: every node keeps its own nodes.conf in its own temp dir.
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-port", &bus_port.to_string()]);
+        }
+        cmd.args(&self.opts.extra_args).process_group(0);
         kill_on_parent_exit(&mut cmd, libc::SIGKILL);
         let child =
             spawn_tied_to_process(cmd).map_err(|e| spawn_error(&self.bins.server, e, None))?;
@@ -401,6 +442,7 @@ impl Drop for RedisInstance {
             eprintln!("cacheclear-harness: {e}");
         }
         self.reservation = None;
+        self.bus_reservation = None;
         if let Some(dir) = self.dir.take() {
             let path = dir.path().to_path_buf();
             if let Err(e) = dir.close() {
