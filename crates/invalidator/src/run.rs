@@ -8,6 +8,7 @@ use std::time::Duration;
 use cacheclear_protocol::Lsn;
 use cacheclear_rules::Rules;
 use cacheclear_sink_redis::{RedisSink, RedisSinkError};
+use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -103,6 +104,9 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// A record's key and value as received (either may be null).
+type RawRecord = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// One received record, decoded.
 struct Received {
     tp: Tp,
@@ -110,7 +114,7 @@ struct Received {
     offset: i64,
     outcome: Result<Decoded, Malformed>,
     /// Key and value, kept for the dead-letter topic (malformed records only).
-    raw: Option<(Option<Vec<u8>>, Option<Vec<u8>>)>,
+    raw: Option<RawRecord>,
 }
 
 /// Runs the invalidator until `shutdown` completes: subscribes `cfg.kafka.group_id` to the input
@@ -198,48 +202,23 @@ pub async fn run(
     let mut tracker = OffsetTracker::default();
     tokio::pin!(shutdown);
     let mut batch: Vec<Received> = Vec::with_capacity(max_records.min(65_536));
+    // One message stream for the whole run (a `recv()` future per call would hold the consumer's
+    // waker slab behind a higher-ranked borrow, which makes this future non-`Send`).
+    let mut messages = consumer.stream();
     'outer: loop {
         batch.clear();
         // The first record (or shutdown), then more until the batch is full or max_wait passed.
         let first = tokio::select! {
             biased;
             () = &mut shutdown => break 'outer,
-            m = consumer.recv() => m,
+            m = messages.next() => match m { Some(m) => m, None => break 'outer },
         };
-        let receive = |m: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
-                       batch: &mut Vec<Received>| {
-            match m {
-                Ok(m) => {
-                    let tp = Tp {
-                        topic: m.topic().to_owned(),
-                        partition: m.partition(),
-                    };
-                    let format = formats.get(&tp.topic).copied().unwrap_or(Format::Bus);
-                    let outcome = decoder.decode(format, m.key(), m.payload());
-                    let raw = outcome
-                        .is_err()
-                        .then(|| (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
-                    // Rebalance callbacks ran inside this recv: the generation is current.
-                    let generation = ownership.generation(&tp).unwrap_or(0);
-                    batch.push(Received {
-                        tp,
-                        generation,
-                        offset: m.offset(),
-                        outcome,
-                        raw,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Kafka consumer error (retried by librdkafka)");
-                    metrics::counter!("cacheclear_invalidator_kafka_errors_total").increment(1);
-                }
-            }
-        };
-        receive(first, &mut batch);
+        batch.extend(received(first, &formats, &decoder, &ownership));
         let deadline = tokio::time::Instant::now() + max_wait;
         while batch.len() < max_records {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(m) => receive(m, &mut batch),
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(None) => break 'outer,
+                Ok(Some(m)) => batch.extend(received(m, &formats, &decoder, &ownership)),
                 Err(_) => break,
             }
         }
@@ -308,6 +287,41 @@ pub async fn run(
     Ok(())
 }
 
+/// Decodes one received message (or logs a consumer error: librdkafka retries those itself).
+fn received(
+    m: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
+    formats: &HashMap<String, Format>,
+    decoder: &Decoder,
+    ownership: &Ownership,
+) -> Option<Received> {
+    let m = match m {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "Kafka consumer error (retried by librdkafka)");
+            metrics::counter!("cacheclear_invalidator_kafka_errors_total").increment(1);
+            return None;
+        }
+    };
+    let tp = Tp {
+        topic: m.topic().to_owned(),
+        partition: m.partition(),
+    };
+    let format = formats.get(&tp.topic).copied().unwrap_or(Format::Bus);
+    let outcome = decoder.decode(format, m.key(), m.payload());
+    let raw = outcome
+        .is_err()
+        .then(|| (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+    // Rebalance callbacks ran inside this recv: the generation is current.
+    let generation = ownership.generation(&tp).unwrap_or(0);
+    Some(Received {
+        tp,
+        generation,
+        offset: m.offset(),
+        outcome,
+        raw,
+    })
+}
+
 /// Applies one batch: evictions to Redis, malformed records to the dead-letter topic, both
 /// retried until acknowledged. Returns `false` if `shutdown` completed first.
 async fn apply(
@@ -318,7 +332,7 @@ async fn apply(
     options: &RunOptions,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> bool {
-    let status = &options.status;
+    let status = Arc::clone(&options.status);
     let mut keys: Vec<(&str, Lsn)> = Vec::new();
     let mut tables: Vec<(&[String], Lsn)> = Vec::new();
     let mut commit_times = Vec::with_capacity(batch.len());
@@ -360,7 +374,7 @@ async fn apply(
     let redis = async {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let mut result = sink.invalidate(keys.iter().copied()).await;
+            let mut result = sink.invalidate(KeyIter(keys.iter())).await;
             if let Ok(mut n) = result {
                 for (patterns, lsn) in &tables {
                     match sink.invalidate_matching(patterns, *lsn).await {
@@ -415,6 +429,18 @@ async fn apply(
         .increment(malformed.len() as u64);
     metrics::counter!("cacheclear_invalidator_keys_evicted_total").increment(evicted);
     true
+}
+
+/// The batch's keys for [`RedisSink::invalidate`]. (A named type rather than `iter().copied()`:
+/// the adapter's higher-ranked lifetimes make the future non-`Send`.)
+struct KeyIter<'k, 'a>(std::slice::Iter<'k, (&'a str, Lsn)>);
+
+impl<'a> Iterator for KeyIter<'_, 'a> {
+    type Item = (&'a str, Lsn);
+
+    fn next(&mut self) -> Option<(&'a str, Lsn)> {
+        self.0.next().copied()
+    }
 }
 
 /// Produces one malformed record to the dead-letter topic, retrying until acknowledged.

@@ -1,0 +1,289 @@
+//! Fixtures of the invalidator tests: a real Kafka-protocol broker (tansu), real Redis, a
+//! producer, an in-process invalidator and Redis assertions.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cacheclear_harness::{KafkaBroker, RedisInstance};
+use cacheclear_invalidator::{
+    DebeziumConfig, InvalidatorConfig, InvalidatorError, InvalidatorStatus, KafkaConfig, RunOptions,
+};
+use cacheclear_protocol::{BusRecord, Lsn, Op};
+use cacheclear_rules::{RuleConfig, Rules};
+use cacheclear_sink_redis::RedisConfig;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub const DLQ: &str = "cacheclear.dlq";
+
+pub fn product_rules() -> Vec<RuleConfig> {
+    vec![RuleConfig {
+        table: "public.product".into(),
+        keys: vec![
+            "product:{id}".into(),
+            "category:{category_id}:products".into(),
+        ],
+    }]
+}
+
+pub fn broker() -> KafkaBroker {
+    KafkaBroker::start().expect("start the Kafka broker (tansu)")
+}
+
+pub fn redis() -> RedisInstance {
+    RedisInstance::start().expect("start Redis")
+}
+
+pub fn config(
+    kafka: &KafkaBroker,
+    redis: &RedisInstance,
+    group: &str,
+    topics: &[&str],
+) -> InvalidatorConfig {
+    let mut k = KafkaConfig::new(
+        kafka.bootstrap(),
+        group,
+        topics.iter().map(|t| t.to_string()).collect(),
+        DLQ,
+    );
+    // Quick rebalances in tests.
+    k.properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    k.properties
+        .insert("heartbeat.interval.ms".into(), "500".into());
+    InvalidatorConfig {
+        kafka: k,
+        redis: RedisConfig::new(redis.url()),
+        debezium: DebeziumConfig::default(),
+        rules: product_rules(),
+    }
+}
+
+pub fn producer(kafka: &KafkaBroker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer")
+}
+
+pub async fn produce(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+    if let Some(k) = key {
+        r = r.key(k);
+    }
+    if let Some(v) = value {
+        r = r.payload(v);
+    }
+    p.send(r, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+/// Produces many records, up to 1000 in flight (per-key order does not matter: fences take the
+/// max).
+pub async fn produce_all(p: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) {
+    for chunk in records.chunks(1000) {
+        let mut deliveries = Vec::with_capacity(chunk.len());
+        for (k, v) in chunk {
+            let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+                .key(k.as_str())
+                .payload(v.as_slice());
+            deliveries.push(p.send_result(r).map_err(|(e, _)| e).expect("enqueue"));
+        }
+        for d in deliveries {
+            d.await
+                .expect("delivery future")
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+    }
+}
+
+pub fn bus_record(key: &str, lsn: u64) -> Vec<u8> {
+    BusRecord {
+        key: Some(key.into()),
+        patterns: vec![],
+        commit_lsn: Lsn(lsn),
+        commit_time_us: cacheclear_invalidator::now_us(),
+        xid: 1,
+        table: "public.product".into(),
+        op: Op::Update,
+    }
+    .to_json()
+}
+
+/// A running in-process invalidator; stopped gracefully with [`Member::stop`], or abandoned
+/// (task aborted: like a crash, nothing more is committed) when dropped.
+pub struct Member {
+    pub status: Arc<InvalidatorStatus>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), InvalidatorError>>>,
+}
+
+impl Member {
+    pub fn start(cfg: InvalidatorConfig) -> Member {
+        let rules = Arc::new(cfg.validate().expect("valid config"));
+        let options = RunOptions::default();
+        let status = Arc::clone(&options.status);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            cacheclear_invalidator::run(&cfg, rules, options, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Member {
+            status,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("invalidator stops within 30 s")
+                .expect("task")
+                .expect("invalidator ran without error");
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn conn(redis: &RedisInstance) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect Redis")
+}
+
+/// `{K}:fence` of each key, parsed (`None` when absent).
+pub async fn fences(
+    c: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+) -> Vec<Option<Lsn>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("GET").arg(format!("{{{k}}}:fence"));
+        }
+        let got: Vec<Option<String>> = pipe.query_async(c).await.expect("GET fences");
+        out.extend(
+            got.into_iter()
+                .map(|f| f.map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))),
+        );
+    }
+    out
+}
+
+/// Whether each key's value `{K}` exists.
+pub async fn values_exist(c: &mut redis::aio::MultiplexedConnection, keys: &[String]) -> Vec<bool> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("EXISTS").arg(format!("{{{k}}}"));
+        }
+        let got: Vec<i64> = pipe.query_async(c).await.expect("EXISTS");
+        out.extend(got.into_iter().map(|n| n == 1));
+    }
+    out
+}
+
+/// Caches a (stale) value for each key.
+pub async fn fill_values(c: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{{{k}}}"))
+                .arg("stale")
+                .arg("EX")
+                .arg(600)
+                .ignore();
+        }
+        let () = pipe.query_async(c).await.expect("SET values");
+    }
+}
+
+/// The group's committed offset per partition of `topic` (`-1001` = none).
+pub fn committed(kafka: &KafkaBroker, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => o,
+            _ => -1001,
+        })
+        .collect()
+}
+
+/// High watermark (log end offset) per partition of `topic`.
+pub fn end_offsets(kafka: &KafkaBroker, topic: &str, partitions: i32) -> Vec<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
+}
+
+/// Compiled product rules (for expected keys).
+pub fn rules() -> Rules {
+    Rules::compile(&product_rules()).expect("rules")
+}
