@@ -22,11 +22,16 @@ use cacheclear_source_postgres::{PostgresConfig, RunOptions, now_us};
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 
+mod kafka;
+
 /// Which benchmark to run.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Commit→evicted lag at steady 1k and 10k row changes/s, bulk UPDATE throughput, peak RSS.
     Pipeline(PipelineArgs),
+    /// Bus mode: PostgreSQL → Kafka → invalidator → Redis lag at steady 1k and 10k row
+    /// changes/s, and one invalidator process's records/s.
+    Kafka(kafka::KafkaArgs),
 }
 
 /// Options of `bench pipeline`.
@@ -56,6 +61,7 @@ pub struct PipelineArgs {
 pub async fn bench(which: BenchCommand) -> anyhow::Result<()> {
     match which {
         BenchCommand::Pipeline(args) => pipeline(args).await,
+        BenchCommand::Kafka(args) => kafka::kafka(args).await,
     }
 }
 
@@ -89,55 +95,17 @@ struct Figures {
 async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     // Private instances unless URLs were given; they stop when dropped (end of this function).
-    let pg_instance = match &args.postgres_url {
-        Some(_) => None,
-        None => Some(tokio::task::spawn_blocking(PgInstance::start).await??),
-    };
-    let redis_instance = match &args.redis_url {
-        Some(_) => None,
-        None => Some(tokio::task::spawn_blocking(RedisInstance::start).await??),
-    };
-    let pg_url = args
-        .postgres_url
-        .clone()
-        .or(pg_instance.as_ref().map(PgInstance::url))
-        .context("postgres url")?;
-    let redis_url = args
-        .redis_url
-        .clone()
-        .or(redis_instance.as_ref().map(RedisInstance::url))
-        .context("redis url")?;
+    let instances = Instances::start(args.postgres_url.clone(), args.redis_url.clone()).await?;
+    let (pg_url, redis_url) = (instances.pg_url.clone(), instances.redis_url.clone());
     let progress = |msg: &str| {
         if !args.json {
             eprintln!("bench: {msg}");
         }
     };
 
-    let (db, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-        .await
-        .context("connect PostgreSQL")?;
-    tokio::spawn(conn);
     progress(&format!("creating {} rows", args.bulk_rows));
-    db.batch_execute(&format!(
-        "DROP TABLE IF EXISTS cacheclear_bench_product;
-         SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
-         DROP PUBLICATION IF EXISTS cacheclear_bench;
-         CREATE TABLE cacheclear_bench_product (id int PRIMARY KEY, category_id int NOT NULL, price_cents bigint NOT NULL, name text NOT NULL);
-         ALTER TABLE cacheclear_bench_product REPLICA IDENTITY FULL;
-         INSERT INTO cacheclear_bench_product SELECT g, g % 1000, 1000, 'product ' || g FROM generate_series(1, {}) g;
-         ANALYZE cacheclear_bench_product;",
-        args.bulk_rows
-    ))
-    .await
-    .context("creating the benchmark table")?;
-
-    let rules = Arc::new(Rules::compile(&[RuleConfig {
-        table: "public.cacheclear_bench_product".into(),
-        keys: vec![
-            "bench:product:{id}".into(),
-            "bench:category:{category_id}:products".into(),
-        ],
-    }])?);
+    let db = create_bench_table(&pg_url, args.bulk_rows).await?;
+    let rules = Arc::new(bench_rules()?);
     let mut pg_cfg = PostgresConfig::new(pg_url.clone());
     pg_cfg.slot = "cacheclear_bench".into();
     pg_cfg.publication = "cacheclear_bench".into();
@@ -238,12 +206,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
     let _ = stop_tx.send(());
     let _ = source.await;
-    let _ = db
-        .batch_execute(
-            "SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
-             DROP PUBLICATION IF EXISTS cacheclear_bench; DROP TABLE IF EXISTS cacheclear_bench_product;",
-        )
-        .await;
+    drop_bench_objects(&db).await;
 
     let figures = Figures {
         command,
@@ -267,6 +230,87 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         print_table(&figures);
     }
     Ok(())
+}
+
+/// PostgreSQL and Redis for a benchmark: the given URLs, or private instances (stopped when this
+/// is dropped).
+pub(crate) struct Instances {
+    /// The private PostgreSQL, if no URL was given (kept alive, stopped on drop).
+    _pg: Option<PgInstance>,
+    /// The private Redis, if no URL was given (kept alive, stopped on drop).
+    _redis: Option<RedisInstance>,
+    /// PostgreSQL URL in use.
+    pub pg_url: String,
+    /// Redis URL in use.
+    pub redis_url: String,
+}
+
+impl Instances {
+    /// Starts what is not given.
+    pub async fn start(pg_url: Option<String>, redis_url: Option<String>) -> anyhow::Result<Instances> {
+        let pg = match &pg_url {
+            Some(_) => None,
+            None => Some(tokio::task::spawn_blocking(PgInstance::start).await??),
+        };
+        let redis = match &redis_url {
+            Some(_) => None,
+            None => Some(tokio::task::spawn_blocking(RedisInstance::start).await??),
+        };
+        let pg_url = pg_url
+            .or(pg.as_ref().map(PgInstance::url))
+            .context("postgres url")?;
+        let redis_url = redis_url
+            .or(redis.as_ref().map(RedisInstance::url))
+            .context("redis url")?;
+        Ok(Instances {
+            _pg: pg,
+            _redis: redis,
+            pg_url,
+            redis_url,
+        })
+    }
+}
+
+/// (Re)creates `cacheclear_bench_product` with `rows` rows (REPLICA IDENTITY FULL), dropping the
+/// `cacheclear_bench` slot and publication left by an earlier run. Returns the connection.
+pub(crate) async fn create_bench_table(pg_url: &str, rows: u64) -> anyhow::Result<tokio_postgres::Client> {
+    let (db, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
+        .await
+        .context("connect PostgreSQL")?;
+    tokio::spawn(conn);
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS cacheclear_bench_product;
+         SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
+         DROP PUBLICATION IF EXISTS cacheclear_bench;
+         CREATE TABLE cacheclear_bench_product (id int PRIMARY KEY, category_id int NOT NULL, price_cents bigint NOT NULL, name text NOT NULL);
+         ALTER TABLE cacheclear_bench_product REPLICA IDENTITY FULL;
+         INSERT INTO cacheclear_bench_product SELECT g, g % 1000, 1000, 'product ' || g FROM generate_series(1, {rows}) g;
+         ANALYZE cacheclear_bench_product;"
+    ))
+    .await
+    .context("creating the benchmark table")?;
+    Ok(db)
+}
+
+/// The benchmark table's rules: `bench:product:{id}`, `bench:category:{category_id}:products`.
+pub(crate) fn bench_rules() -> anyhow::Result<Rules> {
+    Ok(Rules::compile(&[RuleConfig {
+        table: "public.cacheclear_bench_product".into(),
+        keys: vec![
+            "bench:product:{id}".into(),
+            "bench:category:{category_id}:products".into(),
+        ],
+    }])?)
+}
+
+/// Drops the benchmark's slot, publication and table (best effort).
+pub(crate) async fn drop_bench_objects(db: &tokio_postgres::Client) {
+    let _ = db
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
+             DROP PUBLICATION IF EXISTS cacheclear_bench; DROP TABLE IF EXISTS cacheclear_bench_product;",
+        )
+        .await;
 }
 
 fn print_table(f: &Figures) {
@@ -315,7 +359,7 @@ fn print_table(f: &Figures) {
 }
 
 /// Peak resident set size of this process (VmHWM from /proc/self/status), in MB (10^6 bytes).
-fn peak_rss_mb() -> anyhow::Result<f64> {
+pub(crate) fn peak_rss_mb() -> anyhow::Result<f64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let line = status
@@ -332,7 +376,7 @@ fn peak_rss_mb() -> anyhow::Result<f64> {
 
 /// Issues `rate` row changes per second for `seconds`, as transactions of `rows_per_txn`
 /// single-statement UPDATEs of random rows, from 4 connections. Returns the achieved rows/s.
-async fn steady_load(
+pub(crate) async fn steady_load(
     url: &str,
     rate: u64,
     rows_per_txn: u64,

@@ -5,6 +5,7 @@
 
 mod bench;
 mod config;
+mod invalidate;
 mod run;
 
 use std::path::PathBuf;
@@ -38,6 +39,17 @@ enum Command {
         #[command(subcommand)]
         which: bench::BenchCommand,
     },
+    /// Run the Kafka → Redis invalidator: a consumer group applying bus records (and Debezium
+    /// PostgreSQL change events) to Redis, committing offsets only after Redis acknowledged them.
+    ///
+    /// Start one process per core or host with the same `kafka.group_id` to share the partitions;
+    /// one group per Redis deployment. Serves Prometheus metrics on `metrics.listen` (default
+    /// 127.0.0.1:9188/metrics). Stops on Ctrl-C / SIGTERM.
+    Invalidate {
+        /// The TOML config file; environment variables CACHECLEAR__<SECTION>__<FIELD> override it.
+        #[arg(short, long, default_value = "invalidator.toml")]
+        config: PathBuf,
+    },
 }
 
 fn init_logs() {
@@ -56,5 +68,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => runtime.block_on(run::run(&config)),
         Command::Bench { which } => runtime.block_on(bench::bench(which)),
+        Command::Invalidate { config } => runtime.block_on(invalidate::invalidate(&config)),
     }
 }

@@ -1,0 +1,405 @@
+//! `cacheclear bench kafka`: bus mode end to end — PostgreSQL → cacheclear source → Kafka sink →
+//! topic → invalidator (consumer group) → Redis — and the invalidator's own throughput.
+//!
+//! Everything runs on this machine: private PostgreSQL, Redis (standalone; `redis_mode` in the
+//! output says so) and Kafka-protocol broker (tansu, in-memory), unless URLs are given; the source
+//! and the invalidator run in this process. Figures:
+//! - lag (ms, p50/p99/max) per bus record, from the transaction's commit time (PostgreSQL's clock,
+//!   the same machine) to Redis's acknowledgement in the invalidator, at a steady 1k and 10k row
+//!   changes/s (each row change publishes a product-key record; category keys are de-duplicated
+//!   per transaction);
+//! - invalidator throughput: records/s one invalidator process applies from a pre-filled topic
+//!   (`--throughput-records` records, one distinct key each: no de-duplication helps), from its
+//!   partition assignment to the last Redis acknowledgement.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cacheclear_harness::KafkaBroker;
+use cacheclear_invalidator::{AppliedBatch, InvalidatorConfig, KafkaConfig, RunOptions};
+use cacheclear_protocol::{BusRecord, Lsn, Op};
+use cacheclear_sink_kafka::KafkaSink;
+use cacheclear_sink_redis::RedisConfig;
+use cacheclear_source_postgres::PostgresConfig;
+use clap::Args;
+use hdrhistogram::Histogram;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::{
+    Instances, bench_rules, create_bench_table, drop_bench_objects, peak_rss_mb, steady_load,
+};
+
+const TOPIC: &str = "cacheclear.bench.invalidations";
+const THROUGHPUT_TOPIC: &str = "cacheclear.bench.throughput";
+const DLQ: &str = "cacheclear.bench.dlq";
+
+/// Options of `bench kafka`.
+#[derive(Args)]
+pub struct KafkaArgs {
+    /// Print one JSON object (fields lag_1k_p50_ms, lag_1k_p99_ms, lag_10k_p50_ms,
+    /// lag_10k_p99_ms, invalidator_records_per_s, redis_mode, …) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds of each steady-rate phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rows of the benchmark table.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Records pre-filled into a topic for the throughput figure.
+    #[arg(long, default_value_t = 500_000)]
+    throughput_records: u64,
+    /// Partitions of the bench topics.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Use this PostgreSQL (needs wal_level=logical) instead of a private instance (creates and
+    /// drops `cacheclear_bench_product`, slot and publication `cacheclear_bench`).
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
+    #[arg(long)]
+    redis_url: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct Figures {
+    command: String,
+    lag_1k_p50_ms: f64,
+    lag_1k_p99_ms: f64,
+    lag_1k_max_ms: f64,
+    achieved_1k_rows_per_s: f64,
+    lag_10k_p50_ms: f64,
+    lag_10k_p99_ms: f64,
+    lag_10k_max_ms: f64,
+    achieved_10k_rows_per_s: f64,
+    invalidator_records_per_s: f64,
+    throughput_records: u64,
+    throughput_seconds: f64,
+    partitions: u32,
+    redis_mode: &'static str,
+    broker: &'static str,
+    peak_rss_mb: f64,
+    cores: usize,
+}
+
+struct Lag {
+    hist: Histogram<u64>,
+    recording: bool,
+}
+
+/// `cacheclear bench kafka`.
+pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let progress = |msg: &str| {
+        if !args.json {
+            eprintln!("bench: {msg}");
+        }
+    };
+    let instances = Instances::start(args.postgres_url.clone(), args.redis_url.clone()).await?;
+    let broker = tokio::task::spawn_blocking(KafkaBroker::start).await??;
+    let partitions = args.partitions;
+    // create_topic blocks briefly (a tansu CLI call); fine at setup.
+    for (topic, n) in [
+        (TOPIC, partitions),
+        (THROUGHPUT_TOPIC, partitions),
+        (DLQ, 1),
+    ] {
+        broker
+            .create_topic(topic, n)
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+    progress(&format!("creating {} rows", args.rows));
+    let db = create_bench_table(&instances.pg_url, args.rows).await?;
+    let rules = Arc::new(bench_rules()?);
+
+    // The source publishes to Kafka.
+    let mut pg_cfg = PostgresConfig::new(instances.pg_url.clone());
+    pg_cfg.slot = "cacheclear_bench".into();
+    pg_cfg.publication = "cacheclear_bench".into();
+    pg_cfg.status_interval_ms = 200;
+    let mut sink_cfg = cacheclear_sink_kafka::KafkaConfig::new(broker.bootstrap());
+    sink_cfg.topic = TOPIC.into();
+    let sink = KafkaSink::connect(sink_cfg)?;
+    let source_options = cacheclear_source_postgres::RunOptions::default();
+    let source_status = Arc::clone(&source_options.status);
+    let (stop_source, source_stop) = tokio::sync::oneshot::channel::<()>();
+    let source = tokio::spawn({
+        let rules = Arc::clone(&rules);
+        async move {
+            cacheclear_source_postgres::run(&pg_cfg, rules, sink, source_options, async {
+                let _ = source_stop.await;
+            })
+            .await
+        }
+    });
+
+    // The invalidator applies them to Redis; its observer measures commit → Redis-ack lag.
+    let lag = Arc::new(Mutex::new(Lag {
+        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        recording: false,
+    }));
+    let observer = {
+        let lag = Arc::clone(&lag);
+        Arc::new(move |b: &AppliedBatch<'_>| {
+            let Ok(mut l) = lag.lock() else { return };
+            if !l.recording {
+                return;
+            }
+            for t in b.commit_times_us {
+                let _ = l.hist.record((b.applied_at_us - t).max(1) as u64);
+            }
+        })
+    };
+    let inv_cfg = InvalidatorConfig {
+        kafka: KafkaConfig::new(
+            broker.bootstrap(),
+            "cacheclear-bench",
+            vec![TOPIC.into()],
+            DLQ,
+        ),
+        redis: RedisConfig::new(instances.redis_url.clone()),
+        debezium: Default::default(),
+        rules: vec![],
+    };
+    let inv_options = RunOptions {
+        observer: Some(observer),
+        ..RunOptions::default()
+    };
+    let inv_status = Arc::clone(&inv_options.status);
+    let (stop_inv, inv_stop) = tokio::sync::oneshot::channel::<()>();
+    let invalidator = tokio::spawn({
+        let cfg = inv_cfg.clone();
+        async move {
+            cacheclear_invalidator::run(&cfg, Arc::new(Default::default()), inv_options, async {
+                let _ = inv_stop.await;
+            })
+            .await
+        }
+    });
+
+    // Warm up: the first transaction goes all the way through.
+    db.batch_execute(
+        "UPDATE cacheclear_bench_product SET price_cents = price_cents + 1 WHERE id = 1",
+    )
+    .await?;
+    let started = Instant::now();
+    while inv_status.records_applied() < 1 {
+        if source.is_finished() {
+            bail!("the source stopped: {:?}", source.await);
+        }
+        if invalidator.is_finished() {
+            bail!("the invalidator stopped: {:?}", invalidator.await);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "nothing reached Redis within 60 s (source applied {} transactions)",
+                source_status.applied_txns()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut phases = Vec::new();
+    for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
+        progress(&format!(
+            "steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s",
+            args.seconds
+        ));
+        if let Ok(mut l) = lag.lock() {
+            l.hist.reset();
+            l.recording = true;
+        }
+        let achieved = steady_load(
+            &instances.pg_url,
+            rate,
+            rows_per_txn,
+            args.seconds,
+            args.rows,
+        )
+        .await?;
+        // Let the tail drain: wait until the invalidator has been idle for 500 ms.
+        let mut last = inv_status.records_applied();
+        let drain = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = inv_status.records_applied();
+            if now == last || drain.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            last = now;
+        }
+        let Ok(mut l) = lag.lock() else {
+            bail!("lag recorder poisoned")
+        };
+        l.recording = false;
+        let ms = |q: f64| l.hist.value_at_quantile(q) as f64 / 1000.0;
+        phases.push((ms(0.5), ms(0.99), l.hist.max() as f64 / 1000.0, achieved));
+    }
+    let _ = stop_source.send(());
+    let _ = source.await;
+    let _ = stop_inv.send(());
+    let _ = invalidator.await;
+    drop_bench_objects(&db).await;
+
+    // Throughput: a pre-filled topic, one fresh invalidator.
+    progress(&format!(
+        "throughput: producing {} records to {THROUGHPUT_TOPIC}",
+        args.throughput_records
+    ));
+    produce_records(&broker.bootstrap(), args.throughput_records).await?;
+    progress("throughput: one invalidator applies them");
+    let mut cfg = inv_cfg.clone();
+    cfg.kafka.group_id = "cacheclear-bench-throughput".into();
+    cfg.kafka.topics = vec![THROUGHPUT_TOPIC.into()];
+    let options = RunOptions::default();
+    let status = Arc::clone(&options.status);
+    let (stop_tp, tp_stop) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        cacheclear_invalidator::run(&cfg, Arc::new(Default::default()), options, async {
+            let _ = tp_stop.await;
+        })
+        .await
+    });
+    let wait = Instant::now();
+    while status.assigned_partitions() < u64::from(partitions) {
+        if wait.elapsed() > Duration::from_secs(60) || task.is_finished() {
+            bail!("the throughput invalidator got no partitions within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let t0 = Instant::now();
+    while status.records_applied() < args.throughput_records {
+        if t0.elapsed() > Duration::from_secs(600) || task.is_finished() {
+            bail!(
+                "the invalidator applied {} of {} records within 600 s",
+                status.records_applied(),
+                args.throughput_records
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let throughput_seconds = t0.elapsed().as_secs_f64();
+    let _ = stop_tp.send(());
+    let _ = task.await;
+
+    let figures = Figures {
+        command,
+        lag_1k_p50_ms: phases[0].0,
+        lag_1k_p99_ms: phases[0].1,
+        lag_1k_max_ms: phases[0].2,
+        achieved_1k_rows_per_s: phases[0].3,
+        lag_10k_p50_ms: phases[1].0,
+        lag_10k_p99_ms: phases[1].1,
+        lag_10k_max_ms: phases[1].2,
+        achieved_10k_rows_per_s: phases[1].3,
+        invalidator_records_per_s: args.throughput_records as f64 / throughput_seconds,
+        throughput_records: args.throughput_records,
+        throughput_seconds,
+        partitions,
+        redis_mode: "standalone",
+        broker: "tansu (in-memory)",
+        peak_rss_mb: peak_rss_mb()?,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        print_table(&figures);
+    }
+    Ok(())
+}
+
+/// Produces `n` bus records with distinct keys to the throughput topic.
+async fn produce_records(bootstrap: &str, n: u64) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .context("bench producer")?;
+    let now = cacheclear_invalidator::now_us();
+    let mut i = 0u64;
+    while i < n {
+        let end = (i + 20_000).min(n);
+        let mut deliveries = Vec::with_capacity((end - i) as usize);
+        for j in i..end {
+            let key = format!("bench:tp:{j}");
+            let value = BusRecord {
+                key: Some(key.clone()),
+                patterns: vec![],
+                commit_lsn: Lsn(0x1_0000_0000 + j),
+                commit_time_us: now,
+                xid: j,
+                table: "public.cacheclear_bench_product".into(),
+                op: Op::Update,
+            }
+            .to_json();
+            let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(THROUGHPUT_TOPIC)
+                .key(key.as_str())
+                .payload(value.as_slice());
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| anyhow::anyhow!("queueing a bench record: {e}"))?,
+            );
+        }
+        for d in deliveries {
+            d.await
+                .context("delivery report")?
+                .map_err(|(e, _)| anyhow::anyhow!("producing a bench record: {e}"))?;
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+fn print_table(f: &Figures) {
+    println!("$ {}", f.command);
+    println!(
+        "(PostgreSQL → Kafka [{}, {} partitions] → invalidator → Redis [{}], {} cores)",
+        f.broker, f.partitions, f.redis_mode, f.cores
+    );
+    println!("{:<48} {:>12}", "figure", "value");
+    println!("{:<48} {:>9.2} ms", "lag p50 @ 1k rows/s", f.lag_1k_p50_ms);
+    println!(
+        "{:<48} {:>9.2} ms",
+        "lag p99 @ 1k rows/s (target < 25 ms)", f.lag_1k_p99_ms
+    );
+    println!("{:<48} {:>9.2} ms", "lag max @ 1k rows/s", f.lag_1k_max_ms);
+    println!(
+        "{:<48} {:>12.0}",
+        "  achieved rows/s", f.achieved_1k_rows_per_s
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "lag p50 @ 10k rows/s", f.lag_10k_p50_ms
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "lag p99 @ 10k rows/s", f.lag_10k_p99_ms
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "lag max @ 10k rows/s", f.lag_10k_max_ms
+    );
+    println!(
+        "{:<48} {:>12.0}",
+        "  achieved rows/s", f.achieved_10k_rows_per_s
+    );
+    println!(
+        "{:<48} {:>12.0}",
+        "invalidator records/s, 1 process (target ≥ 50000)", f.invalidator_records_per_s
+    );
+    println!(
+        "{:<48} {:>12}",
+        "  records (distinct keys)", f.throughput_records
+    );
+    println!(
+        "{:<48} {:>9.1} MB",
+        "peak RSS of the bench process", f.peak_rss_mb
+    );
+}

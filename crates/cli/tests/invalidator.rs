@@ -1,0 +1,290 @@
+//! `cacheclear invalidate` as a process: kill -9 mid-stream and restart loses nothing; a bad
+//! config is refused with the field named. Real broker (tansu) and real Redis (standalone).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cacheclear_harness::{KafkaBroker, RedisInstance};
+use cacheclear_protocol::{BusRecord, Lsn, Op};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cacheclear");
+const TOPIC: &str = "cacheclear.invalidations";
+
+fn command(args: &[&std::ffi::OsStr]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CACHECLEAR__") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// `cacheclear invalidate --config <path>`, stderr to `log`; SIGKILLed when dropped.
+struct Invalidator {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Invalidator {
+    fn start(config: &Path, log: &Path) -> Invalidator {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = command(&[
+            "invalidate".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ]);
+        cmd.env("CACHECLEAR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        cacheclear_harness::kill_on_parent_exit(&mut cmd, 9);
+        let child = cacheclear_harness::spawn_tied_to_process(cmd).expect("spawn cacheclear");
+        Invalidator {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (graceful stop).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success());
+        c.wait().expect("wait")
+    }
+}
+
+impl Drop for Invalidator {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- cacheclear invalidate log (last 40 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn config_toml(kafka: &KafkaBroker, redis: &RedisInstance, group: &str) -> String {
+    format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{TOPIC}"]
+dead_letter_topic = "cacheclear.dlq"
+batch_max_records = 300
+
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+
+[redis]
+url = "{redis}"
+
+[metrics]
+listen = ""
+"#,
+        brokers = kafka.bootstrap(),
+        redis = redis.url(),
+    )
+}
+
+fn offsets(kafka: &KafkaBroker, group: &str, partitions: i32) -> (Vec<i64>, Vec<i64>) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(TOPIC, p);
+    }
+    let got = c.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    let committed = (0..partitions)
+        .map(|p| match got.find_partition(TOPIC, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => o,
+            _ => 0,
+        })
+        .collect();
+    let ends = (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(TOPIC, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect();
+    (committed, ends)
+}
+
+async fn dbsize(c: &mut redis::aio::MultiplexedConnection) -> i64 {
+    redis::cmd("DBSIZE").query_async(c).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_and_restart_loses_nothing() {
+    let kafka = KafkaBroker::start().expect("Kafka broker (tansu)");
+    kafka.create_topic(TOPIC, 4).unwrap();
+    kafka.create_topic("cacheclear.dlq", 1).unwrap();
+    let redis = RedisInstance::start().unwrap();
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // 40,000 records over 4,000 keys, LSNs increasing.
+    let mut expected: HashMap<String, Lsn> = HashMap::new();
+    let mut records = Vec::new();
+    for i in 0..40_000u64 {
+        let key = format!("product:{}", i % 4000);
+        let lsn = Lsn(0x5_0000_0000 + i);
+        let r = BusRecord {
+            key: Some(key.clone()),
+            patterns: vec![],
+            commit_lsn: lsn,
+            commit_time_us: 0,
+            xid: i,
+            table: "public.product".into(),
+            op: Op::Update,
+        };
+        records.push((key.clone(), r.to_json()));
+        expected.insert(key, lsn);
+    }
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for chunk in records.chunks(2000) {
+        let mut deliveries = Vec::new();
+        for (k, v) in chunk {
+            let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(TOPIC)
+                .key(k.as_str())
+                .payload(v.as_slice());
+            deliveries.push(p.send_result(r).map_err(|(e, _)| e).unwrap());
+        }
+        for d in deliveries {
+            d.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("invalidator.toml");
+    std::fs::write(&config, config_toml(&kafka, &redis, "crashy")).unwrap();
+    let log = dir.path().join("invalidator.log");
+    let mut first = Invalidator::start(&config, &log);
+    // Kill it while it is working through the backlog (some fences written, far from all).
+    let start = Instant::now();
+    while dbsize(&mut c).await < 300 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no progress within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill9();
+    let (committed, ends) = offsets(&kafka, "crashy", 4);
+    let committed_total: i64 = committed.iter().sum();
+    let end_total: i64 = ends.iter().sum();
+    assert!(
+        committed_total < end_total,
+        "killed mid-stream: committed {committed:?} of {ends:?}"
+    );
+    eprintln!("killed with {committed_total} of {end_total} records committed");
+
+    let mut second = Invalidator::start(&config, &log);
+    let start = Instant::now();
+    loop {
+        let (committed, ends) = offsets(&kafka, "crashy", 4);
+        if committed == ends {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "restart did not catch up: {committed:?} of {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = second.terminate();
+    assert!(status.success(), "graceful stop: {status:?}");
+
+    // Every key carries its final fence: nothing lost across the kill.
+    let keys: Vec<&String> = expected.keys().collect();
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("GET").arg(format!("{{{k}}}:fence"));
+        }
+        let got: Vec<Option<String>> = pipe.query_async(&mut c).await.unwrap();
+        for (k, f) in chunk.iter().zip(got) {
+            assert_eq!(
+                f.as_deref(),
+                Some(expected[*k].to_fixed_hex().as_str()),
+                "{k} has its final fence"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bad_config_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("invalidator.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n\n[redis]\nurl = \"redis://127.0.0.1:1/\"\n",
+    )
+    .unwrap();
+    let out = command(&[
+        "invalidate".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dead_letter_topic"), "{err}");
+
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\ngroup_id = \"g\"\ndebezium_topics = [\"shop.public.product\"]\ndead_letter_topic = \"dlq\"\n\n[redis]\nurl = \"redis://127.0.0.1:1/\"\n",
+    )
+    .unwrap();
+    let out = command(&[
+        "invalidate".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rules"), "{err}");
+}
