@@ -1,29 +1,64 @@
 //! `[redis]` section of the configuration.
 
-/// Options of the Redis sink. Every field has a default except `url`.
+/// Options of the Redis sink. Every field has a default except the target: `url` for a
+/// standalone Redis, or `cluster = true` with `urls` for a Redis Cluster.
+///
+/// A standalone Redis (or a primary behind a proxy / Sentinel-managed address):
 ///
 /// ```toml
 /// [redis]
 /// url = "redis://127.0.0.1:6379/"
 /// fence_ttl_ms = 600000
 /// ```
+///
+/// A Redis Cluster: list some of its nodes (any one reachable node is enough to discover the
+/// rest; list several so that the sink can start while one is down):
+///
+/// ```toml
+/// [redis]
+/// cluster = true
+/// urls = ["redis://127.0.0.1:7000/", "redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"]
+/// ```
+///
+/// In cluster mode the keys of a batch are grouped by hash slot (each script call carries the
+/// keys of one slot: no `CROSSSLOT`) and the calls by the master that serves the slot (one
+/// pipeline per master per round trip). Redirections and failovers (`MOVED`, `ASK`, `READONLY`,
+/// `TRYAGAIN`, `CLUSTERDOWN`, connection resets) are retried with a fresh slot map, up to
+/// `cluster_retries` times, before the batch fails (and is retried whole by its source).
+/// Table-wide evictions (TRUNCATE) SCAN every master.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Redis URL, `redis://[user:password@]host:port/[db]`.
+    /// Standalone mode: the Redis URL, `redis://[user:password@]host:port/[db]` (`rediss://` for
+    /// TLS). Required unless `cluster = true`, and must then be left unset (empty): a cluster's
+    /// nodes go in `urls`, so a half-converted configuration cannot silently write to one node.
+    #[serde(default)]
     pub url: String,
+    /// Redis Cluster mode. Default `false`. Prevents `CROSSSLOT`/`MOVED` failures: a
+    /// standalone connection to one cluster node can only write the slots that node serves.
+    #[serde(default)]
+    pub cluster: bool,
+    /// Cluster mode: seed node URLs, `redis://[user:password@]host:port/` each, database 0 (a
+    /// cluster has no other). At least one; the other nodes are discovered with `CLUSTER SLOTS`.
+    /// List several: with a single seed, the sink cannot (re)connect while that node is down.
+    /// Default empty; must stay empty in standalone mode.
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// TTL of fences (`{K}:fence` tombstones), in ms. Must exceed the worst read-replica lag plus
     /// the longest load: a replica reader whose version is older than a fence that already expired
     /// could fill an old value. Default 600000 (10 minutes).
     #[serde(default = "default_fence_ttl_ms")]
     pub fence_ttl_ms: u64,
-    /// Cache keys per script call. Default 256.
+    /// Cache keys per script call (in cluster mode: at most, as a call only carries keys of one
+    /// slot). Default 256.
     #[serde(default = "default_keys_per_call")]
     pub keys_per_call: usize,
-    /// Script calls per pipeline (one round trip). Default 16.
+    /// Script calls per pipeline (one round trip). Default 16. In cluster mode a pipeline to one
+    /// master holds up to `keys_per_call × calls_per_pipeline` keys, in as many calls as slots.
     #[serde(default = "default_calls_per_pipeline")]
     pub calls_per_pipeline: usize,
-    /// Pipelines in flight at once on the multiplexed connection. Default 4.
+    /// Pipelines in flight at once on the multiplexed connection (in cluster mode: per master).
+    /// Default 4.
     #[serde(default = "default_pipelines_in_flight")]
     pub pipelines_in_flight: usize,
     /// `COUNT` hint of the SCANs of a table-wide eviction (TRUNCATE). Default 1000.
@@ -33,6 +68,14 @@ pub struct RedisConfig {
     /// Default 5000.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Cluster mode: how many times the keys of a batch that failed on some master (a failover,
+    /// a slot migration, a lost connection) are re-sent, with a fresh slot map and a backoff of
+    /// 50 ms doubling up to 1 s, before the batch fails. Default 10 (about 7 s, which covers a
+    /// manual failover and an automatic one with a short `cluster-node-timeout`). Prevents a
+    /// failover from failing whole batches, which the source would re-apply from scratch.
+    /// 0 disables the in-sink retries.
+    #[serde(default = "default_cluster_retries")]
+    pub cluster_retries: u32,
 }
 
 fn default_fence_ttl_ms() -> u64 {
@@ -53,18 +96,37 @@ fn default_scan_count() -> usize {
 fn default_response_timeout_ms() -> u64 {
     5000
 }
+fn default_cluster_retries() -> u32 {
+    10
+}
 
 impl RedisConfig {
-    /// Every default, with this URL.
+    /// Standalone mode: every default, with this URL.
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
+            cluster: false,
+            urls: Vec::new(),
             fence_ttl_ms: default_fence_ttl_ms(),
             keys_per_call: default_keys_per_call(),
             calls_per_pipeline: default_calls_per_pipeline(),
             pipelines_in_flight: default_pipelines_in_flight(),
             scan_count: default_scan_count(),
             response_timeout_ms: default_response_timeout_ms(),
+            cluster_retries: default_cluster_retries(),
+        }
+    }
+
+    /// Cluster mode: every default, with these seed node URLs.
+    pub fn cluster<I, S>(seeds: I) -> RedisConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisConfig {
+            cluster: true,
+            urls: seeds.into_iter().map(Into::into).collect(),
+            ..RedisConfig::new(String::new())
         }
     }
 
@@ -73,8 +135,53 @@ impl RedisConfig {
     /// # Errors
     /// A message naming the first invalid field.
     pub fn validate(&self) -> Result<(), String> {
-        redis::Client::open(self.url.as_str())
-            .map_err(|e| format!("redis.url: `{}` is not a Redis URL: {e}", self.url))?;
+        if self.cluster {
+            if !self.url.is_empty() {
+                return Err(format!(
+                    "redis.url: with cluster = true the nodes go in redis.urls (a list); url \
+                     (`{}`) is for a standalone Redis: move it into urls",
+                    self.url
+                ));
+            }
+            if self.urls.is_empty() {
+                return Err(
+                    "redis.urls: cluster = true needs at least one seed node, e.g. \
+                            urls = [\"redis://10.0.0.1:6379/\", \"redis://10.0.0.2:6379/\"]"
+                        .into(),
+                );
+            }
+            for (i, url) in self.urls.iter().enumerate() {
+                let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                    .map_err(|e| format!("redis.urls[{i}]: `{url}` is not a Redis URL: {e}"))?;
+                if info.redis_settings().db() != 0 {
+                    return Err(format!(
+                        "redis.urls[{i}]: `{url}` selects database {}, but a Redis Cluster only \
+                         has database 0: drop the /{} from the URL",
+                        info.redis_settings().db(),
+                        info.redis_settings().db()
+                    ));
+                }
+            }
+            redis::cluster::ClusterClientBuilder::new(self.urls.iter().map(String::as_str))
+                .build()
+                .map_err(|e| format!("redis.urls: {e}"))?;
+        } else {
+            if !self.urls.is_empty() {
+                return Err(
+                    "redis.urls: only read with cluster = true; for a Redis Cluster set \
+                            cluster = true (and leave url unset), for a standalone Redis use url"
+                        .into(),
+                );
+            }
+            if self.url.is_empty() {
+                return Err("redis.url: missing: the Redis URL, e.g. \
+                            url = \"redis://127.0.0.1:6379/\" (for a Redis Cluster set \
+                            cluster = true and urls = [...] instead)"
+                    .into());
+            }
+            redis::Client::open(self.url.as_str())
+                .map_err(|e| format!("redis.url: `{}` is not a Redis URL: {e}", self.url))?;
+        }
         for (field, v) in [
             ("redis.fence_ttl_ms", self.fence_ttl_ms as usize),
             ("redis.keys_per_call", self.keys_per_call),
@@ -91,5 +198,73 @@ impl RedisConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<RedisConfig, String> {
+        let cfg: RedisConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn standalone_and_cluster_shapes_parse() {
+        let cfg = parse("url = \"redis://127.0.0.1:6379/\"").expect("standalone");
+        assert!(!cfg.cluster);
+        assert_eq!(cfg.cluster_retries, 10);
+        let cfg = parse(
+            "cluster = true\nurls = [\"redis://127.0.0.1:7000/\", \"redis://127.0.0.1:7001\"]",
+        )
+        .expect("cluster");
+        assert!(cfg.cluster);
+        assert_eq!(cfg.urls.len(), 2);
+        assert!(cfg.url.is_empty());
+        RedisConfig::cluster(["redis://127.0.0.1:7000/"])
+            .validate()
+            .expect("constructor");
+    }
+
+    #[test]
+    fn mixed_or_missing_targets_name_the_field() {
+        let cases = [
+            ("", "redis.url: missing"),
+            ("cluster = true", "redis.urls: cluster = true needs"),
+            (
+                "cluster = true\nurls = []",
+                "redis.urls: cluster = true needs",
+            ),
+            (
+                "url = \"redis://a:1/\"\nurls = [\"redis://b:2/\"]",
+                "redis.urls: only read with cluster = true",
+            ),
+            (
+                "cluster = true\nurl = \"redis://a:1/\"\nurls = [\"redis://b:2/\"]",
+                "redis.url: with cluster = true",
+            ),
+            (
+                "cluster = true\nurls = [\"redis://a:1/\", \"nonsense\"]",
+                "redis.urls[1]: `nonsense` is not a Redis URL",
+            ),
+            (
+                "cluster = true\nurls = [\"redis://a:1/3\"]",
+                "redis.urls[0]: `redis://a:1/3` selects database 3",
+            ),
+            (
+                "cluster = true\nurls = [\"redis+unix:///tmp/r.sock\"]",
+                "redis.urls: ",
+            ),
+            (
+                "url = \"redis://a:1/\"\nkeys_per_call = 0",
+                "redis.keys_per_call",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 }

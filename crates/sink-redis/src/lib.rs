@@ -1,5 +1,6 @@
-//! cacheclear's Redis sink ("direct mode"): applies committed evictions to one Redis with the
-//! protocol's invalidation script ([`cacheclear_protocol::scripts::INVALIDATE_LUA`]).
+//! cacheclear's Redis sink ("direct mode"): applies committed evictions to one Redis, or to a
+//! Redis Cluster, with the protocol's invalidation script
+//! ([`cacheclear_protocol::scripts::INVALIDATE_LUA`]).
 //!
 //! Keys of many transactions travel in one script call (each key carries its own commit LSN, the
 //! fence value), `keys_per_call` keys per call, `calls_per_pipeline` calls per round trip,
@@ -12,15 +13,28 @@
 //! page by page: keys created after the SCAN began belong to loads that started after the
 //! TRUNCATE was visible, so they are current.
 //!
+//! **Redis Cluster** (`cluster = true`, seed nodes in `urls`, see [`RedisConfig`]): each script
+//! call carries the keys of one hash slot only (the three keys of a cache key share its slot,
+//! see [`KeyLayout::slot`]), calls are pipelined per master, and keys that were not acknowledged
+//! (a failover, a slot migration, a lost connection) are re-sent with a fresh slot map, up to
+//! `cluster_retries` times, before `invalidate` fails. Table-wide evictions SCAN every master.
+//! The semantics are the same as standalone: `Ok` only when every key was acknowledged.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use cacheclear_sink_redis::{RedisConfig, RedisSink};
 //! let sink = RedisSink::connect(RedisConfig::new("redis://127.0.0.1:6379/"))?;
+//! let cluster = RedisSink::connect(RedisConfig::cluster([
+//!     "redis://127.0.0.1:7000/",
+//!     "redis://127.0.0.1:7001/",
+//! ]))?;
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod config;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cacheclear_protocol::scripts::INVALIDATE_LUA;
@@ -53,24 +67,46 @@ pub enum RedisSinkError {
     /// A pipeline took longer than `response_timeout_ms`.
     #[error("Redis did not answer within {0} ms")]
     Timeout(u64),
+    /// Redis Cluster mode: the cluster's topology does not allow the write (a slot no master
+    /// serves, an unexpected `CLUSTER SLOTS` or script reply). Retried like any other error.
+    #[error("Redis Cluster: {0}")]
+    Cluster(String),
 }
 
-/// The Redis sink. Cheap to clone (one multiplexed, auto-reconnecting connection).
+/// The Redis sink. Cheap to clone (one multiplexed, auto-reconnecting connection; in cluster
+/// mode one per node, shared by the clones).
 #[derive(Clone)]
 pub struct RedisSink {
-    conn: ConnectionManager,
+    conn: Backend,
     cfg: RedisConfig,
     sha: String,
 }
 
+#[derive(Clone)]
+enum Backend {
+    Standalone(ConnectionManager),
+    Cluster(Arc<cluster::ClusterBackend>),
+}
+
 impl RedisSink {
     /// Validates `cfg` and prepares a lazily connecting, auto-reconnecting connection: Redis may be
-    /// down at start; `apply` fails (and is retried) until it is back.
+    /// down at start; `apply` fails (and is retried) until it is back. In cluster mode
+    /// (`cfg.cluster`) the cluster connection is opened on first use, from any reachable seed
+    /// node in `cfg.urls`.
     ///
     /// # Errors
     /// [`RedisSinkError::Config`] for an invalid configuration.
     pub fn connect(cfg: RedisConfig) -> Result<RedisSink, RedisSinkError> {
         cfg.validate().map_err(RedisSinkError::Config)?;
+        let sha = redis::Script::new(INVALIDATE_LUA).get_hash().to_owned();
+        if cfg.cluster {
+            let backend = cluster::ClusterBackend::new(&cfg)?;
+            return Ok(RedisSink {
+                conn: Backend::Cluster(Arc::new(backend)),
+                cfg,
+                sha,
+            });
+        }
         let client = redis::Client::open(cfg.url.as_str())?;
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
@@ -78,18 +114,35 @@ impl RedisSink {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
-        let sha = redis::Script::new(INVALIDATE_LUA).get_hash().to_owned();
-        Ok(RedisSink { conn, cfg, sha })
+        Ok(RedisSink {
+            conn: Backend::Standalone(conn),
+            cfg,
+            sha,
+        })
     }
 
-    /// Invalidates `keys`, each with its commit LSN. Returns the number Redis acknowledged.
+    /// True in Redis Cluster mode.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Backend::Cluster(_))
+    }
+
+    /// Invalidates `keys`, each with its commit LSN. Returns the number Redis acknowledged, which
+    /// on `Ok` is always the number of keys given (duplicates included).
     ///
     /// # Errors
-    /// A Redis error, a timeout, a short acknowledgement, or a key containing a brace.
+    /// A Redis error, a timeout, a short acknowledgement, or a key containing a brace. In cluster
+    /// mode after `cluster_retries` rounds of re-sending what was not acknowledged; part of the
+    /// keys may have been applied then (the script is idempotent: retry them all).
     pub async fn invalidate<'a>(
         &self,
         keys: impl IntoIterator<Item = (&'a str, Lsn)>,
     ) -> Result<u64, RedisSinkError> {
+        let conn = match &self.conn {
+            Backend::Standalone(conn) => conn,
+            Backend::Cluster(cluster) => {
+                return cluster.invalidate(&self.cfg, &self.sha, keys).await;
+            }
+        };
         let per_pipeline = self.cfg.keys_per_call * self.cfg.calls_per_pipeline;
         let mut pipelines = Vec::new();
         let mut chunk: Vec<(&str, Lsn)> = Vec::with_capacity(per_pipeline);
@@ -103,11 +156,14 @@ impl RedisSink {
                 chunk.extend(keys.by_ref().take(per_pipeline));
                 pipelines.push(self.pipeline(&chunk)?);
             }
-            let sent =
-                futures::stream::iter(pipelines.drain(..).map(|(pipe, n)| self.send(pipe, n)))
-                    .buffer_unordered(self.cfg.pipelines_in_flight)
-                    .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-                    .await?;
+            let sent = futures::stream::iter(
+                pipelines
+                    .drain(..)
+                    .map(|(pipe, n)| self.send(conn.clone(), pipe, n)),
+            )
+            .buffer_unordered(self.cfg.pipelines_in_flight)
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+            .await?;
             total += sent;
         }
         Ok(total)
@@ -134,8 +190,12 @@ impl RedisSink {
         Ok((pipe, keys.len()))
     }
 
-    async fn send(&self, pipe: redis::Pipeline, sent: usize) -> Result<u64, RedisSinkError> {
-        let mut conn = self.conn.clone();
+    async fn send(
+        &self,
+        mut conn: ConnectionManager,
+        pipe: redis::Pipeline,
+        sent: usize,
+    ) -> Result<u64, RedisSinkError> {
         let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
         let replies: Vec<i64> = tokio::time::timeout(timeout, pipe.query_async(&mut conn))
             .await
@@ -148,21 +208,31 @@ impl RedisSink {
     }
 
     /// Invalidates every key matching one of `patterns` (SCAN MATCH globs over the `{K}` layout),
-    /// with fence `lsn`. Returns the number of distinct cache keys found per page, summed.
+    /// with fence `lsn`. Returns the number of distinct cache keys found per page, summed. In
+    /// cluster mode every master is scanned (SCAN is per node; a master whose scan fails is
+    /// scanned again from the start, with a fresh slot map).
     ///
     /// # Errors
-    /// A Redis error or timeout.
+    /// A Redis error or timeout (in cluster mode after `cluster_retries` retries).
     pub async fn invalidate_matching(
         &self,
         patterns: &[String],
         lsn: Lsn,
     ) -> Result<u64, RedisSinkError> {
+        let conn = match &self.conn {
+            Backend::Standalone(conn) => conn,
+            Backend::Cluster(cluster) => {
+                return cluster
+                    .invalidate_matching(&self.cfg, &self.sha, patterns, lsn)
+                    .await;
+            }
+        };
         let mut total = 0u64;
         let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
         for pattern in patterns {
             let mut cursor: u64 = 0;
             loop {
-                let mut conn = self.conn.clone();
+                let mut conn = conn.clone();
                 let (next, found): (u64, Vec<String>) = tokio::time::timeout(
                     timeout,
                     redis::cmd("SCAN")
