@@ -46,7 +46,9 @@ pub(crate) struct SlotTable {
 
 impl SlotTable {
     /// Parses a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, ...], replicas...], ...]`.
-    fn parse(reply: Value) -> Result<SlotTable, String> {
+    /// An empty or wildcard host means "the node that answered" (the cluster client reads it the
+    /// same way): `answering_host`; `?` (unknown endpoint) leaves the range unserved.
+    fn parse(reply: Value, answering_host: &str) -> Result<SlotTable, String> {
         let Value::Array(ranges) = reply else {
             return Err(format!(
                 "CLUSTER SLOTS replied {reply:?}, not a list of slot ranges"
@@ -68,7 +70,11 @@ impl SlotTable {
                 [Value::BulkString(host), Value::Int(port), ..] => (host, *port),
                 other => return Err(format!("CLUSTER SLOTS: unexpected node {other:?}")),
             };
-            let host = String::from_utf8_lossy(host).into_owned();
+            let host = match String::from_utf8_lossy(host).as_ref() {
+                "" | "0.0.0.0" | "::" => answering_host.to_owned(),
+                "?" => continue,
+                other => other.to_owned(),
+            };
             let port = u16::try_from(port)
                 .map_err(|_| format!("CLUSTER SLOTS: node port {port} out of range"))?;
             let (Ok(start), Ok(end)) = (usize::try_from(start), usize::try_from(end)) else {
@@ -106,6 +112,8 @@ impl SlotTable {
 /// The cluster connection (opened on first use) and our copy of the slot map.
 pub(crate) struct ClusterBackend {
     client: ClusterClient,
+    /// Host of the first seed, for `CLUSTER SLOTS` entries without one.
+    seed_host: String,
     conn: tokio::sync::OnceCell<ClusterConnection>,
     slots: Mutex<Option<Arc<SlotTable>>>,
 }
@@ -130,8 +138,19 @@ impl ClusterBackend {
             .max_retry_wait(500)
             .retry_wait_formula(20, 2)
             .build()?;
+        let seed_host = cfg
+            .urls
+            .first()
+            .and_then(|url| redis::IntoConnectionInfo::into_connection_info(url.as_str()).ok())
+            .and_then(|info| match info.addr() {
+                redis::ConnectionAddr::Tcp(host, _) => Some(host.clone()),
+                redis::ConnectionAddr::TcpTls { host, .. } => Some(host.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
         Ok(ClusterBackend {
             client,
+            seed_host,
             conn: tokio::sync::OnceCell::new(),
             slots: Mutex::new(None),
         })
@@ -164,11 +183,14 @@ impl ClusterBackend {
         cmd.arg("SLOTS");
         let reply = tokio::time::timeout(
             timeout,
+            // Any node knows the whole map. A node only reports an empty host for itself
+            // before it ever met another node, i.e. in a one-node cluster: its seed's host.
             conn.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random)),
         )
         .await
         .map_err(|_| RedisSinkError::Timeout(timeout.as_millis() as u64))??;
-        let table = Arc::new(SlotTable::parse(reply).map_err(RedisSinkError::Cluster)?);
+        let table =
+            Arc::new(SlotTable::parse(reply, &self.seed_host).map_err(RedisSinkError::Cluster)?);
         *self.slots.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&table));
         Ok(table)
     }
@@ -535,7 +557,7 @@ mod tests {
                 node("127.0.0.1", 7001),
             ]),
         ]);
-        let table = SlotTable::parse(reply).expect("parses");
+        let table = SlotTable::parse(reply, "seed").expect("parses");
         assert_eq!(table.masters.len(), 2);
         assert_eq!(table.owner(0), Some(0));
         assert_eq!(table.owner(5460), Some(0));
@@ -551,7 +573,7 @@ mod tests {
             Value::Int(99),
             node("h", 1),
         ])]);
-        let table = SlotTable::parse(reply).expect("parses");
+        let table = SlotTable::parse(reply, "seed").expect("parses");
         assert_eq!(table.owner(100), None);
         for bad in [
             Value::Nil,
@@ -567,7 +589,7 @@ mod tests {
                 node("h", 70000),
             ])]),
         ] {
-            assert!(SlotTable::parse(bad.clone()).is_err(), "{bad:?}");
+            assert!(SlotTable::parse(bad.clone(), "seed").is_err(), "{bad:?}");
         }
     }
 }

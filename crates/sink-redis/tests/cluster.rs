@@ -385,3 +385,25 @@ async fn an_unreachable_cluster_fails_the_batch_and_recovers() {
     }
     assert_eq!(acked, Some(3_000));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_node_cluster_works_too() {
+    let cluster = start(1, 0).await;
+    let conn = client(&cluster).await;
+    let keys: Vec<String> = (0..1_000).map(|i| format!("p:{i}")).collect();
+    fill(&conn, &keys).await;
+    let sink = sink(&cluster);
+    let acked = sink
+        .invalidate(keys.iter().map(|k| (k.as_str(), Lsn(9))))
+        .await
+        .expect("invalidate");
+    assert_eq!(acked, 1_000);
+    assert_applied(&conn, &keys, |_| Lsn(9)).await;
+    fill(&conn, &keys).await;
+    let found = sink
+        .invalidate_matching(&["{p:*}*".to_string()], Lsn(10))
+        .await
+        .expect("scan");
+    assert!(found >= 1_000, "found {found}");
+    assert_applied(&conn, &keys, |_| Lsn(10)).await;
+}
