@@ -284,7 +284,7 @@ impl Shopper {
                 Err(e) => {
                     self.out
                         .first_error
-                        .get_or_insert_with(|| format!("checkout: {e}"));
+                        .get_or_insert_with(|| format!("checkout: {}", pg_error(&e)));
                     (Outcome::Failed, None)
                 }
             };
@@ -432,6 +432,14 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+}
+
+/// A PostgreSQL error with its SQLSTATE and message (`Display` says only "db error").
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 
@@ -678,7 +686,18 @@ pub async fn run(
         }
         None => None,
     };
-    let figures = summarize(&settings, &clock, &sale_end, outs, recorder, audit)?;
+    let (figures, first_error) = summarize(&settings, &clock, &sale_end, outs, recorder, audit)?;
+    if let Some(e) = first_error {
+        progress.suspend(|| {
+            tracing::warn!(
+                strategy = label,
+                read_errors = figures.read_errors,
+                checkouts_failed = figures.checkouts_failed,
+                first_error = %e,
+                "some reads or checkouts failed"
+            );
+        });
+    }
     Ok(figures)
 }
 
@@ -713,7 +732,7 @@ fn summarize(
     outs: Vec<ShopperOut>,
     lag: Option<LagSummary>,
     audit: catalog::OrderAudit,
-) -> anyhow::Result<StrategyFigures> {
+) -> anyhow::Result<(StrategyFigures, Option<String>)> {
     const SECOND: u64 = 1_000_000_000;
     let visible = clock.ns(sale_end.visible);
     let mut f = StrategyFigures::default();
@@ -768,9 +787,6 @@ fn summarize(
             first_error.map(|e| format!(": {e}")).unwrap_or_default()
         );
     }
-    if let Some(e) = first_error {
-        tracing::warn!(error = %e, "some reads or checkouts failed");
-    }
     f.reads_per_s = f.reads as f64 / settings.duration.as_secs_f64();
     f.hit_rate = 1.0 - f.db_loads as f64 / f.reads as f64;
     f.max_staleness_ms = max_stale_ns as f64 / 1e6;
@@ -795,5 +811,5 @@ fn summarize(
                 .count() as u64,
         );
     }
-    Ok(f)
+    Ok((f, first_error))
 }
