@@ -43,7 +43,8 @@ enum Command {
     /// The flash sale, end to end, zero config: private PostgreSQL and Redis, a catalog, shoppers,
     /// the sale ending mid-run; ttl-only cache-aside against cacheclear, side by side.
     ///
-    /// Takes about 35 s with the defaults. `--json` prints the figures as one JSON object.
+    /// Takes about 30 s with the defaults on 2 cores. `--json` prints the figures as one JSON
+    /// object.
     Demo(demo::DemoArgs),
     /// Run the Kafka → Redis invalidator: a consumer group applying bus records (and Debezium
     /// PostgreSQL change events) to Redis, committing offsets only after Redis acknowledged them.
