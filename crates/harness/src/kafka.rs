@@ -224,7 +224,7 @@ impl KafkaBroker {
     ///
     /// # Errors
     /// [`HarnessError::CommandFailed`] with tansu's output when the broker refuses (e.g. the topic
-    /// already exists: `TopicAlreadyExists`, or `partitions` is 0) or is unreachable (stopped).
+    /// already exists: "Topic with this name already exists.", or `partitions` is 0) or is unreachable (stopped).
     pub fn create_topic(&self, name: &str, partitions: u32) -> Result<(), HarnessError> {
         self.create_topic_once(name, partitions)?;
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
@@ -309,14 +309,29 @@ impl KafkaBroker {
         let mut cmd = self.tansu_command();
         cmd.args(["topic", "create", name, "--partitions", &partitions_arg])
             .args(["--broker", &broker_url]);
-        let hint = if self.server.is_none() {
-            "this broker is stopped: call start_again() first".to_string()
-        } else {
-            format!(
-                "check the topic name and partition count; the broker log is {}",
-                self.log_path.display()
-            )
+        // tansu's client retries a refused connection for ~25 s: fail fast when nothing listens.
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let not_listening = |hint: String| HarnessError::CommandFailed {
+            command: describe(&cmd),
+            status: "not run".into(),
+            output: format!("nothing accepts connections on {addr}"),
+            hint,
         };
+        if self.server.is_none() {
+            return Err(not_listening(
+                "this broker is stopped: call start_again() first".into(),
+            ));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
+            return Err(not_listening(format!(
+                "the broker process died; its log ends with:\n{}",
+                tail(&self.log_path, 0, LOG_TAIL_LINES)
+            )));
+        }
+        let hint = format!(
+            "check the topic name and partition count; the broker log is {}",
+            self.log_path.display()
+        );
         run_tansu(cmd, Duration::from_secs(30), hint)
     }
 
@@ -328,7 +343,7 @@ impl KafkaBroker {
         for var in TANSU_ENV {
             cmd.env_remove(var);
         }
-        cmd.env("RUST_LOG", "error");
+        cmd.env("RUST_LOG", "error").env("NO_COLOR", "1");
         cmd
     }
 
@@ -496,7 +511,7 @@ fn run_tansu(mut cmd: Command, timeout: Duration, hint: String) -> Result<(), Ha
         let _ = f
             .seek(SeekFrom::Start(0))
             .and_then(|_| f.read_to_end(&mut buf));
-        let text = String::from_utf8_lossy(&buf);
+        let text = strip_ansi(&String::from_utf8_lossy(&buf));
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     };
@@ -509,6 +524,26 @@ fn run_tansu(mut cmd: Command, timeout: Duration, hint: String) -> Result<(), Ha
         output,
         hint,
     })
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Finds `tansu`: `$CACHECLEAR_TANSU_BIN` (the executable, or a directory holding it) if set and
@@ -573,7 +608,12 @@ fn find_tansu_with(
             home.filter(|v| !v.is_empty())
                 .map(|h| PathBuf::from(h).join(".cargo").join("bin")),
         );
+    let mut seen = Vec::new();
     for dir in cargo_dirs {
+        if seen.contains(&dir) {
+            continue;
+        }
+        seen.push(dir.clone());
         let candidate = dir.join("tansu");
         if is_executable(&candidate) {
             return Ok(candidate);
@@ -598,6 +638,14 @@ fn is_executable(p: &Path) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn ansi_escapes_are_stripped() {
+        assert_eq!(
+            strip_ansi("\u{1b}[2mtime\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m x"),
+            "time ERROR x"
+        );
+    }
 
     #[test]
     fn missing_tansu_says_how_to_install_it() {
@@ -642,7 +690,7 @@ mod tests {
             .create_topic("harness.test", 3)
             .expect_err("exists already");
         assert!(
-            err.to_string().contains("TopicAlreadyExists"),
+            err.to_string().contains("already exists"),
             "{err}\nlog: {}",
             kafka.log_tail(20)
         );
@@ -656,7 +704,7 @@ mod tests {
         let err = kafka
             .create_topic("harness.test", 3)
             .expect_err("re-created");
-        assert!(err.to_string().contains("TopicAlreadyExists"), "{err}");
+        assert!(err.to_string().contains("already exists"), "{err}");
         let dir = kafka.dir().to_path_buf();
         drop(kafka);
         assert!(!dir.exists());
