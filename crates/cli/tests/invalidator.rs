@@ -114,7 +114,8 @@ listen = ""
     )
 }
 
-fn offsets(kafka: &KafkaBroker, group: &str, partitions: i32) -> (Vec<i64>, Vec<i64>) {
+/// The group's committed offset per partition (0 when none).
+fn committed_offsets(kafka: &KafkaBroker, group: &str, partitions: i32) -> Vec<i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())
         .set("group.id", group)
@@ -125,20 +126,12 @@ fn offsets(kafka: &KafkaBroker, group: &str, partitions: i32) -> (Vec<i64>, Vec<
         list.add_partition(TOPIC, p);
     }
     let got = c.committed_offsets(list, Duration::from_secs(10)).unwrap();
-    let committed = (0..partitions)
+    (0..partitions)
         .map(|p| match got.find_partition(TOPIC, p).map(|e| e.offset()) {
             Some(rdkafka::Offset::Offset(o)) => o,
             _ => 0,
         })
-        .collect();
-    let ends = (0..partitions)
-        .map(|p| {
-            c.fetch_watermarks(TOPIC, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
-        .collect();
-    (committed, ends)
+        .collect()
 }
 
 async fn dbsize(c: &mut redis::aio::MultiplexedConnection) -> i64 {
@@ -178,9 +171,16 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())
         .set("acks", "all")
-        .set("linger.ms", "5")
+        // One record per batch: tansu 0.6.0 serves a fetch starting inside a multi-record batch
+        // from the next batch on, so resuming mid-batch after the kill would skip records (a
+        // broker defect, see crates/invalidator/tests/common/mod.rs).
+        .set("batch.num.messages", "1")
+        .set("linger.ms", "0")
         .create()
         .unwrap();
+    // Records per partition = its log end on this fresh topic (tansu's reported offsets and
+    // watermarks are not reliable).
+    let mut ends = vec![0i64; 4];
     for chunk in records.chunks(2000) {
         let mut deliveries = Vec::new();
         for (k, v) in chunk {
@@ -190,7 +190,8 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
             deliveries.push(p.send_result(r).map_err(|(e, _)| e).unwrap());
         }
         for d in deliveries {
-            d.await.unwrap().map_err(|(e, _)| e).unwrap();
+            let d = d.await.unwrap().map_err(|(e, _)| e).unwrap();
+            ends[d.partition as usize] += 1;
         }
     }
 
@@ -199,9 +200,10 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     std::fs::write(&config, config_toml(&kafka, &redis, "crashy")).unwrap();
     let log = dir.path().join("invalidator.log");
     let mut first = Invalidator::start(&config, &log);
-    // Kill it while it is working through the backlog (some fences written, far from all).
+    // Kill it while it is working through the backlog: some batches committed, far from all
+    // (and, batches being 300 records, most likely between a batch's Redis writes and its commit).
     let start = Instant::now();
-    while dbsize(&mut c).await < 300 {
+    while committed_offsets(&kafka, "crashy", 4).iter().sum::<i64>() < 2000 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "no progress within 60 s"
@@ -209,19 +211,22 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.kill9();
-    let (committed, ends) = offsets(&kafka, "crashy", 4);
+    let fences_at_kill = dbsize(&mut c).await;
+    let committed = committed_offsets(&kafka, "crashy", 4);
     let committed_total: i64 = committed.iter().sum();
     let end_total: i64 = ends.iter().sum();
     assert!(
         committed_total < end_total,
         "killed mid-stream: committed {committed:?} of {ends:?}"
     );
-    eprintln!("killed with {committed_total} of {end_total} records committed");
+    eprintln!(
+        "killed with {committed_total} of {end_total} records committed, {fences_at_kill} keys fenced"
+    );
 
     let mut second = Invalidator::start(&config, &log);
     let start = Instant::now();
     loop {
-        let (committed, ends) = offsets(&kafka, "crashy", 4);
+        let committed = committed_offsets(&kafka, "crashy", 4);
         if committed == ends {
             break;
         }

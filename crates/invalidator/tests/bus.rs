@@ -65,7 +65,7 @@ async fn records_reach_redis_with_their_fences_and_offsets_are_committed() {
     )
     .await;
     let p = producer(&kafka);
-    produce_all(&p, TOPIC, &records).await;
+    let mut ends = produce_all(&p, TOPIC, &records).await;
     let table_wide = cacheclear_protocol::BusRecord {
         key: None,
         patterns: vec!["{listing:*}*".into()],
@@ -75,13 +75,14 @@ async fn records_reach_redis_with_their_fences_and_offsets_are_committed() {
         table: "public.listing".into(),
         op: cacheclear_protocol::Op::Truncate,
     };
-    produce(
+    let (part, _) = produce(
         &p,
         TOPIC,
         Some(b"public.listing"),
         Some(&table_wide.to_json()),
     )
     .await;
+    merge_ends(&mut ends, [(part, 1)].into());
 
     let member = Member::start(config(&kafka, &redis, "g1", &[TOPIC]));
     let status = member.status.clone();
@@ -102,10 +103,7 @@ async fn records_reach_redis_with_their_fences_and_offsets_are_committed() {
     assert_eq!(status.records_dead_lettered(), 0);
     member.stop().await;
     // Everything applied is committed: the group's offsets are the log ends.
-    assert_eq!(
-        committed(&kafka, "g1", TOPIC, 4),
-        end_offsets(&kafka, TOPIC, 4)
-    );
+    assert_eq!(committed(&kafka, "g1", TOPIC, 4), ends_vec(&ends, 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,24 +156,40 @@ async fn a_rebalance_mid_stream_loses_nothing_and_leaves_nothing_stale() {
     // Stream in slices; member B joins after the first third, A leaves after the second.
     let p = producer(&kafka);
     let third = records.len() / 3;
-    produce_all(&p, TOPIC, &records[..third]).await;
+    let mut ends = produce_all(&p, TOPIC, &records[..third]).await;
     let b = Member::start(cfg.clone());
     let sb = b.status.clone();
-    produce_all(&p, TOPIC, &records[third..2 * third]).await;
+    merge_ends(
+        &mut ends,
+        produce_all(&p, TOPIC, &records[third..2 * third]).await,
+    );
     wait_for(
         "the rebalance gave B partitions",
         Duration::from_secs(30),
         || async { sb.assigned_partitions() > 0 && sa.assigned_partitions() < 4 },
     )
     .await;
-    produce_all(&p, TOPIC, &records[2 * third..]).await;
+    merge_ends(
+        &mut ends,
+        produce_all(&p, TOPIC, &records[2 * third..]).await,
+    );
     // A leaves mid-stream (graceful): B takes everything over.
     a.stop().await;
     wait_for("B applied the rest", Duration::from_secs(60), || async {
-        let done = committed(&kafka, "g", TOPIC, 4) == end_offsets(&kafka, TOPIC, 4);
+        let done = committed(&kafka, "g", TOPIC, 4) == ends_vec(&ends, 4);
         done && sb.assigned_partitions() == 4
     })
     .await;
+    eprintln!(
+        "A applied {} dropped {}; B applied {} dropped {}; committed {:?}, produced {:?}",
+        sa.records_applied(),
+        sa.records_dropped(),
+        sb.records_applied(),
+        sb.records_dropped(),
+        committed(&kafka, "g", TOPIC, 4),
+        ends_vec(&ends, 4)
+    );
+    assert_all_fenced(&mut c, &expected).await;
     assert!(
         sa.records_applied() + sb.records_applied() >= 12_000,
         "A {} + B {} applied",

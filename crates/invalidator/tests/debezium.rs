@@ -347,8 +347,5 @@ async fn debezium_events_evict_exactly_their_keys() {
 
     member.stop().await;
     // The group committed past the malformed records (after their dead-letter produce).
-    assert_eq!(
-        committed(&kafka, "dbz", TOPIC, 1),
-        end_offsets(&kafka, TOPIC, 1)
-    );
+    assert_eq!(committed(&kafka, "dbz", TOPIC, 1), vec![sent as i64]);
 }
