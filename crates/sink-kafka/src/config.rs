@@ -106,7 +106,8 @@ impl KafkaConfig {
     /// # Errors
     /// An empty `brokers`; a `topic` Kafka would refuse (empty, over 249 characters, `.`/`..`,
     /// characters other than ASCII letters, digits, `.`, `_`, `-`); `message_timeout_ms` or
-    /// `max_in_flight` of 0; `linger_ms` over 900000; a reserved key in `properties`.
+    /// `max_in_flight` of 0; `linger_ms` over 900000 or not below `message_timeout_ms`; a reserved
+    /// key in `properties`.
     pub fn validate(&self) -> Result<(), String> {
         if self.brokers.split(',').all(|b| b.trim().is_empty()) {
             return Err(
@@ -128,6 +129,13 @@ impl KafkaConfig {
             return Err(format!(
                 "kafka.linger_ms: {} is over librdkafka's maximum 900000",
                 self.linger_ms
+            ));
+        }
+        if self.linger_ms >= self.message_timeout_ms {
+            return Err(format!(
+                "kafka.linger_ms: {} must be below kafka.message_timeout_ms ({}): a record may not \
+                 wait longer than it is allowed to take in all",
+                self.linger_ms, self.message_timeout_ms
             ));
         }
         if self.max_in_flight == 0 {
@@ -208,6 +216,13 @@ mod tests {
         bad(&|c| c.message_timeout_ms = 0, "kafka.message_timeout_ms");
         bad(&|c| c.max_in_flight = 0, "kafka.max_in_flight");
         bad(&|c| c.linger_ms = 1_000_000, "kafka.linger_ms");
+        bad(
+            &|c| {
+                c.message_timeout_ms = 100;
+                c.linger_ms = 100;
+            },
+            "kafka.linger_ms",
+        );
         bad(
             &|c| {
                 c.properties.insert("acks".into(), "1".into());

@@ -13,11 +13,13 @@
 //! delivery report — only then does the CDC source confirm the batch's LSN to PostgreSQL. Any
 //! failed report (broker down past `message_timeout_ms`, unknown topic, authorization, …) fails
 //! the batch; the source retries it, so records may be published more than once (harmless: the
-//! eviction is idempotent). At most [`KafkaConfig::max_in_flight`] records await their report at
-//! once, so a million-key transaction streams through a bounded window.
+//! eviction is idempotent). After a failed batch the producer is replaced by a fresh one (new
+//! producer id, new connections), so no stuck producer state outlives a failure. At most
+//! [`KafkaConfig::max_in_flight`] records await their report at once, so a million-key
+//! transaction streams through a bounded window.
 //!
 //! ```no_run
-//! # async fn demo(batch: cacheclear_protocol::Batch) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(batch: cacheclear_protocol::Batch) -> Result<(), cacheclear_protocol::SinkError> {
 //! use cacheclear_protocol::Sink;
 //! use cacheclear_sink_kafka::{KafkaConfig, KafkaSink};
 //! let mut sink = KafkaSink::connect(KafkaConfig::new("127.0.0.1:9092"))?;
@@ -127,13 +129,12 @@ impl KafkaSink {
     ///
     /// # Errors
     /// The first failed delivery ([`KafkaSinkError::Delivery`]) or enqueue; the batch should be
-    /// retried as a whole (records already delivered are then published again).
+    /// retried as a whole (records already delivered are then published again). The producer is
+    /// replaced before returning the error.
     pub async fn publish(&mut self, batch: &Batch) -> Result<(), KafkaSinkError> {
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            // An idempotent producer that hit a fatal error (e.g. the broker lost its producer
-            // state: out-of-order sequence) refuses every further record; start a new one.
-            tracing::warn!(?code, %reason, "kafka producer hit a fatal error; creating a new one");
-            self.producer = create_producer(&self.cfg)?;
+            tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it");
+            self.replace_producer()?;
         }
         let mut window = Window {
             producer: &self.producer,
@@ -184,7 +185,29 @@ impl KafkaSink {
         }
         .await;
         metrics::counter!("cacheclear_kafka_records_delivered_total").increment(window.delivered);
+        if result.is_err() {
+            // The batch will be sent again in full, so nothing the old producer still holds is
+            // needed — and its state may be what failed: a broker that lost our producer id
+            // (restarted, or expired it) answers UNKNOWN_PRODUCER_ID to every retry of an
+            // idempotent producer, forever. A fresh producer gets a new id and new connections.
+            if let Err(e) = self.replace_producer() {
+                tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
+            }
+        }
         result
+    }
+
+    /// Swaps in a new producer; the old one is dropped off the async threads (dropping purges
+    /// its queue and may block up to ~0.5 s).
+    fn replace_producer(&mut self) -> Result<(), KafkaSinkError> {
+        let old = std::mem::replace(&mut self.producer, create_producer(&self.cfg)?);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || drop(old));
+            }
+            Err(_) => drop(old),
+        }
+        Ok(())
     }
 }
 
