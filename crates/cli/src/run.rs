@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use cacheclear_sink_kafka::KafkaSink;
 use cacheclear_sink_redis::RedisSink;
 use cacheclear_source_postgres::RunOptions;
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, SinkChoice};
 
 /// Installs the Prometheus recorder and serves `GET /metrics` on `listen`.
 ///
@@ -73,8 +74,12 @@ fn describe_metrics() {
         "pg_current_wal_lsn() - restart_lsn of the slot: WAL the server keeps for us."
     );
     describe_counter!(
+        "cacheclear_kafka_records_delivered_total",
+        "Bus records the Kafka sink published and got a successful delivery report for."
+    );
+    describe_counter!(
         "cacheclear_sink_errors_total",
-        "Failed attempts to apply a batch (Redis errors, timeouts)."
+        "Failed attempts to apply a batch (Redis errors and timeouts, failed Kafka deliveries)."
     );
     describe_counter!(
         "cacheclear_sink_retries_total",
@@ -113,20 +118,43 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `cacheclear run --config <path>`.
+/// `cacheclear run --config <path>`: the source, writing to the sink `[sink] kind` selects.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     let (cfg, rules) = AppConfig::load(path)?;
+    let sink = cfg.sink()?;
     serve_metrics(&cfg.metrics.listen).await?;
+    match &sink {
+        SinkChoice::Redis(redis) => tracing::info!(sink = "redis", url = %redis.url, "direct mode"),
+        SinkChoice::Kafka(kafka) => {
+            tracing::info!(sink = "kafka", brokers = %kafka.brokers, topic = %kafka.topic, "bus mode")
+        }
+    }
     let rules = Arc::new(rules);
     let options = RunOptions::default();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_secs(1);
     loop {
-        let started = std::time::Instant::now();
-        let sink = RedisSink::connect(cfg.redis.clone())?;
+        let pipeline = async {
+            let (pg, rules, options, stop) = (
+                &cfg.postgres,
+                Arc::clone(&rules),
+                options.clone(),
+                std::future::pending(),
+            );
+            anyhow::Ok(match &sink {
+                SinkChoice::Redis(c) => {
+                    let sink = RedisSink::connect(c.clone())?;
+                    cacheclear_source_postgres::run(pg, rules, sink, options, stop).await
+                }
+                SinkChoice::Kafka(c) => {
+                    let sink = KafkaSink::connect(c.clone())?;
+                    cacheclear_source_postgres::run(pg, rules, sink, options, stop).await
+                }
+            })
+        };
         let result = tokio::select! {
-            r = cacheclear_source_postgres::run(&cfg.postgres, Arc::clone(&rules), sink, options.clone(), std::future::pending()) => r,
+            r = pipeline => r?,
             () = &mut shutdown => {
                 tracing::info!("stopped; unconfirmed work will be replayed from the slot on the next start");
                 return Ok(());
@@ -136,10 +164,6 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             Ok(()) => return Ok(()),
             Err(e) if e.is_fatal() => return Err(anyhow::Error::new(e).context("cacheclear run")),
             Err(e) => {
-                if started.elapsed() > Duration::from_secs(60) {
-                    // It ran fine for a while: this is a new failure, not a crash loop.
-                    backoff = Duration::from_secs(1);
-                }
                 tracing::error!(error = %e, retry_in_s = backoff.as_secs(), "pipeline stopped; restarting from the slot");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
