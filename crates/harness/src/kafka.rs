@@ -568,8 +568,8 @@ fn find_tansu_with(
     home: Option<&OsStr>,
 ) -> Result<PathBuf, HarnessError> {
     let hint = format!(
-        "install it with `{TANSU_INSTALL}` (a Kafka-protocol broker in one binary; the build \
-         takes about 10 minutes), or set {TANSU_BIN_ENV} to its path"
+        "install it with `{TANSU_INSTALL}` (a Kafka-protocol broker in one binary; building it takes
+         10-40 minutes), or set {TANSU_BIN_ENV} to its path"
     );
     if let Some(env) = env.filter(|v| !v.is_empty()) {
         let given = PathBuf::from(env);
