@@ -58,7 +58,7 @@ impl BusRecord {
     /// [`RecordError`] naming what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<BusRecord, RecordError> {
         let r: BusRecord = serde_json::from_slice(bytes)?;
-        if r.key.is_some() == !r.patterns.is_empty() {
+        if r.key.is_some() != r.patterns.is_empty() {
             return Err(RecordError::Shape);
         }
         Ok(r)
