@@ -650,6 +650,11 @@ pub async fn run(
     while let Some(out) = shoppers.join_next().await {
         outs.push(out.context("a shopper task failed")?);
     }
+    for (i, cache) in caches.iter().enumerate() {
+        if let Cache::Cacheclear(client) = cache {
+            tracing::debug!(app_server = i, stats = ?client.stats(), "cache client counters");
+        }
+    }
     ticker.abort();
     let _ = edits.await.context("the catalog-edit job failed")??;
     let sale_end = sale_end
