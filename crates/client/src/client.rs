@@ -314,6 +314,7 @@ impl Client {
         }
 
         self.incr(Counter::misses);
+        self.hook(HookPoint::Missed, key).await;
         let started = Instant::now();
         let deadline = started + config.lease_wait();
         let mut backoff = ms(config.backoff_initial_ms);
@@ -321,7 +322,29 @@ impl Client {
         loop {
             match self.try_lease(&mut conn, layout).await {
                 Ok(Lease::Acquired(token)) => {
-                    return self.load_and_fill(layout, token, loader).await;
+                    // Another holder may have filled and released between our GET and our
+                    // lease. Re-read under the lease, so one invalidation costs one load.
+                    let guard = LeaseGuard {
+                        inner: Some(self.inner.clone()),
+                        lease_key: layout.lease(),
+                        token,
+                    };
+                    match self.get_value::<T>(&mut conn, layout).await {
+                        Ok(Some(env)) => {
+                            guard.release().await;
+                            self.incr(Counter::hits);
+                            self.local_put(key, &env.payload).await;
+                            return Ok(env.payload);
+                        }
+                        Ok(None) => {
+                            let token = guard.into_token();
+                            return self.load_and_fill(layout, token, loader).await;
+                        }
+                        Err(e) => {
+                            guard.release_in_background();
+                            return self.redis_failed(key, "GET", e, loader).await;
+                        }
+                    }
                 }
                 Ok(Lease::HeldElsewhere) => {}
                 // Redis is full: "don't cache" (not a Redis failure, whatever the policy).
@@ -693,6 +716,12 @@ struct LeaseGuard {
 impl LeaseGuard {
     fn disarm(mut self) {
         self.inner = None;
+    }
+
+    /// Disarms the guard and hands its token on (to `load_and_fill`, which guards it again).
+    fn into_token(mut self) -> String {
+        self.inner = None;
+        std::mem::take(&mut self.token)
     }
 
     /// `RELEASE`: compare-and-delete of our token.

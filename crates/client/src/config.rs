@@ -73,6 +73,8 @@ impl Default for LocalTierConfig {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HookPoint {
+    /// `GET` missed; the lease has not been tried yet.
+    Missed,
     /// The lease was just acquired; the loader has not run yet.
     LeaseAcquired,
     /// The loader returned a value; the fill script has not run yet.

@@ -886,7 +886,8 @@ async fn undecodable_values_are_misses() -> TestResult {
         })
         .await?;
     assert_eq!(v, 3);
-    assert_eq!(client.stats().decode_errors, 1);
+    // Read twice: the miss, and the re-check under the lease.
+    assert_eq!(client.stats().decode_errors, 2);
     let stored: String = redis::cmd("GET").arg("{d:1}").query_async(&mut r).await?;
     assert!(stored.starts_with("{\"format\":1,"), "{stored}");
     Ok(())
@@ -1014,5 +1015,60 @@ async fn local_tier_staleness_is_bounded_by_its_ttl() -> TestResult {
         })
         .await?;
     assert_eq!(v, 3);
+    Ok(())
+}
+
+// ----- one load per invalidation, even when a lease is taken just after a fill -----
+
+/// A reader misses, then (paused) another process loads, fills and releases the lease; when the
+/// first reader takes the now-free lease it must find the value instead of loading again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_after_a_fill_does_not_load_again() -> TestResult {
+    let redis = RedisInstance::start()?;
+    let gate = Gate::new(HookPoint::Missed);
+    let paused = Client::connect(
+        &redis.url(),
+        quick(Config {
+            hook: Some(gate.hook()),
+            ..Config::default()
+        }),
+    )
+    .await?;
+    let other = Client::connect(&redis.url(), quick(Config::default())).await?;
+    let loads = Arc::new(AtomicUsize::new(0));
+    let loader = |loads: Arc<AtomicUsize>| {
+        move || async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(cacheclear_client::Loaded::new(7_i64))
+        }
+    };
+
+    let first = tokio::spawn({
+        let paused = paused.clone();
+        let loader = loader(Arc::clone(&loads));
+        async move { paused.get_or_load("race:1", loader).await }
+    });
+    gate.wait_reached().await;
+    // Meanwhile another process misses too, takes the lease, loads, fills and releases it.
+    assert_eq!(
+        other
+            .get_or_load("race:1", loader(Arc::clone(&loads)))
+            .await?,
+        7
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    gate.resume();
+    assert_eq!(first.await??, 7);
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "the value was loaded twice for one miss"
+    );
+    assert_eq!(paused.stats().hits, 1);
+    let mut conn = redis_conn(&redis).await;
+    assert!(
+        !exists(&mut conn, "{race:1}:lease").await,
+        "the re-checking reader released its lease"
+    );
     Ok(())
 }
