@@ -247,7 +247,10 @@ pub(crate) struct Instances {
 
 impl Instances {
     /// Starts what is not given.
-    pub async fn start(pg_url: Option<String>, redis_url: Option<String>) -> anyhow::Result<Instances> {
+    pub async fn start(
+        pg_url: Option<String>,
+        redis_url: Option<String>,
+    ) -> anyhow::Result<Instances> {
         let pg = match &pg_url {
             Some(_) => None,
             None => Some(tokio::task::spawn_blocking(PgInstance::start).await??),
@@ -273,7 +276,10 @@ impl Instances {
 
 /// (Re)creates `cacheclear_bench_product` with `rows` rows (REPLICA IDENTITY FULL), dropping the
 /// `cacheclear_bench` slot and publication left by an earlier run. Returns the connection.
-pub(crate) async fn create_bench_table(pg_url: &str, rows: u64) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn create_bench_table(
+    pg_url: &str,
+    rows: u64,
+) -> anyhow::Result<tokio_postgres::Client> {
     let (db, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
         .await
         .context("connect PostgreSQL")?;

@@ -42,7 +42,9 @@ pub struct KafkaConfig {
     /// Default 10000.
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
-    /// Longest wait, in ms, for more records once a batch has its first one. Default 5.
+    /// Longest time, in ms, spent collecting one batch after its first record. A batch takes the
+    /// records librdkafka has already fetched and ends early when none is ready, so an idle
+    /// stream is never delayed by this; it bounds the collection on a busy one. Default 5.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
     /// Extra librdkafka properties for the consumer and the dead-letter producer (security,

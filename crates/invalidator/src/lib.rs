@@ -15,8 +15,10 @@
 //!   offset is the highest contiguous offset whose record was acknowledged by Redis (or, for a
 //!   malformed record, by the dead-letter topic), plus one ([`OffsetTracker`]). A crash replays
 //!   from there; replays are harmless (the script is idempotent and fences only move forward).
-//! - Batching: up to `batch_max_records` records or `batch_max_wait_ms` after the first one are
-//!   applied together (keys de-duplicated, highest LSN kept), then their offsets are committed.
+//! - Batching: the first record plus whatever librdkafka has already fetched (up to
+//!   `batch_max_records`, at most `batch_max_wait_ms` of collecting; no waiting when nothing more
+//!   is ready) are applied together (keys de-duplicated, highest LSN kept), then their offsets
+//!   are committed.
 //! - Rebalances: a custom [`rdkafka::consumer::ConsumerContext`] records assignments and
 //!   revocations with a generation per partition ([`Ownership`]). Work received under an
 //!   assignment that was revoked meanwhile is dropped, never committed: the new owner reads it
@@ -197,6 +199,9 @@ pub struct AppliedBatch<'a> {
     /// Commit time (µs since the Unix epoch) of every applied record of the batch, in receive
     /// order (bus `commit_time_us`, Debezium `source.ts_ms` × 1000).
     pub commit_times_us: &'a [i64],
+    /// Kafka timestamp (ms since the Unix epoch; the producer's send time under the default
+    /// `CreateTime`) of the same records, in the same order; `None` when the record has none.
+    pub kafka_times_ms: &'a [Option<i64>],
     /// When Redis acknowledged the batch, µs since the Unix epoch.
     pub applied_at_us: i64,
     /// Distinct cache keys sent.

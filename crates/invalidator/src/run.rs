@@ -8,7 +8,7 @@ use std::time::Duration;
 use cacheclear_protocol::Lsn;
 use cacheclear_rules::Rules;
 use cacheclear_sink_redis::{RedisSink, RedisSinkError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -112,6 +112,8 @@ struct Received {
     tp: Tp,
     generation: u64,
     offset: i64,
+    /// The record's Kafka timestamp, ms.
+    timestamp_ms: Option<i64>,
     outcome: Result<Decoded, Malformed>,
     /// Key and value, kept for the dead-letter topic (malformed records only).
     raw: Option<RawRecord>,
@@ -214,12 +216,15 @@ pub async fn run(
             m = messages.next() => match m { Some(m) => m, None => break 'outer },
         };
         batch.extend(received(first, &formats, &decoder, &ownership));
-        let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < max_records {
-            match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(None) => break 'outer,
-                Ok(Some(m)) => batch.extend(received(m, &formats, &decoder, &ownership)),
-                Err(_) => break,
+        // Then whatever librdkafka has already fetched, without waiting for more: the batch
+        // ends when it is full, when nothing more is ready (an idle stream is not delayed), or
+        // after `batch_max_wait_ms` of collecting (a busy stream is not starved of commits).
+        let deadline = std::time::Instant::now() + max_wait;
+        while batch.len() < max_records && std::time::Instant::now() < deadline {
+            match messages.next().now_or_never() {
+                Some(None) => break 'outer,
+                Some(Some(m)) => batch.extend(received(m, &formats, &decoder, &ownership)),
+                None => break,
             }
         }
         // Records of partitions revoked while the batch filled are dropped (not applied, not
@@ -317,6 +322,7 @@ fn received(
         tp,
         generation,
         offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
         outcome,
         raw,
     })
@@ -336,6 +342,7 @@ async fn apply(
     let mut keys: Vec<(&str, Lsn)> = Vec::new();
     let mut tables: Vec<(&[String], Lsn)> = Vec::new();
     let mut commit_times = Vec::with_capacity(batch.len());
+    let mut kafka_times = Vec::with_capacity(batch.len());
     let mut skipped = 0u64;
     let mut malformed: Vec<&Received> = Vec::new();
     for r in batch {
@@ -346,6 +353,7 @@ async fn apply(
                     tables.push((&e.patterns, e.lsn));
                 }
                 commit_times.push(e.commit_time_us);
+                kafka_times.push(r.timestamp_ms);
             }
             Ok(Decoded::Skip(why)) => {
                 tracing::debug!(topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, reason = %why, "nothing to evict");
@@ -407,6 +415,7 @@ async fn apply(
     if let Some(observer) = &options.observer {
         observer(&AppliedBatch {
             commit_times_us: &commit_times,
+            kafka_times_ms: &kafka_times,
             applied_at_us,
             keys: keys.len(),
         });

@@ -51,6 +51,12 @@ pub struct KafkaArgs {
     /// Records pre-filled into a topic for the throughput figure.
     #[arg(long, default_value_t = 500_000)]
     throughput_records: u64,
+    /// The invalidator's `fetch.wait.max.ms` (how long the broker may hold an empty fetch).
+    #[arg(long, default_value_t = 10)]
+    fetch_wait_max_ms: u64,
+    /// The invalidator's `batch_max_wait_ms`.
+    #[arg(long, default_value_t = 5)]
+    batch_max_wait_ms: u64,
     /// Partitions of the bench topics.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
@@ -70,10 +76,14 @@ struct Figures {
     lag_1k_p99_ms: f64,
     lag_1k_max_ms: f64,
     achieved_1k_rows_per_s: f64,
+    source_lag_1k_p99_ms: f64,
+    kafka_to_redis_1k_p99_ms: f64,
     lag_10k_p50_ms: f64,
     lag_10k_p99_ms: f64,
     lag_10k_max_ms: f64,
     achieved_10k_rows_per_s: f64,
+    source_lag_10k_p99_ms: f64,
+    kafka_to_redis_10k_p99_ms: f64,
     invalidator_records_per_s: f64,
     throughput_records: u64,
     throughput_seconds: f64,
@@ -86,6 +96,8 @@ struct Figures {
 
 struct Lag {
     hist: Histogram<u64>,
+    /// Kafka timestamp → Redis ack (broker transit + invalidator), µs.
+    kafka_hist: Histogram<u64>,
     recording: bool,
 }
 
@@ -122,7 +134,31 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     let mut sink_cfg = cacheclear_sink_kafka::KafkaConfig::new(broker.bootstrap());
     sink_cfg.topic = TOPIC.into();
     let sink = KafkaSink::connect(sink_cfg)?;
-    let source_options = cacheclear_source_postgres::RunOptions::default();
+    // Commit → Kafka acknowledgement, per transaction: the source's share of the lag.
+    let source_lag = Arc::new(Mutex::new(Lag {
+        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        kafka_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        recording: false,
+    }));
+    let source_observer = {
+        let source_lag = Arc::clone(&source_lag);
+        Arc::new(move |batch: &cacheclear_protocol::Batch| {
+            let acked = cacheclear_invalidator::now_us();
+            let Ok(mut l) = source_lag.lock() else { return };
+            if !l.recording {
+                return;
+            }
+            for t in &batch.txns {
+                if !t.keys.is_empty() {
+                    let _ = l.hist.record((acked - t.commit_time_us).max(1) as u64);
+                }
+            }
+        })
+    };
+    let source_options = cacheclear_source_postgres::RunOptions {
+        observer: Some(source_observer),
+        ..Default::default()
+    };
     let source_status = Arc::clone(&source_options.status);
     let (stop_source, source_stop) = tokio::sync::oneshot::channel::<()>();
     let source = tokio::spawn({
@@ -138,6 +174,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     // The invalidator applies them to Redis; its observer measures commit → Redis-ack lag.
     let lag = Arc::new(Mutex::new(Lag {
         hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        kafka_hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
         recording: false,
     }));
     let observer = {
@@ -149,6 +186,11 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             }
             for t in b.commit_times_us {
                 let _ = l.hist.record((b.applied_at_us - t).max(1) as u64);
+            }
+            for t in b.kafka_times_ms.iter().flatten() {
+                let _ = l
+                    .kafka_hist
+                    .record((b.applied_at_us - t * 1000).max(1) as u64);
             }
         })
     };
@@ -163,6 +205,12 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
         debezium: Default::default(),
         rules: vec![],
     };
+    let mut inv_cfg = inv_cfg;
+    inv_cfg.kafka.batch_max_wait_ms = args.batch_max_wait_ms;
+    inv_cfg.kafka.properties.insert(
+        "fetch.wait.max.ms".into(),
+        args.fetch_wait_max_ms.to_string(),
+    );
     let inv_options = RunOptions {
         observer: Some(observer),
         ..RunOptions::default()
@@ -207,9 +255,12 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             "steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s",
             args.seconds
         ));
-        if let Ok(mut l) = lag.lock() {
-            l.hist.reset();
-            l.recording = true;
+        for l in [&lag, &source_lag] {
+            if let Ok(mut l) = l.lock() {
+                l.hist.reset();
+                l.kafka_hist.reset();
+                l.recording = true;
+            }
         }
         let achieved = steady_load(
             &instances.pg_url,
@@ -235,7 +286,20 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
         };
         l.recording = false;
         let ms = |q: f64| l.hist.value_at_quantile(q) as f64 / 1000.0;
-        phases.push((ms(0.5), ms(0.99), l.hist.max() as f64 / 1000.0, achieved));
+        let Ok(mut sl) = source_lag.lock() else {
+            bail!("lag recorder poisoned")
+        };
+        sl.recording = false;
+        let source_p99 = sl.hist.value_at_quantile(0.99) as f64 / 1000.0;
+        let kafka_p99 = l.kafka_hist.value_at_quantile(0.99) as f64 / 1000.0;
+        phases.push((
+            ms(0.5),
+            ms(0.99),
+            l.hist.max() as f64 / 1000.0,
+            achieved,
+            source_p99,
+            kafka_p99,
+        ));
     }
     let _ = stop_source.send(());
     let _ = source.await;
@@ -290,10 +354,14 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
         lag_1k_p99_ms: phases[0].1,
         lag_1k_max_ms: phases[0].2,
         achieved_1k_rows_per_s: phases[0].3,
+        source_lag_1k_p99_ms: phases[0].4,
+        kafka_to_redis_1k_p99_ms: phases[0].5,
         lag_10k_p50_ms: phases[1].0,
         lag_10k_p99_ms: phases[1].1,
         lag_10k_max_ms: phases[1].2,
         achieved_10k_rows_per_s: phases[1].3,
+        source_lag_10k_p99_ms: phases[1].4,
+        kafka_to_redis_10k_p99_ms: phases[1].5,
         invalidator_records_per_s: args.throughput_records as f64 / throughput_seconds,
         throughput_records: args.throughput_records,
         throughput_seconds,
@@ -376,6 +444,14 @@ fn print_table(f: &Figures) {
     );
     println!(
         "{:<48} {:>9.2} ms",
+        "  of which commit → Kafka ack p99 (source)", f.source_lag_1k_p99_ms
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "  Kafka timestamp → Redis ack p99 (invalidator)", f.kafka_to_redis_1k_p99_ms
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
         "lag p50 @ 10k rows/s", f.lag_10k_p50_ms
     );
     println!(
@@ -389,6 +465,14 @@ fn print_table(f: &Figures) {
     println!(
         "{:<48} {:>12.0}",
         "  achieved rows/s", f.achieved_10k_rows_per_s
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "  of which commit → Kafka ack p99 (source)", f.source_lag_10k_p99_ms
+    );
+    println!(
+        "{:<48} {:>9.2} ms",
+        "  Kafka timestamp → Redis ack p99 (invalidator)", f.kafka_to_redis_10k_p99_ms
     );
     println!(
         "{:<48} {:>12.0}",
