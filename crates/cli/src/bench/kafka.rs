@@ -1,9 +1,10 @@
 //! `cacheclear bench kafka`: bus mode end to end — PostgreSQL → cacheclear source → Kafka sink →
 //! topic → invalidator (consumer group) → Redis — and the invalidator's own throughput.
 //!
-//! Everything runs on this machine: private PostgreSQL, Redis (standalone; `redis_mode` in the
-//! output says so) and Kafka-protocol broker (tansu, in-memory), unless URLs are given; the source
-//! and the invalidator run in this process. Figures:
+//! Everything runs on this machine: private PostgreSQL, Redis (standalone, or a Redis Cluster
+//! with `--redis-cluster-masters N`; `redis_mode` in the output says which) and Kafka-protocol
+//! broker (tansu, in-memory), unless URLs are given; the source and the invalidator run in this
+//! process. Figures:
 //! - lag (ms, p50/p99/max) per bus record, from the transaction's commit time (PostgreSQL's clock,
 //!   the same machine) to Redis's acknowledgement in the invalidator, at a steady 1k and 10k row
 //!   changes/s (each row change publishes a product-key record; category keys are de-duplicated
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use cacheclear_harness::KafkaBroker;
+use cacheclear_harness::{KafkaBroker, RedisCluster};
 use cacheclear_invalidator::{AppliedBatch, InvalidatorConfig, KafkaConfig, RunOptions};
 use cacheclear_protocol::{BusRecord, Lsn, Op};
 use cacheclear_sink_kafka::KafkaSink;
@@ -67,6 +68,10 @@ pub struct KafkaArgs {
     /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
     #[arg(long)]
     redis_url: Option<String>,
+    /// Invalidate a private Redis Cluster of this many masters instead of a standalone Redis
+    /// (0: standalone).
+    #[arg(long, default_value_t = 0)]
+    redis_cluster_masters: usize,
 }
 
 #[derive(serde::Serialize)]
@@ -88,7 +93,7 @@ struct Figures {
     throughput_records: u64,
     throughput_seconds: f64,
     partitions: u32,
-    redis_mode: &'static str,
+    redis_mode: String,
     broker: &'static str,
     peak_rss_mb: f64,
     cores: usize,
@@ -109,7 +114,26 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             eprintln!("bench: {msg}");
         }
     };
-    let instances = Instances::start(args.postgres_url.clone(), args.redis_url.clone()).await?;
+    // A cluster replaces the standalone Redis (whose URL is then unused).
+    let cluster = match args.redis_cluster_masters {
+        0 => None,
+        n => Some(tokio::task::spawn_blocking(move || RedisCluster::start(n, 0)).await??),
+    };
+    let redis_url = match &cluster {
+        Some(_) => Some(String::new()),
+        None => args.redis_url.clone(),
+    };
+    let instances = Instances::start(args.postgres_url.clone(), redis_url).await?;
+    let (redis_cfg, redis_mode) = match &cluster {
+        Some(c) => (
+            RedisConfig::cluster(c.seeds()),
+            format!("cluster, {} masters", args.redis_cluster_masters),
+        ),
+        None => (
+            RedisConfig::new(instances.redis_url.clone()),
+            "standalone".to_string(),
+        ),
+    };
     let broker = tokio::task::spawn_blocking(KafkaBroker::start).await??;
     let partitions = args.partitions;
     // create_topic blocks briefly (a tansu CLI call); fine at setup.
@@ -201,7 +225,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             vec![TOPIC.into()],
             DLQ,
         ),
-        redis: RedisConfig::new(instances.redis_url.clone()),
+        redis: redis_cfg,
         debezium: Default::default(),
         rules: vec![],
     };
@@ -366,7 +390,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
         throughput_records: args.throughput_records,
         throughput_seconds,
         partitions,
-        redis_mode: "standalone",
+        redis_mode,
         broker: "tansu (in-memory)",
         peak_rss_mb: peak_rss_mb()?,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
