@@ -115,30 +115,7 @@ impl AppConfig {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<(AppConfig, Rules)> {
-        if !path.exists() {
-            bail!(
-                "config file {} does not exist (start from the example in README.md, section Configuration)",
-                path.display()
-            );
-        }
-        let env: std::collections::HashMap<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("CACHECLEAR__"))
-            .collect();
-        let settings = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("CACHECLEAR")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(env)),
-            )
-            .build()
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let cfg: AppConfig = settings
-            .try_deserialize()
-            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let cfg: AppConfig = read_toml_with_env(path, env, "README.md, section Configuration")?;
         let rules = cfg
             .validate()
             .with_context(|| format!("invalid config file {}", path.display()))?;
@@ -205,6 +182,43 @@ impl AppConfig {
             ),
         }
     }
+}
+
+/// Reads the TOML file `path`, applies `CACHECLEAR__<SECTION>__<FIELD>` overrides from `env`,
+/// and deserializes it into `T`. `example` says where a starting point is documented.
+///
+/// # Errors
+/// The file is missing or does not parse, or a field is missing, unknown or of the wrong type;
+/// the message names the file and the field.
+pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+    example: &str,
+) -> anyhow::Result<T> {
+    if !path.exists() {
+        bail!(
+            "config file {} does not exist (start from the example in {example})",
+            path.display()
+        );
+    }
+    let env: std::collections::HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("CACHECLEAR__"))
+        .collect();
+    let settings = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("CACHECLEAR")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env)),
+        )
+        .build()
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    settings
+        .try_deserialize()
+        .with_context(|| format!("invalid config file {}", path.display()))
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use cacheclear_invalidator::{DebeziumConfig, InvalidatorConfig, KafkaConfig, RunOptions};
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::RedisConfig;
@@ -89,29 +89,11 @@ impl InvalidateFile {
     /// The file is missing or does not parse, a field is missing, unknown or invalid; the message
     /// names the file and the field.
     pub fn load(path: &Path) -> anyhow::Result<(InvalidatorConfig, String, Rules)> {
-        if !path.exists() {
-            bail!(
-                "config file {} does not exist (start from the example in `cacheclear invalidate --help` or README.md)",
-                path.display()
-            );
-        }
-        let env: std::collections::HashMap<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("CACHECLEAR__"))
-            .collect();
-        let settings = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("CACHECLEAR")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true)
-                    .source(Some(env)),
-            )
-            .build()
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let file: InvalidateFile = settings
-            .try_deserialize()
-            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let file: InvalidateFile = crate::config::read_toml_with_env(
+            path,
+            std::env::vars(),
+            "`cacheclear invalidate --help` or README.md",
+        )?;
         let cfg = InvalidatorConfig {
             kafka: file.kafka,
             redis: file.redis,
