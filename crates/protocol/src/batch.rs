@@ -123,6 +123,9 @@ pub struct CommittedTxn {
     pub commit_lsn: Lsn,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
+    /// When the source received the Commit message, microseconds since the Unix epoch: splits
+    /// the commit→applied lag into the server's part (commit → received) and ours.
+    pub received_us: i64,
     /// Cache keys to evict.
     pub keys: KeyArena,
     /// Table-wide evictions (TRUNCATE or fallback).

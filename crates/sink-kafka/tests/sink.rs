@@ -66,6 +66,7 @@ fn txn(
         xid,
         commit_lsn: Lsn(lsn),
         commit_time_us: 1_764_445_200_000_000 + i64::from(xid),
+        received_us: 1_764_445_200_000_000 + i64::from(xid),
         keys: arena,
         tables,
     }

@@ -70,7 +70,7 @@ impl Snapshot {
 /// Waits until every xid in `xids` is finished in a new snapshot. Returns how many snapshots were
 /// taken beyond the first (0 when everything was already visible).
 ///
-/// Backoff between snapshots: 1 ms doubling to 50 ms. There is no deadline: a commit waiting for
+/// Backoff between snapshots: 0.2 ms doubling to 20 ms. There is no deadline: a commit waiting for
 /// a synchronous standby is waited for, however long (that is the point); the wait is logged every
 /// 10 s with the xids still in progress.
 ///
@@ -85,7 +85,10 @@ pub async fn wait_visible(
     }
     let started = Instant::now();
     let mut last_log = started;
-    let mut backoff = Duration::from_millis(1);
+    // A commit usually becomes visible within microseconds of the walsender sending it (the
+    // backend leaves the proc array right after its commit record is flushed), so the first
+    // re-check comes quickly; long waits (a synchronous standby) settle at 20 ms polls.
+    let mut backoff = Duration::from_micros(200);
     let mut retries = 0u32;
     loop {
         let row = client
@@ -112,7 +115,7 @@ pub async fn wait_visible(
         retries += 1;
         metrics::counter!("cacheclear_barrier_waits_total").increment(1);
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(50));
+        backoff = (backoff * 2).min(Duration::from_millis(20));
     }
 }
 

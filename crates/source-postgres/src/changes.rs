@@ -128,6 +128,7 @@ impl ChangeMapper {
                         xid,
                         commit_lsn: final_lsn,
                         commit_time_us,
+                        received_us: 0,
                         keys: KeyArena::default(),
                         tables: Vec::new(),
                     },
@@ -146,6 +147,7 @@ impl ChangeMapper {
                 let mut open = self.open.take().ok_or(MapError::NoTransaction("Commit"))?;
                 open.txn.commit_lsn = end_lsn;
                 open.txn.commit_time_us = commit_time_us;
+                open.txn.received_us = crate::now_us();
                 Ok(Mapped::Committed(open.txn))
             }
             Message::Relation(relation) => {

@@ -313,6 +313,7 @@ fn evict_everything(rules: &Rules, at: Lsn) -> CommittedTxn {
         xid: 0,
         commit_lsn: at,
         commit_time_us: now_us(),
+        received_us: now_us(),
         keys: KeyArena::default(),
         tables: rules
             .tables()
