@@ -48,10 +48,10 @@ pub enum SourceError {
     #[error("{0}")]
     Rule(String),
     /// A query on the regular connection failed.
-    #[error("PostgreSQL query failed: {0}")]
+    #[error("PostgreSQL query failed: {}", describe_pg(.0))]
     Query(#[from] tokio_postgres::Error),
     /// The connection pool failed to hand out a connection.
-    #[error("PostgreSQL connection failed: {0}")]
+    #[error("PostgreSQL connection failed: {}", describe_pool(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// The replication connection failed.
     #[error("replication stream failed: {0}")]
@@ -69,6 +69,39 @@ pub enum SourceError {
     /// terminated, a panicking observer); a restart resumes from the slot.
     #[error("{0}")]
     Ended(String),
+}
+
+/// A tokio-postgres error with its cause: its `Display` alone says only "db error" or "error
+/// connecting to server"; the server's message (and hint) or the I/O cause is what a user needs.
+pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(hint) = db.hint() {
+            s.push_str("; hint: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(pg) => describe_pg(pg),
+        other => other.to_string(),
+    }
 }
 
 impl SourceError {
