@@ -228,15 +228,23 @@ impl RedisCluster {
     /// cluster's timeout (twice the startup timeout, 60 s by default).
     pub fn failover(&self, replica_port: u16) -> Result<(), HarnessError> {
         // Refuses early, with a clear message, when the node is not a replica.
-        self.master_of(replica_port)?;
+        let old_master = self.master_of(replica_port)?;
         self.cli(replica_port, &["CLUSTER", "FAILOVER"])?;
         let deadline = Instant::now() + self.timeout;
         let mut pause = Duration::from_millis(10);
+        let role_of = |port: u16| {
+            self.cli(port, &["ROLE"])
+                .ok()
+                .and_then(|r| r.lines().next().map(|l| l.trim().to_owned()))
+        };
         loop {
             let role = self.cli(replica_port, &["ROLE"]);
-            match &role {
-                Ok(r) if r.lines().next().map(str::trim) == Some("master") => break,
-                _ => {}
+            // Done when the replica is master AND the old master has learned it was demoted
+            // (it does so asynchronously, from the new master's gossip).
+            let promoted =
+                matches!(&role, Ok(r) if r.lines().next().map(str::trim) == Some("master"));
+            if promoted && role_of(old_master).as_deref() == Some("slave") {
+                break;
             }
             if Instant::now() >= deadline {
                 return Err(self.not_ready(
