@@ -91,10 +91,15 @@ pub async fn wait_visible(
     let mut backoff = Duration::from_micros(200);
     let mut retries = 0u32;
     loop {
-        let row = client
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await?;
-        let text: &str = row.try_get(0)?;
+        // The simple query protocol: one round trip (an unnamed prepared statement takes two).
+        let messages = client.simple_query("SELECT pg_current_snapshot()::text").await?;
+        let text = messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .ok_or_else(|| SnapshotParseError("(no row)".into()))?;
         let snapshot: Snapshot = text.parse()?;
         let pending: Vec<u32> = xids
             .iter()
