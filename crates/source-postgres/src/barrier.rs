@@ -92,7 +92,9 @@ pub async fn wait_visible(
     let mut retries = 0u32;
     loop {
         // The simple query protocol: one round trip (an unnamed prepared statement takes two).
-        let messages = client.simple_query("SELECT pg_current_snapshot()::text").await?;
+        let messages = client
+            .simple_query("SELECT pg_current_snapshot()::text")
+            .await?;
         let text = messages
             .iter()
             .find_map(|m| match m {
