@@ -27,7 +27,7 @@ use tempfile::TempDir;
 
 use crate::HarnessError;
 use crate::process::{
-    self, PortReservation, describe, file_len, free_port, kill_on_parent_exit, spawn_error,
+    self, PortReservation, describe, file_len, kill_on_parent_exit, spawn_error,
     spawn_tied_to_process, status_text, tail,
 };
 
@@ -39,7 +39,6 @@ pub const TANSU_INSTALL: &str = "cargo install tansu@0.6.0 --locked --features d
 
 const SERVER: &str = "Kafka (tansu)";
 const HOST: &str = "127.0.0.1";
-const PORT_ATTEMPTS: u32 = 5;
 const LOG_TAIL_LINES: usize = 30;
 /// Environment variables tansu reads as defaults for its flags; removed so a developer's
 /// settings cannot redirect our private broker.
@@ -146,31 +145,8 @@ impl KafkaBroker {
             reservation: None,
             dir: Some(dir),
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
-            match broker.launch(port) {
-                Ok(()) => return Ok(broker),
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => continue,
-                Err(HarnessError::PortInUse {
-                    server,
-                    port,
-                    hint,
-                    log_tail,
-                    ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint,
-                        log_tail,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        process::launch_retrying_port(None, |port| broker.launch(port))?;
+        Ok(broker)
     }
 
     /// The `bootstrap.servers` value for Kafka clients: `"127.0.0.1:PORT"`.
@@ -267,31 +243,15 @@ impl KafkaBroker {
     /// change: clients hold it).
     pub fn start_again(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let port = self.port;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let restart = (
+            self.port,
+            "Another process took the port while the broker was stopped; \
+             start a new broker instead.",
+        );
+        process::launch_retrying_port(Some(restart), |port| {
             self.reservation = None;
-            match self.launch(port) {
-                Ok(()) => break,
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(HarnessError::PortInUse {
-                    server, log_tail, ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint: "Another process took the port while the broker was stopped; \
-                               start a new broker instead.",
-                        log_tail,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            self.launch(port)
+        })?;
         let topics = self
             .topics
             .lock()

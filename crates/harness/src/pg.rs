@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use crate::HarnessError;
 use crate::bins::PgBinaries;
 use crate::process::{
-    self, PortReservation, file_len, free_port, kill_on_parent_exit, scrub_pg_env, spawn_error,
+    self, PortReservation, file_len, kill_on_parent_exit, scrub_pg_env, spawn_error,
     spawn_tied_to_process, status_text, tail,
 };
 
@@ -22,7 +22,6 @@ const HOST: &str = "127.0.0.1";
 const USER: &str = "postgres";
 const DBNAME: &str = "postgres";
 /// How many fresh ports `start` tries when the chosen port is taken by someone else.
-const PORT_ATTEMPTS: u32 = 5;
 const LOG_TAIL_LINES: usize = 30;
 
 /// Options for [`PgInstance::start_with`]. `PgOptions::default()` is what [`PgInstance::start`]
@@ -155,31 +154,8 @@ impl PgInstance {
         };
         pg.initdb()?;
         pg.write_config()?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
-            match pg.launch(port) {
-                Ok(()) => return Ok(pg),
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => continue,
-                Err(HarnessError::PortInUse {
-                    server,
-                    port,
-                    hint,
-                    log_tail,
-                    ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint,
-                        log_tail,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        process::launch_retrying_port(None, |port| pg.launch(port))?;
+        Ok(pg)
     }
 
     /// TCP port the server listens on (on 127.0.0.1). Stays the same across
@@ -307,30 +283,15 @@ impl PgInstance {
     /// while the instance was stopped (the port cannot change, connection strings hold it).
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let port = self.port;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let restart = (
+            self.port,
+            "Another process took the port while the instance was stopped; \
+             start a new instance instead.",
+        );
+        process::launch_retrying_port(Some(restart), |port| {
             self.reservation = None;
-            match self.launch(port) {
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(HarnessError::PortInUse {
-                    server, log_tail, ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint: "Another process took the port while the instance was stopped; \
-                               start a new instance instead.",
-                        log_tail,
-                    });
-                }
-                other => return other,
-            }
-        }
+            self.launch(port)
+        })
     }
 
     fn stop_with(

@@ -89,6 +89,51 @@ pub fn kill_on_parent_exit(cmd: &mut Command, signal: libc::c_int) -> &mut Comma
     cmd
 }
 
+/// Launch attempts before a taken port is reported as [`HarnessError::PortInUse`].
+pub(crate) const PORT_ATTEMPTS: u32 = 5;
+
+/// Runs `launch(port)`, retrying while the port turns out to be taken
+/// ([`HarnessError::PortInUse`]), up to [`PORT_ATTEMPTS`] times: with `same_port = None` on a
+/// fresh free port each time (a first start), with `Some((port, hint))` on that same port after
+/// 200 ms (a restart: clients hold the port), reporting `hint` if it stays taken. The final
+/// error carries the number of attempts.
+pub(crate) fn launch_retrying_port(
+    same_port: Option<(u16, &'static str)>,
+    mut launch: impl FnMut(u16) -> Result<(), HarnessError>,
+) -> Result<(), HarnessError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = match same_port {
+            Some((port, _)) => port,
+            None => free_port()?,
+        };
+        match launch(port) {
+            Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
+                if same_port.is_some() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            Err(HarnessError::PortInUse {
+                server,
+                port,
+                hint,
+                log_tail,
+                ..
+            }) => {
+                return Err(HarnessError::PortInUse {
+                    server,
+                    port,
+                    attempts: attempt,
+                    hint: same_port.map_or(hint, |(_, restart_hint)| restart_hint),
+                    log_tail,
+                });
+            }
+            other => return other,
+        }
+    }
+}
+
 type SpawnJob = (Command, mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `cmd` from a dedicated thread that lives as long as the process, so a parent-death

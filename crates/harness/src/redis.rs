@@ -19,7 +19,6 @@ use crate::process::{
 
 const SERVER: &str = "Redis";
 const HOST: &str = "127.0.0.1";
-const PORT_ATTEMPTS: u32 = 5;
 const LOG_TAIL_LINES: usize = 30;
 
 /// Options for [`RedisInstance::start_with`]. `RedisOptions::default()` is what
@@ -136,34 +135,13 @@ impl RedisInstance {
             bus_reservation: None,
             dir: Some(dir),
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
+        process::launch_retrying_port(None, |port| {
             if cluster {
                 redis.bus_port = Some(free_port()?);
             }
-            match redis.launch(port) {
-                Ok(()) => return Ok(redis),
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => continue,
-                Err(HarnessError::PortInUse {
-                    server,
-                    port,
-                    hint,
-                    log_tail,
-                    ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint,
-                        log_tail,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            redis.launch(port)
+        })?;
+        Ok(redis)
     }
 
     /// TCP port the server listens on (on 127.0.0.1). Stays the same across
@@ -254,31 +232,16 @@ impl RedisInstance {
     /// meanwhile (the port cannot change: clients hold it).
     pub fn start_again(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let port = self.port;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
+        let restart = (
+            self.port,
+            "Another process took the port while the instance was stopped; \
+             start a new instance instead.",
+        );
+        process::launch_retrying_port(Some(restart), |port| {
             self.reservation = None;
             self.bus_reservation = None;
-            match self.launch(port) {
-                Err(HarnessError::PortInUse { .. }) if attempt < PORT_ATTEMPTS => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(HarnessError::PortInUse {
-                    server, log_tail, ..
-                }) => {
-                    return Err(HarnessError::PortInUse {
-                        server,
-                        port,
-                        attempts: attempt,
-                        hint: "Another process took the port while the instance was stopped; \
-                               start a new instance instead.",
-                        log_tail,
-                    });
-                }
-                other => return other,
-            }
-        }
+            self.launch(port)
+        })
     }
 
     /// Runs `redis-cli -e -h 127.0.0.1 -p N <args...>` and returns its stdout without the
