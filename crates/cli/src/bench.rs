@@ -70,6 +70,13 @@ struct Recorder {
     hist: Histogram<u64>,
     /// The server's part of the lag: commit → the source received the Commit message (µs).
     server: Histogram<u64>,
+    /// Received → the sink side took the batch (µs: the decoder's queue, and waiting for the
+    /// previous barrier).
+    queue: Histogram<u64>,
+    /// Taken → the visibility barrier passed (µs).
+    barrier: Histogram<u64>,
+    /// Barrier passed → the sink acknowledged (µs).
+    sink: Histogram<u64>,
     /// Set when a transaction with at least this many keys is applied: (keys, commit µs, applied µs).
     bulk_threshold: u64,
     bulk: Option<(u64, i64, i64)>,
@@ -84,17 +91,38 @@ struct Figures {
     lag_1k_max_ms: f64,
     /// p99 of commit → Commit message received by the source (PostgreSQL's walsender part).
     server_lag_1k_p99_ms: f64,
+    /// p99 of received → taken by the barrier stage (queueing).
+    queue_1k_p99_ms: f64,
+    /// p99 of taken → visible to a new snapshot (the barrier's queries).
+    barrier_1k_p99_ms: f64,
+    /// p99 of visible → acknowledged by Redis (includes waiting behind the previous apply).
+    sink_1k_p99_ms: f64,
     achieved_1k_rows_per_s: f64,
     lag_10k_p50_ms: f64,
     lag_10k_p99_ms: f64,
     lag_10k_max_ms: f64,
     server_lag_10k_p99_ms: f64,
+    queue_10k_p99_ms: f64,
+    barrier_10k_p99_ms: f64,
+    sink_10k_p99_ms: f64,
     achieved_10k_rows_per_s: f64,
     bulk_rows: u64,
     bulk_seconds: f64,
     bulk_rows_per_s: f64,
     peak_rss_mb: f64,
     cores: usize,
+}
+
+/// One steady-rate phase's figures (ms, except `achieved` in rows/s).
+struct Phase {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    achieved: f64,
+    server_p99: f64,
+    queue_p99: f64,
+    barrier_p99: f64,
+    sink_p99: f64,
 }
 
 async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
@@ -118,6 +146,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let recorder = Arc::new(Mutex::new(Recorder {
         hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
         server: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        queue: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        barrier: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        sink: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
         bulk_threshold: args.bulk_rows,
         bulk: None,
         recording: false,
@@ -141,8 +172,14 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
                         .filter(|k| k.starts_with("bench:product:"))
                         .count() as u64;
                     let _ = r.hist.record_n(lag, rows.max(1));
-                    let server = (t.received_us - t.commit_time_us).max(1) as u64;
-                    let _ = r.server.record_n(server, rows.max(1));
+                    let n = rows.max(1);
+                    let span = |from: i64, to: i64| (to - from).max(1) as u64;
+                    let _ = r.server.record_n(span(t.commit_time_us, t.received_us), n);
+                    let _ = r.queue.record_n(span(t.received_us, batch.taken_us), n);
+                    let _ = r
+                        .barrier
+                        .record_n(span(batch.taken_us, batch.visible_us), n);
+                    let _ = r.sink.record_n(span(batch.visible_us, applied), n);
                 }
             }
         })
@@ -187,6 +224,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         if let Ok(mut r) = recorder.lock() {
             r.hist.reset();
             r.server.reset();
+            r.queue.reset();
+            r.barrier.reset();
+            r.sink.reset();
             r.recording = true;
         }
         let achieved =
@@ -202,15 +242,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             bail!("recorder poisoned")
         };
         r.recording = false;
-        let ms = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
-        let server_p99 = r.server.value_at_quantile(0.99) as f64 / 1000.0;
-        phases.push((
-            ms(0.5),
-            ms(0.99),
-            r.hist.max() as f64 / 1000.0,
+        let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
+        phases.push(Phase {
+            p50: r.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            p99: p99(&r.hist),
+            max: r.hist.max() as f64 / 1000.0,
             achieved,
-            server_p99,
-        ));
+            server_p99: p99(&r.server),
+            queue_p99: p99(&r.queue),
+            barrier_p99: p99(&r.barrier),
+            sink_p99: p99(&r.sink),
+        });
     }
 
     progress(&format!("bulk: one UPDATE of {} rows", args.bulk_rows));
@@ -233,16 +275,22 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     let figures = Figures {
         command,
-        lag_1k_p50_ms: phases[0].0,
-        lag_1k_p99_ms: phases[0].1,
-        lag_1k_max_ms: phases[0].2,
-        server_lag_1k_p99_ms: phases[0].4,
-        achieved_1k_rows_per_s: phases[0].3,
-        lag_10k_p50_ms: phases[1].0,
-        lag_10k_p99_ms: phases[1].1,
-        lag_10k_max_ms: phases[1].2,
-        server_lag_10k_p99_ms: phases[1].4,
-        achieved_10k_rows_per_s: phases[1].3,
+        lag_1k_p50_ms: phases[0].p50,
+        lag_1k_p99_ms: phases[0].p99,
+        lag_1k_max_ms: phases[0].max,
+        server_lag_1k_p99_ms: phases[0].server_p99,
+        queue_1k_p99_ms: phases[0].queue_p99,
+        barrier_1k_p99_ms: phases[0].barrier_p99,
+        sink_1k_p99_ms: phases[0].sink_p99,
+        achieved_1k_rows_per_s: phases[0].achieved,
+        lag_10k_p50_ms: phases[1].p50,
+        lag_10k_p99_ms: phases[1].p99,
+        lag_10k_max_ms: phases[1].max,
+        server_lag_10k_p99_ms: phases[1].server_p99,
+        queue_10k_p99_ms: phases[1].queue_p99,
+        barrier_10k_p99_ms: phases[1].barrier_p99,
+        sink_10k_p99_ms: phases[1].sink_p99,
+        achieved_10k_rows_per_s: phases[1].achieved,
         bulk_rows: args.bulk_rows,
         bulk_seconds,
         bulk_rows_per_s: args.bulk_rows as f64 / bulk_seconds,
@@ -358,6 +406,18 @@ fn print_table(f: &Figures) {
         "  of which commit → received, p99", f.server_lag_1k_p99_ms
     );
     println!(
+        "{:<44} {:>9.2} ms",
+        "  received → taken by the barrier, p99", f.queue_1k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  taken → visible (barrier queries), p99", f.barrier_1k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  visible → Redis ack, p99", f.sink_1k_p99_ms
+    );
+    println!(
         "{:<44} {:>12.0}",
         "  achieved rows/s", f.achieved_1k_rows_per_s
     );
@@ -376,6 +436,18 @@ fn print_table(f: &Figures) {
     println!(
         "{:<44} {:>9.2} ms",
         "  of which commit → received, p99", f.server_lag_10k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  received → taken by the barrier, p99", f.queue_10k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  taken → visible (barrier queries), p99", f.barrier_10k_p99_ms
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "  visible → Redis ack, p99", f.sink_10k_p99_ms
     );
     println!(
         "{:<44} {:>12.0}",

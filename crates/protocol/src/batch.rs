@@ -138,6 +138,13 @@ pub struct CommittedTxn {
 pub struct Batch {
     /// The transactions, in commit order.
     pub txns: Vec<CommittedTxn>,
+    /// When the sink side took the batch and started its visibility barrier, microseconds since
+    /// the Unix epoch (0 if unset). With [`Batch::visible_us`] it splits our part of the lag
+    /// into queueing, the visibility barrier and the sink.
+    pub taken_us: i64,
+    /// When the visibility barrier found every transaction of the batch visible, microseconds
+    /// since the Unix epoch (0 if the batch went through no barrier).
+    pub visible_us: i64,
 }
 
 impl Batch {

@@ -108,6 +108,7 @@ async fn every_key_and_table_eviction_becomes_one_record() {
                 }],
             ),
         ],
+        ..Batch::default()
     };
     let mut sink = sink(&kafka, "inv");
     assert_eq!(sink.name(), "kafka");
@@ -156,6 +157,7 @@ async fn a_big_transaction_streams_through_a_bounded_window() {
         .collect();
     let batch = Batch {
         txns: vec![txn(9, 0x100, &refs, vec![])],
+        ..Batch::default()
     };
     let mut cfg = KafkaConfig::new(kafka.bootstrap());
     cfg.topic = "bulk".into();
@@ -181,6 +183,7 @@ async fn a_missing_topic_fails_the_batch_naming_it() {
     let product: Arc<str> = Arc::from("public.product");
     let batch = Batch {
         txns: vec![txn(1, 0x10, &[(&product, Op::Insert, "product:1")], vec![])],
+        ..Batch::default()
     };
     let mut sink = sink(&kafka, "nosuch");
     let err = tokio::time::timeout(Duration::from_secs(60), sink.apply(&batch))
@@ -198,6 +201,7 @@ async fn a_stopped_broker_fails_the_batch_and_a_restarted_one_takes_it() {
     let product: Arc<str> = Arc::from("public.product");
     let batch = Batch {
         txns: vec![txn(1, 0x10, &[(&product, Op::Update, "product:1")], vec![])],
+        ..Batch::default()
     };
     let mut sink = sink(&kafka, "inv");
     sink.apply(&batch).await.expect("first apply");

@@ -7,7 +7,7 @@
 //!  walsender ──XLogData──► pgoutput::decode ──► ChangeMapper (relation cache, rules)
 //!      ▲                                              │ CommittedTxn (commit order)
 //!      │ standby status (flush LSN)                   ▼
-//!      └────────────── acked LSN ◄── sink task: visibility barrier → Sink::apply (retry forever)
+//!      └──────── acked LSN ◄── Sink::apply (retry forever) ◄── visibility barrier (merges queued batches)
 //! ```
 //!
 //! Guarantees (design.md §3–4): nothing is confirmed mid-transaction or before the sink's `Ok`;
@@ -240,18 +240,29 @@ pub async fn run<S: Sink>(
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, ?slot_state, "streaming");
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(cfg.queue_batches);
+    let (visible_tx, visible_rx) = mpsc::channel::<Batch>(1);
     let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+    // Transactions handed to the sink side and not yet acknowledged.
     let pending = Arc::new(AtomicUsize::new(0));
-    let sink_task = tokio::spawn(sink_loop(
-        sink,
+    let barrier_task = tokio::spawn(barrier_loop(
         pool.clone(),
         batch_rx,
+        visible_tx,
+        cfg.max_batch_keys,
+    ));
+    let sink_task = tokio::spawn(apply_loop(
+        sink,
+        visible_rx,
         ack_tx,
         Arc::clone(&pending),
         options.clone(),
     ));
     let housekeeping = tokio::spawn(housekeeping(pool.clone(), cfg.clone()));
-    let _guard = AbortOnDrop(vec![sink_task.abort_handle(), housekeeping.abort_handle()]);
+    let _guard = AbortOnDrop(vec![
+        barrier_task.abort_handle(),
+        sink_task.abort_handle(),
+        housekeeping.abort_handle(),
+    ]);
 
     let mut current = Batch::default();
     let mut current_keys = 0usize;
@@ -281,7 +292,7 @@ pub async fn run<S: Sink>(
                 let Ok(permit) = permit else {
                     return Err(SourceError::Ended("the sink task stopped".into()));
                 };
-                pending.fetch_add(1, Ordering::AcqRel);
+                pending.fetch_add(current.txns.len(), Ordering::AcqRel);
                 permit.send(std::mem::take(&mut current));
                 current_keys = 0;
             }
@@ -369,17 +380,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The sink side: visibility barrier, apply with retry, acknowledge.
-async fn sink_loop<S: Sink>(
-    mut sink: S,
+/// The barrier stage: takes every batch the reader has sealed so far (up to `max_keys` keys),
+/// merges them into one, waits until all their xids are visible to a new snapshot, and passes
+/// the merged batch on. It runs while the sink applies the previous batch, so under load a
+/// transaction waits for one snapshot query and one sink round trip, not for a queue of them.
+async fn barrier_loop(
     pool: deadpool_postgres::Pool,
-    mut batches: mpsc::Receiver<Batch>,
-    ack: watch::Sender<Lsn>,
-    pending: Arc<AtomicUsize>,
-    options: RunOptions,
+    mut sealed: mpsc::Receiver<Batch>,
+    visible: mpsc::Sender<Batch>,
+    max_keys: usize,
 ) {
-    let name = sink.name();
-    while let Some(batch) = batches.recv().await {
+    while let Some(mut batch) = sealed.recv().await {
+        let mut keys = batch.key_count();
+        while keys < max_keys {
+            let Ok(more) = sealed.try_recv() else { break };
+            keys += more.key_count();
+            batch.txns.extend(more.txns);
+        }
+        batch.taken_us = now_us();
         // xid 0 (InvalidTransactionId) marks the synthetic eviction of a new slot.
         let xids: Vec<u32> = batch
             .txns
@@ -390,7 +408,7 @@ async fn sink_loop<S: Sink>(
         let mut backoff = Duration::from_millis(100);
         loop {
             let barrier = async {
-                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let client = pool.get().await.map_err(|e| describe_pool(&e))?;
                 barrier::wait_visible(&client, &xids)
                     .await
                     .map_err(|e| e.to_string())
@@ -398,12 +416,31 @@ async fn sink_loop<S: Sink>(
             match barrier.await {
                 Ok(_) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, "visibility barrier failed; retrying");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "visibility barrier failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        batch.visible_us = now_us();
+        if visible.send(batch).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The apply stage: applies each visible batch with retry (forever), then acknowledges its last
+/// commit LSN.
+async fn apply_loop<S: Sink>(
+    mut sink: S,
+    mut batches: mpsc::Receiver<Batch>,
+    ack: watch::Sender<Lsn>,
+    pending: Arc<AtomicUsize>,
+    options: RunOptions,
+) {
+    let name = sink.name();
+    while let Some(batch) = batches.recv().await {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 0u64;
         loop {
@@ -419,6 +456,13 @@ async fn sink_loop<S: Sink>(
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if attempt > 0 {
+            tracing::info!(
+                sink = name,
+                attempts = attempt + 1,
+                "sink recovered; batch applied"
+            );
         }
         let now = now_us();
         let keys = batch.key_count() as u64;
@@ -445,7 +489,7 @@ async fn sink_loop<S: Sink>(
         if let Some(last) = batch.last_lsn() {
             ack.send_replace(last);
         }
-        pending.fetch_sub(1, Ordering::AcqRel);
+        pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
     }
 }
 
