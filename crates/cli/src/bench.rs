@@ -20,9 +20,11 @@ use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
 use cacheclear_source_postgres::{PostgresConfig, RunOptions, now_us};
 use clap::{Args, Subcommand};
-use hdrhistogram::Histogram;
 
 mod kafka;
+mod stages;
+
+use stages::SourceStages;
 
 /// Which benchmark to run.
 #[derive(Subcommand)]
@@ -65,18 +67,9 @@ pub async fn bench(which: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Lag per row, in microseconds, recorded by the pipeline's batch observer.
+/// Lag per row, recorded by the pipeline's batch observer.
 struct Recorder {
-    hist: Histogram<u64>,
-    /// The server's part of the lag: commit → the source received the Commit message (µs).
-    server: Histogram<u64>,
-    /// Received → the sink side took the batch (µs: the decoder's queue, and waiting for the
-    /// previous barrier).
-    queue: Histogram<u64>,
-    /// Taken → the visibility barrier passed (µs).
-    barrier: Histogram<u64>,
-    /// Barrier passed → the sink acknowledged (µs).
-    sink: Histogram<u64>,
+    stages: SourceStages,
     /// Set when a transaction with at least this many keys is applied: (keys, commit µs, applied µs).
     bulk_threshold: u64,
     bulk: Option<(u64, i64, i64)>,
@@ -113,18 +106,6 @@ struct Figures {
     cores: usize,
 }
 
-/// One steady-rate phase's figures (ms, except `achieved` in rows/s).
-struct Phase {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    achieved: f64,
-    server_p99: f64,
-    queue_p99: f64,
-    barrier_p99: f64,
-    sink_p99: f64,
-}
-
 async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     // Private instances unless URLs were given; they stop when dropped (end of this function).
@@ -144,11 +125,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     pg_cfg.publication = "cacheclear_bench".into();
     pg_cfg.status_interval_ms = 200;
     let recorder = Arc::new(Mutex::new(Recorder {
-        hist: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
-        server: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
-        queue: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
-        barrier: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
-        sink: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        stages: SourceStages::new()?,
         bulk_threshold: args.bulk_rows,
         bulk: None,
         recording: false,
@@ -163,23 +140,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
                 if keys >= r.bulk_threshold {
                     r.bulk = Some((keys, t.commit_time_us, applied));
                 } else if r.recording && keys > 0 {
-                    // Every changed row has exactly one product key (category keys are
-                    // de-duplicated), so weighting by product keys gives lag per row change.
-                    let lag = (applied - t.commit_time_us).max(1) as u64;
-                    let rows = t
-                        .keys
-                        .iter()
-                        .filter(|k| k.starts_with("bench:product:"))
-                        .count() as u64;
-                    let _ = r.hist.record_n(lag, rows.max(1));
-                    let n = rows.max(1);
-                    let span = |from: i64, to: i64| (to - from).max(1) as u64;
-                    let _ = r.server.record_n(span(t.commit_time_us, t.received_us), n);
-                    let _ = r.queue.record_n(span(t.received_us, batch.taken_us), n);
-                    let _ = r
-                        .barrier
-                        .record_n(span(batch.taken_us, batch.visible_us), n);
-                    let _ = r.sink.record_n(span(batch.visible_us, applied), n);
+                    r.stages.record(batch, t, applied);
                 }
             }
         })
@@ -191,18 +152,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let status = Arc::clone(&options.status);
     let redis_cfg = RedisConfig::new(redis_url.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // The pipeline gets a runtime of its own, as in production where it is its own process:
-    // the load generator's tasks must not queue in front of it on shared worker threads.
-    let source = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let runtime = tokio::runtime::Runtime::new()?;
-        runtime.block_on(async move {
-            let sink = RedisSink::connect(redis_cfg)?;
-            cacheclear_source_postgres::run(&pg_cfg, rules, sink, options, async {
-                let _ = stop_rx.await;
-            })
-            .await?;
-            Ok(())
+    let source = on_own_runtime(move || async move {
+        let sink = RedisSink::connect(redis_cfg)?;
+        cacheclear_source_postgres::run(&pg_cfg, rules, sink, options, async {
+            let _ = stop_rx.await;
         })
+        .await?;
+        Ok(())
     });
     let started = Instant::now();
     while status.applied_txns() < 1 {
@@ -222,11 +178,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             args.seconds
         ));
         if let Ok(mut r) = recorder.lock() {
-            r.hist.reset();
-            r.server.reset();
-            r.queue.reset();
-            r.barrier.reset();
-            r.sink.reset();
+            r.stages.reset();
             r.recording = true;
         }
         let achieved =
@@ -242,17 +194,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             bail!("recorder poisoned")
         };
         r.recording = false;
-        let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
-        phases.push(Phase {
-            p50: r.hist.value_at_quantile(0.5) as f64 / 1000.0,
-            p99: p99(&r.hist),
-            max: r.hist.max() as f64 / 1000.0,
-            achieved,
-            server_p99: p99(&r.server),
-            queue_p99: p99(&r.queue),
-            barrier_p99: p99(&r.barrier),
-            sink_p99: p99(&r.sink),
-        });
+        phases.push((r.stages.figures(), achieved));
     }
 
     progress(&format!("bulk: one UPDATE of {} rows", args.bulk_rows));
@@ -275,22 +217,22 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     let figures = Figures {
         command,
-        lag_1k_p50_ms: phases[0].p50,
-        lag_1k_p99_ms: phases[0].p99,
-        lag_1k_max_ms: phases[0].max,
-        server_lag_1k_p99_ms: phases[0].server_p99,
-        queue_1k_p99_ms: phases[0].queue_p99,
-        barrier_1k_p99_ms: phases[0].barrier_p99,
-        sink_1k_p99_ms: phases[0].sink_p99,
-        achieved_1k_rows_per_s: phases[0].achieved,
-        lag_10k_p50_ms: phases[1].p50,
-        lag_10k_p99_ms: phases[1].p99,
-        lag_10k_max_ms: phases[1].max,
-        server_lag_10k_p99_ms: phases[1].server_p99,
-        queue_10k_p99_ms: phases[1].queue_p99,
-        barrier_10k_p99_ms: phases[1].barrier_p99,
-        sink_10k_p99_ms: phases[1].sink_p99,
-        achieved_10k_rows_per_s: phases[1].achieved,
+        lag_1k_p50_ms: phases[0].0.p50,
+        lag_1k_p99_ms: phases[0].0.p99,
+        lag_1k_max_ms: phases[0].0.max,
+        server_lag_1k_p99_ms: phases[0].0.server_p99,
+        queue_1k_p99_ms: phases[0].0.queue_p99,
+        barrier_1k_p99_ms: phases[0].0.barrier_p99,
+        sink_1k_p99_ms: phases[0].0.sink_p99,
+        achieved_1k_rows_per_s: phases[0].1,
+        lag_10k_p50_ms: phases[1].0.p50,
+        lag_10k_p99_ms: phases[1].0.p99,
+        lag_10k_max_ms: phases[1].0.max,
+        server_lag_10k_p99_ms: phases[1].0.server_p99,
+        queue_10k_p99_ms: phases[1].0.queue_p99,
+        barrier_10k_p99_ms: phases[1].0.barrier_p99,
+        sink_10k_p99_ms: phases[1].0.sink_p99,
+        achieved_10k_rows_per_s: phases[1].1,
         bulk_rows: args.bulk_rows,
         bulk_seconds,
         bulk_rows_per_s: args.bulk_rows as f64 / bulk_seconds,
@@ -303,6 +245,17 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         print_table(&figures);
     }
     Ok(())
+}
+
+/// Runs `make()`'s future on a tokio runtime of its own, on a thread of the blocking pool: as in
+/// production, where the pipeline and the invalidator are processes of their own, the load
+/// generator's tasks must not queue in front of them on shared worker threads.
+pub(crate) fn on_own_runtime<F, Fut>(make: F) -> tokio::task::JoinHandle<anyhow::Result<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::task::spawn_blocking(move || tokio::runtime::Runtime::new()?.block_on(make()))
 }
 
 /// PostgreSQL and Redis for a benchmark: the given URLs, or private instances (stopped when this

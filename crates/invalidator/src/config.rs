@@ -47,6 +47,14 @@ pub struct KafkaConfig {
     /// stream is never delayed by this; it bounds the collection on a busy one. Default 5.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
+    /// Shortest time, in ms, between two offset commits. Offsets are committed only up to
+    /// records Redis acknowledged, so a longer interval never loses an invalidation: after a
+    /// crash or rebalance the partition's next owner re-applies at most this long's worth
+    /// (idempotent). Each commit is a write on the group coordinator, so committing after every
+    /// small batch costs the brokers more than the invalidations do. 0 commits after every
+    /// batch. Default 100.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
     /// Extra librdkafka properties for the consumer and the dead-letter producer (security,
     /// timeouts, `partition.assignment.strategy`, …). `bootstrap.servers`, `group.id`,
     /// `enable.auto.commit` and `enable.auto.offset.store` are set by the invalidator and may not
@@ -62,6 +70,9 @@ fn default_batch_max_records() -> usize {
 }
 fn default_batch_max_wait_ms() -> u64 {
     5
+}
+fn default_commit_interval_ms() -> u64 {
+    100
 }
 
 /// Properties the invalidator owns: setting them would break its commit protocol or identity.
@@ -88,6 +99,7 @@ impl KafkaConfig {
             dead_letter_topic: dead_letter_topic.into(),
             batch_max_records: default_batch_max_records(),
             batch_max_wait_ms: default_batch_max_wait_ms(),
+            commit_interval_ms: default_commit_interval_ms(),
             properties: BTreeMap::new(),
         }
     }
@@ -128,6 +140,12 @@ impl KafkaConfig {
         }
         if self.batch_max_records == 0 {
             return Err("kafka.batch_max_records: must be at least 1".into());
+        }
+        if self.commit_interval_ms > 60_000 {
+            return Err(format!(
+                "kafka.commit_interval_ms: {} is over 60000 (a crash would replay over a minute of records)",
+                self.commit_interval_ms
+            ));
         }
         for key in self.properties.keys() {
             if RESERVED_PROPERTIES.contains(&key.as_str()) {

@@ -179,7 +179,7 @@ impl InvalidatorStatus {
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::Acquire)
     }
-    /// Offset commits issued (one per batch with something to commit).
+    /// Offset commits issued (at most one per `kafka.commit_interval_ms`, when something moved).
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Acquire)
     }

@@ -156,12 +156,14 @@ pub async fn run(
     let mut client = ClientConfig::new();
     client
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10");
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.nagle.disable", "true");
     for (k, v) in &cfg.kafka.properties {
         client.set(k, v);
     }
     client.set("bootstrap.servers", &cfg.kafka.brokers);
     let mut producer_cfg = ClientConfig::new();
+    producer_cfg.set("socket.nagle.disable", "true");
     for (k, v) in &cfg.kafka.properties {
         // Consumer-only settings would only make librdkafka warn on the producer.
         if !matches!(
@@ -207,12 +209,22 @@ pub async fn run(
     // One message stream for the whole run (a `recv()` future per call would hold the consumer's
     // waker slab behind a higher-ranked borrow, which makes this future non-`Send`).
     let mut messages = consumer.stream();
+    let commit_interval = Duration::from_millis(cfg.kafka.commit_interval_ms);
+    let mut last_commit = tokio::time::Instant::now();
+    // Records applied since the last commit.
+    let mut uncommitted = false;
     'outer: loop {
         batch.clear();
-        // The first record (or shutdown), then more until the batch is full or max_wait passed.
+        // The first record (or shutdown, or the due commit of an idle stream), then more until
+        // the batch is full or max_wait passed.
         let first = tokio::select! {
             biased;
             () = &mut shutdown => break 'outer,
+            () = tokio::time::sleep_until(last_commit + commit_interval), if uncommitted => {
+                commit_applied(&consumer, &mut tracker, &ownership, &status);
+                (last_commit, uncommitted) = (tokio::time::Instant::now(), false);
+                continue 'outer;
+            }
             m = messages.next() => match m { Some(m) => m, None => break 'outer },
         };
         batch.extend(received(first, &formats, &decoder, &ownership));
@@ -259,24 +271,16 @@ pub async fn run(
         for r in &batch {
             tracker.applied(&r.tp, r.generation, r.offset);
         }
-        let commits = tracker.take_commits(|tp| ownership.generation(tp));
-        if !commits.is_empty() {
-            let mut list = TopicPartitionList::new();
-            for (tp, offset) in &commits {
-                if let Err(e) =
-                    list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
-                {
-                    tracing::warn!(error = %e, "cannot build the commit list");
-                }
-            }
-            if let Err(e) = consumer.commit(&list, CommitMode::Async) {
-                tracing::warn!(error = %e, "offset commit failed; the next batch commits again");
-            }
-            InvalidatorStatus::add(&status.commits, 1);
+        uncommitted = true;
+        if last_commit.elapsed() >= commit_interval {
+            commit_applied(&consumer, &mut tracker, &ownership, &status);
+            (last_commit, uncommitted) = (tokio::time::Instant::now(), false);
         }
     }
 
-    // Shutdown: make the last acknowledged offsets durable before leaving the group.
+    // Shutdown: make the last acknowledged offsets durable before leaving the group (including
+    // those applied since the last periodic commit).
+    let _ = tracker.take_commits(|tp| ownership.generation(tp));
     let last = tracker.committed(|tp| ownership.generation(tp));
     if !last.is_empty() {
         let mut list = TopicPartitionList::new();
@@ -290,6 +294,31 @@ pub async fn run(
     consumer.unsubscribe();
     tracing::info!(group = %cfg.kafka.group_id, "invalidator stopped");
     Ok(())
+}
+
+/// Commits (asynchronously) every owned partition's offset past its last record Redis
+/// acknowledged, where that moved since the last commit.
+fn commit_applied(
+    consumer: &StreamConsumer<GroupContext>,
+    tracker: &mut OffsetTracker,
+    ownership: &Ownership,
+    status: &InvalidatorStatus,
+) {
+    let commits = tracker.take_commits(|tp| ownership.generation(tp));
+    if commits.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (tp, offset) in &commits {
+        if let Err(e) = list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))
+        {
+            tracing::warn!(error = %e, "cannot build the commit list");
+        }
+    }
+    if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+        tracing::warn!(error = %e, "offset commit failed; the next commit covers these offsets");
+    }
+    InvalidatorStatus::add(&status.commits, 1);
 }
 
 /// Decodes one received message (or logs a consumer error: librdkafka retries those itself).

@@ -5,6 +5,11 @@
 //! in the batch is durable in its target (a Redis reply, a Kafka delivery report). An `Err` is
 //! retried with backoff, forever, with the same batch; nothing after it is confirmed meanwhile.
 //! Sinks must therefore be idempotent: a batch may be applied more than once (retries, restarts).
+//!
+//! The source keeps several batches in flight (`postgres.max_batches_in_flight`), so `apply` runs
+//! concurrently and batches may land out of order; it still confirms them in commit order. That
+//! is safe because every eviction commutes: deleting a value or a lease is idempotent, and a
+//! fence only ever moves to `max(fence, commit LSN)` (design.md §2).
 
 use std::future::Future;
 
@@ -14,10 +19,11 @@ use crate::Batch;
 pub type SinkError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Applies batches of committed evictions. See the module docs for the contract.
-pub trait Sink: Send + 'static {
+pub trait Sink: Send + Sync + 'static {
     /// A short name for logs and metrics labels (`redis`, `kafka`).
     fn name(&self) -> &'static str;
 
-    /// Applies every eviction of `batch`; returns `Ok` only when all are acknowledged.
-    fn apply(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// Applies every eviction of `batch`; returns `Ok` only when all are acknowledged. May be
+    /// called again before an earlier call finished (see the module docs).
+    fn apply(&self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
 }

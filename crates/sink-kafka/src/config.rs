@@ -155,6 +155,9 @@ impl KafkaConfig {
     pub fn producer_properties(&self) -> BTreeMap<String, String> {
         let mut p = BTreeMap::new();
         p.insert("client.id".to_string(), "cacheclear".to_string());
+        // Invalidations are small and latency-bound: Nagle's algorithm would hold a produce
+        // request behind the previous one's ACK (up to the peer's delayed-ACK timer).
+        p.insert("socket.nagle.disable".to_string(), "true".to_string());
         // Extra properties first, so the sink's own below win (validate() refuses clashes).
         p.extend(self.properties.clone());
         p.insert("bootstrap.servers".into(), self.brokers.clone());

@@ -95,7 +95,9 @@ pub enum KafkaSinkError {
 /// Publishes batches to Kafka; see the crate docs. Create with [`KafkaSink::connect`].
 pub struct KafkaSink {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    /// The current producer and its generation (bumped by every replacement). Batches in
+    /// flight share it; a failed batch replaces it only if it is still the one that failed.
+    producer: std::sync::RwLock<(u64, FutureProducer)>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -117,7 +119,10 @@ impl KafkaSink {
     pub fn connect(cfg: KafkaConfig) -> Result<KafkaSink, KafkaSinkError> {
         cfg.validate().map_err(KafkaSinkError::Config)?;
         let producer = create_producer(&cfg)?;
-        Ok(KafkaSink { cfg, producer })
+        Ok(KafkaSink {
+            cfg,
+            producer: std::sync::RwLock::new((0, producer)),
+        })
     }
 
     /// The configuration in use.
@@ -131,13 +136,15 @@ impl KafkaSink {
     /// The first failed delivery ([`KafkaSinkError::Delivery`]) or enqueue; the batch should be
     /// retried as a whole (records already delivered are then published again). The producer is
     /// replaced before returning the error.
-    pub async fn publish(&mut self, batch: &Batch) -> Result<(), KafkaSinkError> {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
+    pub async fn publish(&self, batch: &Batch) -> Result<(), KafkaSinkError> {
+        let (mut generation, mut producer) = self.current_producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
             tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it");
-            self.replace_producer()?;
+            self.replace_producer(generation)?;
+            (generation, producer) = self.current_producer();
         }
         let mut window = Window {
-            producer: &self.producer,
+            producer: &producer,
             topic: &self.cfg.topic,
             max: self.cfg.max_in_flight,
             in_flight: FuturesUnordered::new(),
@@ -190,17 +197,42 @@ impl KafkaSink {
             // needed — and its state may be what failed: a broker that lost our producer id
             // (restarted, or expired it) answers UNKNOWN_PRODUCER_ID to every retry of an
             // idempotent producer, forever. A fresh producer gets a new id and new connections.
-            if let Err(e) = self.replace_producer() {
+            drop(window);
+            drop(producer);
+            if let Err(e) = self.replace_producer(generation) {
                 tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
             }
         }
         result
     }
 
-    /// Swaps in a new producer; the old one is dropped off the async threads (dropping purges
-    /// its queue and may block up to ~0.5 s).
-    fn replace_producer(&mut self) -> Result<(), KafkaSinkError> {
-        let old = std::mem::replace(&mut self.producer, create_producer(&self.cfg)?);
+    /// The producer in use and its generation (a cheap clone: `FutureProducer` is shared).
+    fn current_producer(&self) -> (u64, FutureProducer) {
+        let guard = self
+            .producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (guard.0, guard.1.clone())
+    }
+
+    /// Swaps in a new producer unless `failed` (a generation) was already replaced by another
+    /// batch; the old one is dropped off the async threads (dropping purges its queue and may
+    /// block up to ~0.5 s).
+    fn replace_producer(&self, failed: u64) -> Result<(), KafkaSinkError> {
+        if self.current_producer().0 != failed {
+            return Ok(());
+        }
+        let fresh = create_producer(&self.cfg)?;
+        let mut guard = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = if guard.0 == failed {
+            std::mem::replace(&mut *guard, (failed + 1, fresh)).1
+        } else {
+            fresh // another batch replaced it meanwhile
+        };
+        drop(guard);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn_blocking(move || drop(old));
@@ -216,7 +248,7 @@ impl Sink for KafkaSink {
         "kafka"
     }
 
-    async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
         self.publish(batch).await.map_err(SinkError::from)
     }
 }

@@ -110,7 +110,7 @@ async fn every_key_and_table_eviction_becomes_one_record() {
         ],
         ..Batch::default()
     };
-    let mut sink = sink(&kafka, "inv");
+    let sink = sink(&kafka, "inv");
     assert_eq!(sink.name(), "kafka");
     sink.apply(&batch).await.expect("apply");
     let bootstrap = kafka.bootstrap();
@@ -162,7 +162,7 @@ async fn a_big_transaction_streams_through_a_bounded_window() {
     let mut cfg = KafkaConfig::new(kafka.bootstrap());
     cfg.topic = "bulk".into();
     cfg.max_in_flight = 256;
-    let mut sink = KafkaSink::connect(cfg).expect("sink");
+    let sink = KafkaSink::connect(cfg).expect("sink");
     let started = Instant::now();
     sink.apply(&batch).await.expect("apply");
     eprintln!("20000 records acknowledged in {:?}", started.elapsed());
@@ -185,7 +185,7 @@ async fn a_missing_topic_fails_the_batch_naming_it() {
         txns: vec![txn(1, 0x10, &[(&product, Op::Insert, "product:1")], vec![])],
         ..Batch::default()
     };
-    let mut sink = sink(&kafka, "nosuch");
+    let sink = sink(&kafka, "nosuch");
     let err = tokio::time::timeout(Duration::from_secs(60), sink.apply(&batch))
         .await
         .expect("fails within the message timeout")
@@ -203,7 +203,7 @@ async fn a_stopped_broker_fails_the_batch_and_a_restarted_one_takes_it() {
         txns: vec![txn(1, 0x10, &[(&product, Op::Update, "product:1")], vec![])],
         ..Batch::default()
     };
-    let mut sink = sink(&kafka, "inv");
+    let sink = sink(&kafka, "inv");
     sink.apply(&batch).await.expect("first apply");
     kafka.stop().expect("stop");
     let err = tokio::time::timeout(Duration::from_secs(60), sink.apply(&batch))

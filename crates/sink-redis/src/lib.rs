@@ -278,7 +278,7 @@ impl Sink for RedisSink {
         "redis"
     }
 
-    async fn apply(&mut self, batch: &Batch) -> Result<(), SinkError> {
+    async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
         self.invalidate(BatchKeys {
             batch,
             txn: 0,

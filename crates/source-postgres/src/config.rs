@@ -54,6 +54,12 @@ pub struct PostgresConfig {
     /// stream, whose keepalives are still answered). Default 4.
     #[serde(default = "default_queue")]
     pub queue_batches: usize,
+    /// Batches the sink applies at once. Acknowledgements (and so confirmed LSNs) stay in
+    /// commit order; applying concurrently hides the sink's round trip (a Kafka produce with
+    /// `acks=all`, a Redis reply) from the transactions queued behind it. Evictions commute,
+    /// so the order in which batches land does not matter. Default 4.
+    #[serde(default = "default_in_flight")]
+    pub max_batches_in_flight: usize,
 }
 
 fn default_name() -> String {
@@ -74,6 +80,9 @@ fn default_max_txn_keys() -> usize {
 fn default_max_batch_keys() -> usize {
     20_000
 }
+fn default_in_flight() -> usize {
+    4
+}
 fn default_queue() -> usize {
     4
 }
@@ -92,6 +101,7 @@ impl PostgresConfig {
             max_txn_keys: default_max_txn_keys(),
             max_batch_keys: default_max_batch_keys(),
             queue_batches: default_queue(),
+            max_batches_in_flight: default_in_flight(),
         }
     }
 
@@ -121,9 +131,15 @@ impl PostgresConfig {
         if self.status_interval_ms == 0 {
             return Err("postgres.status_interval_ms: must be at least 1".into());
         }
-        if self.max_batch_keys == 0 || self.queue_batches == 0 || self.max_txn_keys == 0 {
+        if self.max_batch_keys == 0
+            || self.queue_batches == 0
+            || self.max_txn_keys == 0
+            || self.max_batches_in_flight == 0
+        {
             return Err(
-                "postgres.max_batch_keys, queue_batches and max_txn_keys must be at least 1".into(),
+                "postgres.max_batch_keys, queue_batches, max_batches_in_flight and max_txn_keys \
+                 must be at least 1"
+                    .into(),
             );
         }
         Ok(())

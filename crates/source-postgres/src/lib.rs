@@ -7,13 +7,15 @@
 //!  walsender ──XLogData──► pgoutput::decode ──► ChangeMapper (relation cache, rules)
 //!      ▲                                              │ CommittedTxn (commit order)
 //!      │ standby status (flush LSN)                   ▼
-//!      └──────── acked LSN ◄── Sink::apply (retry forever) ◄── visibility barrier (merges queued batches)
+//!      └── acked LSN (in order) ◄── Sink::apply × max_batches_in_flight (retry forever)
+//!                                     ◄── visibility barrier (merges queued batches)
 //! ```
 //!
 //! Guarantees (design.md §3–4): nothing is confirmed mid-transaction or before the sink's `Ok`;
 //! a restart resumes from the slot and re-applies (sinks are idempotent); no transaction's
 //! evictions are applied before its xid is visible to a new snapshot; while the sink is down the
-//! queue is bounded (`queue_batches` × `max_batch_keys`) and the replication stream pauses, its
+//! queue is bounded (about `queue_batches + max_batches_in_flight + 2` batches of up to
+//! `max_batch_keys` keys) and the replication stream pauses, its
 //! keepalives still answered by the replication worker; when nothing is in flight the keepalive's
 //! WAL end is confirmed, and heartbeats keep an idle slot's retained WAL bounded.
 
@@ -256,6 +258,7 @@ pub async fn run<S: Sink>(
         ack_tx,
         Arc::clone(&pending),
         options.clone(),
+        cfg.max_batches_in_flight,
     ));
     let housekeeping = tokio::spawn(housekeeping(pool.clone(), cfg.clone()));
     let _guard = AbortOnDrop(vec![
@@ -430,66 +433,89 @@ async fn barrier_loop(
     }
 }
 
-/// The apply stage: applies each visible batch with retry (forever), then acknowledges its last
-/// commit LSN.
+/// The apply stage: applies up to `max_in_flight` visible batches at once, each with retry
+/// (forever), and acknowledges them strictly in commit order: a batch's last commit LSN is
+/// acknowledged only once it and every batch before it were applied.
 async fn apply_loop<S: Sink>(
-    mut sink: S,
+    sink: S,
     mut batches: mpsc::Receiver<Batch>,
     ack: watch::Sender<Lsn>,
     pending: Arc<AtomicUsize>,
     options: RunOptions,
+    max_in_flight: usize,
 ) {
+    let sink = &sink;
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            batch = batches.recv(), if open && in_flight.len() < max_in_flight => match batch {
+                Some(batch) => in_flight.push_back(apply_with_retry(sink, batch)),
+                None => open = false,
+            },
+            Some(batch) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                acknowledge(&batch, &ack, &options);
+                pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
+            }
+            else => return,
+        }
+    }
+}
+
+/// Applies `batch`, retrying with backoff (50 ms doubling to 5 s) until the sink says `Ok`.
+async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
     let name = sink.name();
-    while let Some(batch) = batches.recv().await {
-        let mut backoff = Duration::from_millis(50);
-        let mut attempt = 0u64;
-        loop {
-            match sink.apply(&batch).await {
-                Ok(()) => break,
-                Err(e) => {
-                    attempt += 1;
-                    metrics::counter!("cacheclear_sink_errors_total", "sink" => name).increment(1);
-                    metrics::counter!("cacheclear_sink_retries_total", "sink" => name).increment(1);
-                    tracing::warn!(sink = name, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "sink failed to apply a batch; retrying (nothing after it is confirmed meanwhile)");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0u64;
+    loop {
+        match sink.apply(&batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                attempt += 1;
+                metrics::counter!("cacheclear_sink_errors_total", "sink" => name).increment(1);
+                metrics::counter!("cacheclear_sink_retries_total", "sink" => name).increment(1);
+                tracing::warn!(sink = name, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "sink failed to apply a batch; retrying (nothing after it is confirmed meanwhile)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        if attempt > 0 {
-            tracing::info!(
-                sink = name,
-                attempts = attempt + 1,
-                "sink recovered; batch applied"
-            );
+    }
+    if attempt > 0 {
+        tracing::info!(
+            sink = name,
+            attempts = attempt + 1,
+            "sink recovered; batch applied"
+        );
+    }
+    batch
+}
+
+/// Records an applied batch (metrics, status, observer) and acknowledges its last commit LSN.
+fn acknowledge(batch: &Batch, ack: &watch::Sender<Lsn>, options: &RunOptions) {
+    let now = now_us();
+    let keys = batch.key_count() as u64;
+    for t in &batch.txns {
+        if !t.keys.is_empty() || !t.tables.is_empty() {
+            let lag_ms = (now - t.commit_time_us).max(0) as f64 / 1000.0;
+            metrics::histogram!("cacheclear_commit_to_applied_lag_ms").record(lag_ms);
         }
-        let now = now_us();
-        let keys = batch.key_count() as u64;
-        for t in &batch.txns {
-            if !t.keys.is_empty() || !t.tables.is_empty() {
-                let lag_ms = (now - t.commit_time_us).max(0) as f64 / 1000.0;
-                metrics::histogram!("cacheclear_commit_to_applied_lag_ms").record(lag_ms);
-            }
-        }
-        metrics::counter!("cacheclear_invalidations_applied_total").increment(keys);
-        metrics::counter!("cacheclear_transactions_applied_total")
-            .increment(batch.txns.len() as u64);
-        options
-            .status
-            .applied_keys
-            .fetch_add(keys, Ordering::AcqRel);
-        options
-            .status
-            .applied_txns
-            .fetch_add(batch.txns.len() as u64, Ordering::AcqRel);
-        if let Some(observer) = &options.observer {
-            observer(&batch);
-        }
-        if let Some(last) = batch.last_lsn() {
-            ack.send_replace(last);
-        }
-        pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
+    }
+    metrics::counter!("cacheclear_invalidations_applied_total").increment(keys);
+    metrics::counter!("cacheclear_transactions_applied_total").increment(batch.txns.len() as u64);
+    options
+        .status
+        .applied_keys
+        .fetch_add(keys, Ordering::AcqRel);
+    options
+        .status
+        .applied_txns
+        .fetch_add(batch.txns.len() as u64, Ordering::AcqRel);
+    if let Some(observer) = &options.observer {
+        observer(batch);
+    }
+    if let Some(last) = batch.last_lsn() {
+        ack.send_replace(last);
     }
 }
 
@@ -537,5 +563,143 @@ async fn housekeeping(pool: deadpool_postgres::Pool, cfg: PostgresConfig) {
             Ok(None) => {}
             Err(e) => tracing::debug!(error = %e, "retained WAL query failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A sink whose batches finish when the test says so, failing the first attempt of any
+    /// batch listed in `fail_once`.
+    struct Gate {
+        release: Mutex<std::collections::HashMap<u64, watch::Receiver<bool>>>,
+        fail_once: Mutex<Vec<u64>>,
+        landed: Mutex<Vec<u64>>,
+    }
+
+    impl Sink for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        async fn apply(&self, batch: &Batch) -> Result<(), cacheclear_protocol::SinkError> {
+            let lsn = batch.last_lsn().map_or(0, |l| l.0);
+            let gate = self.release.lock().unwrap().get(&lsn).cloned();
+            if let Some(mut gate) = gate {
+                gate.wait_for(|open| *open)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let mut fail = self.fail_once.lock().unwrap();
+            if let Some(i) = fail.iter().position(|&l| l == lsn) {
+                fail.remove(i);
+                return Err(format!("batch {lsn} failed once").into());
+            }
+            self.landed.lock().unwrap().push(lsn);
+            Ok(())
+        }
+    }
+
+    fn batch(lsn: u64) -> Batch {
+        let mut keys = KeyArena::default();
+        keys.push(&Arc::from("public.t"), Op::Update, &format!("t:{lsn}"));
+        Batch {
+            txns: vec![CommittedTxn {
+                xid: lsn as u32,
+                commit_lsn: Lsn(lsn),
+                keys,
+                ..CommittedTxn::default()
+            }],
+            ..Batch::default()
+        }
+    }
+
+    /// Later batches may land first, but the acknowledged LSN never passes a batch that has not
+    /// landed; a failed batch is retried and only then acknowledged.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_applies_are_acknowledged_in_commit_order() {
+        let (open_first, first_gate) = watch::channel(false);
+        let sink = Arc::new(Gate {
+            release: Mutex::new([(10, first_gate)].into_iter().collect()),
+            fail_once: Mutex::new(vec![20]),
+            landed: Mutex::new(Vec::new()),
+        });
+        struct Shared(Arc<Gate>);
+        impl Sink for Shared {
+            fn name(&self) -> &'static str {
+                "gate"
+            }
+            fn apply(
+                &self,
+                batch: &Batch,
+            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
+            {
+                self.0.apply(batch)
+            }
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+        let pending = Arc::new(AtomicUsize::new(3));
+        let task = tokio::spawn(apply_loop(
+            Shared(Arc::clone(&sink)),
+            rx,
+            ack_tx,
+            Arc::clone(&pending),
+            RunOptions::default(),
+            4,
+        ));
+        for lsn in [10, 20, 30] {
+            tx.send(batch(lsn)).await.unwrap();
+        }
+        // 30 lands, 20 fails once and is retried after 50 ms; 10 is held by its gate.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*sink.landed.lock().unwrap(), vec![30, 20]);
+        assert_eq!(
+            *ack_rx.borrow_and_update(),
+            Lsn::ZERO,
+            "nothing passes batch 10"
+        );
+        assert_eq!(pending.load(Ordering::Acquire), 3);
+
+        open_first.send(true).unwrap();
+        ack_rx.changed().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*sink.landed.lock().unwrap(), vec![30, 20, 10]);
+        assert_eq!(*ack_rx.borrow(), Lsn(30));
+        assert_eq!(pending.load(Ordering::Acquire), 0);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    /// With one batch in flight, batches are applied one after the other, in order.
+    #[tokio::test(start_paused = true)]
+    async fn one_in_flight_applies_in_order() {
+        let sink = Gate {
+            release: Mutex::new(Default::default()),
+            fail_once: Mutex::new(vec![10]),
+            landed: Mutex::new(Vec::new()),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+        for lsn in [10, 20, 30] {
+            tx.send(batch(lsn)).await.unwrap();
+        }
+        drop(tx);
+        let pending = Arc::new(AtomicUsize::new(3));
+        // The loop returns once the channel is closed and everything in flight is acknowledged.
+        let observed = Arc::new(Mutex::new(Vec::new()));
+        let options = RunOptions {
+            observer: Some({
+                let observed = Arc::clone(&observed);
+                Arc::new(move |b: &Batch| observed.lock().unwrap().push(b.last_lsn().unwrap().0))
+            }),
+            ..RunOptions::default()
+        };
+        apply_loop(sink, rx, ack_tx, Arc::clone(&pending), options.clone(), 1).await;
+        assert_eq!(*observed.lock().unwrap(), vec![10, 20, 30]);
+        assert_eq!(*ack_rx.borrow(), Lsn(30));
+        assert_eq!(options.status.applied_txns(), 3);
+        assert_eq!(pending.load(Ordering::Acquire), 0);
     }
 }
