@@ -98,6 +98,9 @@ group_id = "{group}"
 topics = ["{TOPIC}"]
 dead_letter_topic = "cacheclear.dlq"
 batch_max_records = 300
+# A commit after every batch: the kill test pauses Redis mid-stream and waits for the commits
+# of the batches already applied.
+commit_interval_ms = 0
 
 [kafka.properties]
 "session.timeout.ms" = "6000"
@@ -200,23 +203,44 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     std::fs::write(&config, config_toml(&kafka, &redis, "crashy")).unwrap();
     let log = dir.path().join("invalidator.log");
     let mut first = Invalidator::start(&config, &log);
-    // Kill it while it is working through the backlog: some batches committed, far from all
-    // (and, batches being 300 records, most likely between a batch's Redis writes and its commit).
+    // Catch it mid-stream, deterministically: once 2,000 keys carry a fence, pause Redis writes
+    // (its next batch then hangs inside its Redis calls), let the commits of the batches it
+    // finished land, and kill -9 it there — between a batch's Redis writes and its commit.
     let start = Instant::now();
-    while committed_offsets(&kafka, "crashy", 4).iter().sum::<i64>() < 2000 {
+    while dbsize(&mut c).await < 2000 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "no progress within 60 s"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while committed_offsets(&kafka, "crashy", 4).iter().sum::<i64>() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "nothing committed within 30 s of 2,000 keys applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     first.kill9();
     let fences_at_kill = dbsize(&mut c).await;
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let committed = committed_offsets(&kafka, "crashy", 4);
     let committed_total: i64 = committed.iter().sum();
     let end_total: i64 = ends.iter().sum();
     assert!(
-        committed_total < end_total,
+        committed_total > 0 && committed_total < end_total,
         "killed mid-stream: committed {committed:?} of {ends:?}"
     );
     eprintln!(
