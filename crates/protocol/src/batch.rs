@@ -3,19 +3,32 @@
 //!
 //! A bulk `UPDATE` of a million rows is one transaction with a million keys, and none of them may be
 //! evicted before the commit is visible (design.md §3), so they are held until then. [`KeyArena`]
-//! keeps them in one byte buffer plus a `u32` end offset per key — about `len + 4` bytes per key
-//! instead of `len + 40` for a `Vec<String>` — which is what keeps the pipeline's peak RSS within
-//! its budget on bulk changes.
+//! keeps them in fixed-size byte chunks plus a `u32` end offset per key — about `len + 4` bytes
+//! per key instead of `len + 40` for a `Vec<String>` — and grows by adding chunks, never by
+//! reallocating: a doubling `Vec` would briefly hold the old and the new buffer (and glibc copies
+//! large reallocations once its mmap threshold has adapted), which is what decided whether a
+//! million-key transaction fit the pipeline's memory budget.
 
 use std::sync::Arc;
 
 use crate::{Lsn, Op};
 
-/// Cache keys in one contiguous buffer, tagged by runs of `(table, op)`.
+/// Bytes per key-text chunk (1 MiB). A key never straddles two chunks.
+const TEXT_CHUNK: usize = 1 << 20;
+/// End offsets per offset chunk (256 Ki entries, 1 MiB).
+const ENDS_CHUNK: usize = 1 << 18;
+
+/// Cache keys in fixed-size chunks, tagged by runs of `(table, op)`.
+///
+/// Key text lives in 1 MiB chunks addressed as one virtual byte space; a key that does not fit in
+/// the current chunk starts the next one (the unused tail is at most one key long). Key `i`
+/// ends at virtual offset `ends[i]` and starts at the previous key's end, or at the start of its
+/// own chunk when it was moved there.
 #[derive(Debug, Default, Clone)]
 pub struct KeyArena {
-    bytes: Vec<u8>,
-    ends: Vec<u32>,
+    text: Vec<Vec<u8>>,
+    ends: Vec<Vec<u32>>,
+    len: usize,
     runs: Vec<Run>,
 }
 
@@ -33,23 +46,48 @@ pub struct Run {
 impl KeyArena {
     /// Appends one key produced by `op` on `table`.
     ///
-    /// # Panics
-    /// Never for realistic input; the arena refuses to grow past 4 GiB of key bytes by returning
-    /// `false` instead (the caller then falls back to a table-wide invalidation).
+    /// Returns `false`, storing nothing, when the arena cannot hold the key: a key longer than
+    /// 1 MiB, or over 4 GiB of key text in all. The caller then falls back to a table-wide
+    /// invalidation.
     pub fn push(&mut self, table: &Arc<str>, op: Op, key: &str) -> bool {
-        let Ok(end) = u32::try_from(self.bytes.len() + key.len()) else {
+        if key.len() > TEXT_CHUNK {
+            return false;
+        }
+        let fits = self
+            .text
+            .last()
+            .is_some_and(|c| c.len() + key.len() <= TEXT_CHUNK);
+        let start = if fits {
+            (self.text.len() - 1) * TEXT_CHUNK + self.text.last().map_or(0, Vec::len)
+        } else {
+            self.text.len() * TEXT_CHUNK
+        };
+        let Ok(end) = u32::try_from(start + key.len()) else {
             return false;
         };
-        self.bytes.extend_from_slice(key.as_bytes());
-        self.ends.push(end);
+        if !fits {
+            // The first chunk grows on demand (most transactions hold a few keys); later ones
+            // are allocated whole, so a large transaction never reallocates.
+            let capacity = if self.text.is_empty() { 0 } else { TEXT_CHUNK };
+            self.text.push(Vec::with_capacity(capacity));
+        }
+        if let Some(chunk) = self.text.last_mut() {
+            chunk.extend_from_slice(key.as_bytes());
+        }
+        if self.ends.last().is_none_or(|c| c.len() == ENDS_CHUNK) {
+            let capacity = if self.ends.is_empty() { 0 } else { ENDS_CHUNK };
+            self.ends.push(Vec::with_capacity(capacity));
+        }
+        if let Some(chunk) = self.ends.last_mut() {
+            chunk.push(end);
+        }
+        self.len += 1;
         match self.runs.last_mut() {
-            Some(run) if run.op == op && Arc::ptr_eq(&run.table, table) => {
-                run.end = self.ends.len()
-            }
+            Some(run) if run.op == op && Arc::ptr_eq(&run.table, table) => run.end = self.len,
             _ => self.runs.push(Run {
                 table: Arc::clone(table),
                 op,
-                end: self.ends.len(),
+                end: self.len,
             }),
         }
         true
@@ -57,17 +95,21 @@ impl KeyArena {
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.len
     }
 
     /// True when no key is held.
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.len == 0
     }
 
-    /// Bytes of key text held (not counting offsets).
+    /// Bytes of key text held (not counting offsets or chunk tails).
     pub fn text_bytes(&self) -> usize {
-        self.bytes.len()
+        self.text.iter().map(Vec::len).sum()
+    }
+
+    fn end(&self, i: usize) -> usize {
+        self.ends[i / ENDS_CHUNK][i % ENDS_CHUNK] as usize
     }
 
     /// The `i`-th key.
@@ -75,10 +117,24 @@ impl KeyArena {
     /// # Panics
     /// If `i >= self.len()`.
     pub fn get(&self, i: usize) -> &str {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        let end = self.ends[i] as usize;
+        let end = self.end(i);
+        let previous = if i == 0 { 0 } else { self.end(i - 1) };
+        // A non-empty key lies wholly in the chunk holding its last byte; it starts there if
+        // it was moved to a fresh chunk (then the previous key ended in an earlier one).
+        let (chunk, start) = if end == previous {
+            (end / TEXT_CHUNK, end)
+        } else {
+            let chunk = (end - 1) / TEXT_CHUNK;
+            (chunk, previous.max(chunk * TEXT_CHUNK))
+        };
+        let base = chunk * TEXT_CHUNK;
+        let bytes = self
+            .text
+            .get(chunk)
+            .and_then(|c| c.get(start - base..end - base))
+            .unwrap_or_default();
         // Keys enter only through `push(&str)`, and offsets split only at their boundaries.
-        std::str::from_utf8(&self.bytes[start..end]).unwrap_or_default()
+        std::str::from_utf8(bytes).unwrap_or_default()
     }
 
     /// All keys in insertion order.
@@ -91,10 +147,17 @@ impl KeyArena {
         &self.runs
     }
 
-    /// Drops every key, keeping the allocation.
+    /// Drops every key, keeping the first chunk of each kind.
     pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.ends.clear();
+        self.text.truncate(1);
+        self.ends.truncate(1);
+        for c in &mut self.text {
+            c.clear();
+        }
+        for c in &mut self.ends {
+            c.clear();
+        }
+        self.len = 0;
         self.runs.clear();
     }
 }
@@ -179,5 +242,40 @@ mod tests {
         assert_eq!(a.runs()[0].end, 2);
         assert_eq!(&*a.runs()[1].table, "public.order");
         assert_eq!(a.text_bytes(), 9 + 19 + 7);
+        a.clear();
+        assert!(a.is_empty() && a.runs().is_empty() && a.iter().next().is_none());
+        assert!(a.push(&order, Op::Delete, "order:10"));
+        assert_eq!(a.iter().collect::<Vec<_>>(), ["order:10"]);
+    }
+
+    /// Keys that do not fit a chunk's tail move to the next chunk; offsets cross the offset
+    /// chunks; empty keys and a key of exactly one chunk are kept.
+    #[test]
+    fn arena_spans_chunks() {
+        let t: Arc<str> = Arc::from("public.t");
+        let mut a = KeyArena::default();
+        let mut expected = Vec::new();
+        let mut i = 0usize;
+        while a.len() <= ENDS_CHUNK + 10 {
+            // Lengths 0..=96 so chunk tails are left unused now and then.
+            let key = "k".repeat(i % 97) + &i.to_string();
+            let key = if i % 1000 == 7 { String::new() } else { key };
+            assert!(a.push(&t, Op::Update, &key));
+            expected.push(key);
+            i += 1;
+        }
+        let big = "x".repeat(TEXT_CHUNK);
+        assert!(a.push(&t, Op::Update, &big));
+        expected.push(big);
+        assert!(a.push(&t, Op::Update, "after"));
+        expected.push("after".into());
+        assert!(!a.push(&t, Op::Update, &"y".repeat(TEXT_CHUNK + 1)));
+        assert!(a.text.len() > 3 && a.ends.len() == 2);
+        assert_eq!(a.len(), expected.len());
+        assert!(a.iter().eq(expected.iter().map(String::as_str)));
+        assert_eq!(
+            a.text_bytes(),
+            expected.iter().map(String::len).sum::<usize>()
+        );
     }
 }
