@@ -385,7 +385,7 @@ impl Drop for AbortOnDrop {
 
 /// The barrier stage: takes every batch the reader has sealed so far (up to `max_keys` keys),
 /// merges them into one, waits until all their xids are visible to a new snapshot, and passes
-/// the merged batch on. It runs while the sink applies the previous batch, so under load a
+/// the merged batch on. It runs while the sink applies earlier batches, so under load a
 /// transaction waits for one snapshot query and one sink round trip, not for a queue of them.
 async fn barrier_loop(
     pool: deadpool_postgres::Pool,
