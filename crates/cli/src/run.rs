@@ -64,6 +64,16 @@ fn describe_metrics() {
         Unit::Milliseconds,
         "From a transaction's commit time to the sink's acknowledgement of its evictions."
     );
+    describe_histogram!(
+        "cacheclear_visibility_barrier_ms",
+        Unit::Milliseconds,
+        "Per batch: from the barrier taking it to every xid visible to a new snapshot (long while a commit waits for a synchronous standby)."
+    );
+    describe_histogram!(
+        "cacheclear_sink_apply_ms",
+        Unit::Milliseconds,
+        "Per batch: from the first apply attempt to the sink's acknowledgement, retries included."
+    );
     describe_gauge!(
         "cacheclear_confirmed_lsn",
         "Flush LSN confirmed to PostgreSQL (as a number; exact below 2^53)."

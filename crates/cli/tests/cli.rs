@@ -98,6 +98,15 @@ async fn metrics_endpoint_reports_the_pipeline() {
         "lag histogram buckets:\n{body}"
     );
     assert!(sample(&body, "cacheclear_commit_to_applied_lag_ms_sum").is_some());
+    // The stage histograms saw the batch too.
+    assert!(
+        sample(&body, "cacheclear_visibility_barrier_ms_count").is_some_and(|v| v >= 1.0),
+        "barrier histogram:\n{body}"
+    );
+    assert!(
+        sample(&body, "cacheclear_sink_apply_ms_count{sink=\"redis\"}").is_some_and(|v| v >= 1.0),
+        "sink apply histogram:\n{body}"
+    );
     assert!(
         body.contains("# HELP cacheclear_commit_to_applied_lag_ms"),
         "no HELP for the lag:\n{body}"

@@ -37,8 +37,9 @@ pub struct KafkaConfig {
     /// Low for latency: an invalidation that waits here is a stale read window. Default 2.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// Records awaiting their delivery report at once, per batch. Bounds memory on bulk changes
-    /// (a million-key transaction is sent as a sliding window, not all at once). Default 10000.
+    /// Records awaiting their delivery report at once, per batch (the source applies up to
+    /// `postgres.max_batches_in_flight` batches at once). Bounds memory on bulk changes (a
+    /// million-key transaction is sent as a sliding window, not all at once). Default 10000.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// Extra librdkafka producer properties (`security.protocol`, `sasl.*`, `ssl.*`,

@@ -14,8 +14,9 @@
 //! failed report (broker down past `message_timeout_ms`, unknown topic, authorization, …) fails
 //! the batch; the source retries it, so records may be published more than once (harmless: the
 //! eviction is idempotent). After a failed batch the producer is replaced by a fresh one (new
-//! producer id, new connections), so no stuck producer state outlives a failure. At most
-//! [`KafkaConfig::max_in_flight`] records await their report at once, so a million-key
+//! producer id, new connections), so no stuck producer state outlives a failure (batches in
+//! flight at the same time share the producer; only the first failure replaces it). At most
+//! [`KafkaConfig::max_in_flight`] records per batch await their report at once, so a million-key
 //! transaction streams through a bounded window.
 //!
 //! ```no_run

@@ -427,6 +427,8 @@ async fn barrier_loop(
             }
         }
         batch.visible_us = now_us();
+        metrics::histogram!("cacheclear_visibility_barrier_ms")
+            .record((batch.visible_us - batch.taken_us).max(0) as f64 / 1000.0);
         if visible.send(batch).await.is_err() {
             return;
         }
@@ -465,6 +467,7 @@ async fn apply_loop<S: Sink>(
 /// Applies `batch`, retrying with backoff (50 ms doubling to 5 s) until the sink says `Ok`.
 async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
     let name = sink.name();
+    let started = std::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
     let mut attempt = 0u64;
     loop {
@@ -481,6 +484,8 @@ async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
             }
         }
     }
+    metrics::histogram!("cacheclear_sink_apply_ms", "sink" => name)
+        .record(started.elapsed().as_secs_f64() * 1000.0);
     if attempt > 0 {
         tracing::info!(
             sink = name,
