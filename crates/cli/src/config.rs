@@ -2,8 +2,10 @@
 //!
 //! Sources, later ones winning: the TOML file given with `--config`, then environment variables
 //! `CACHECLEAR__<SECTION>__<FIELD>` (double underscores), e.g. `CACHECLEAR__POSTGRES__URL`,
-//! `CACHECLEAR__REDIS__URL`, `CACHECLEAR__METRICS__LISTEN`. Unknown fields are errors (a typo
-//! must not silently fall back to a default).
+//! `CACHECLEAR__REDIS__URL`, `CACHECLEAR__METRICS__LISTEN`. List fields take comma-separated
+//! values: `CACHECLEAR__REDIS__URLS="redis://a:6379/,redis://b:6379/"` (also `KAFKA__TOPICS`,
+//! `KAFKA__DEBEZIUM_TOPICS`; `KAFKA__BROKERS` is one string, as in the file). Unknown fields are
+//! errors (a typo must not silently fall back to a default).
 
 use std::path::Path;
 
@@ -212,6 +214,12 @@ pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                // Only these are lists; every other value stays one string (a broker list is
+                // one comma-separated string, as librdkafka takes it).
+                .list_separator(",")
+                .with_list_parse_key("redis.urls")
+                .with_list_parse_key("kafka.topics")
+                .with_list_parse_key("kafka.debezium_topics")
                 .source(Some(env)),
         )
         .build()
@@ -289,6 +297,43 @@ mod tests {
             (kafka.brokers.as_str(), kafka.topic.as_str()),
             ("127.0.0.1:9092", "inv")
         );
+    }
+
+    #[test]
+    fn list_fields_come_from_comma_separated_variables() {
+        let cfg = load(
+            &format!("{BASE}[redis]\nurl = \"redis://127.0.0.1:6379/\"\n"),
+            &[
+                ("CACHECLEAR__REDIS__CLUSTER", "true"),
+                ("CACHECLEAR__REDIS__URL", ""),
+                (
+                    "CACHECLEAR__REDIS__URLS",
+                    "redis://127.0.0.1:7001/,redis://127.0.0.1:7002/",
+                ),
+            ],
+        )
+        .expect("valid");
+        let SinkChoice::Redis(redis) = cfg.sink().expect("sink") else {
+            panic!("not redis: {cfg:?}");
+        };
+        assert!(redis.cluster);
+        assert_eq!(
+            redis.urls,
+            ["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"]
+        );
+        // A broker list stays one string.
+        let cfg = load(
+            BASE,
+            &[
+                ("CACHECLEAR__SINK__KIND", "kafka"),
+                ("CACHECLEAR__KAFKA__BROKERS", "k1:9092,k2:9092"),
+            ],
+        )
+        .expect("valid");
+        let SinkChoice::Kafka(kafka) = cfg.sink().expect("sink") else {
+            panic!("not kafka");
+        };
+        assert_eq!(kafka.brokers, "k1:9092,k2:9092");
     }
 
     #[test]
