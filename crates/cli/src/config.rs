@@ -207,6 +207,18 @@ pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
         .into_iter()
         .filter(|(k, _)| k.starts_with("CACHECLEAR__"))
         .collect();
+    // Errors name the environment too when it overrode something: a typo there is as likely.
+    let mut overrides: Vec<&str> = env.keys().map(String::as_str).collect();
+    overrides.sort_unstable();
+    let origin = if overrides.is_empty() {
+        format!("config file {}", path.display())
+    } else {
+        format!(
+            "config file {} with environment overrides {}",
+            path.display(),
+            overrides.join(", ")
+        )
+    };
     let settings = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(
@@ -223,10 +235,10 @@ pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
                 .source(Some(env)),
         )
         .build()
-        .with_context(|| format!("reading config file {}", path.display()))?;
+        .with_context(|| format!("reading {origin}"))?;
     settings
         .try_deserialize()
-        .with_context(|| format!("invalid config file {}", path.display()))
+        .with_context(|| format!("invalid {origin}"))
 }
 
 #[cfg(test)]

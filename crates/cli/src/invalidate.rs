@@ -92,7 +92,7 @@ impl InvalidateFile {
         let file: InvalidateFile = crate::config::read_toml_with_env(
             path,
             std::env::vars(),
-            "`cacheclear invalidate --help` or README.md",
+            "README.md, section Scale out (invalidator.toml)",
         )?;
         let cfg = InvalidatorConfig {
             kafka: file.kafka,

@@ -68,7 +68,26 @@ fn init_logs(default: &str) {
         .init();
 }
 
-fn main() -> anyhow::Result<()> {
+/// Prints an error and its causes (no backtrace, even with `RUST_BACKTRACE` set: these are
+/// configuration and environment errors, not bugs) and exits with status 1.
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            let mut causes = e.chain().skip(1).peekable();
+            if causes.peek().is_some() {
+                eprintln!("\nCaused by:");
+                for cause in causes {
+                    eprintln!("    {cause}");
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo draws a progress bar on stderr: only warnings interrupt it.
     init_logs(match cli.command {
