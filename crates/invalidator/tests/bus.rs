@@ -203,3 +203,48 @@ async fn a_rebalance_mid_stream_loses_nothing_and_leaves_nothing_stale() {
     assert_all_fenced(&mut c, &expected).await;
     b.stop().await;
 }
+
+/// Offsets are committed at most every `commit_interval_ms`, and the last applied records are
+/// committed by the idle timer — while the member keeps running, not only at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_rate_limited_and_an_idle_stream_still_commits() {
+    const TOPIC_I: &str = "cacheclear.interval";
+    let kafka = broker();
+    kafka.create_topic(TOPIC_I, 4).unwrap();
+    kafka.create_topic(DLQ, 1).unwrap();
+    let redis = redis();
+    let mut c = conn(&redis).await;
+    let (records, expected) = stream(3000, 300, 0x3_0000_0000);
+    let ends = produce_all(&producer(&kafka), TOPIC_I, &records).await;
+
+    let mut cfg = config(&kafka, &redis, "interval", &[TOPIC_I]);
+    cfg.kafka.commit_interval_ms = 300;
+    cfg.kafka.batch_max_records = 100;
+    let started = std::time::Instant::now();
+    let member = Member::start(cfg);
+    let status = member.status.clone();
+    wait_for("all records applied", Duration::from_secs(60), || async {
+        status.records_applied() >= 3000
+    })
+    .await;
+    assert_all_fenced(&mut c, &expected).await;
+    // No more records arrive: the idle timer commits the rest.
+    let want = ends_vec(&ends, 4);
+    let kafka_ref = &kafka;
+    let want_ref = &want;
+    wait_for(
+        "offsets committed while idle",
+        Duration::from_secs(10),
+        || async move { committed(kafka_ref, "interval", TOPIC_I, 4) == *want_ref },
+    )
+    .await;
+    // At least 30 batches of 100 records, but commits at most one per 300 ms (+1 for the idle
+    // timer's).
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let commits = status.commits();
+    assert!(
+        commits >= 1 && commits <= elapsed_ms / 300 + 2,
+        "{commits} commits in {elapsed_ms} ms with a 300 ms interval"
+    );
+    member.stop().await;
+}
