@@ -198,11 +198,15 @@ impl KafkaSink {
             // needed — and its state may be what failed: a broker that lost our producer id
             // (restarted, or expired it) answers UNKNOWN_PRODUCER_ID to every retry of an
             // idempotent producer, forever. A fresh producer gets a new id and new connections.
-            drop(window);
-            drop(producer);
             if let Err(e) = self.replace_producer(generation) {
                 tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
             }
+        }
+        drop(window);
+        // If the producer was replaced meanwhile (by this batch or another), this clone may be
+        // the last one: dropping it purges the queue and may block, so not on an async thread.
+        if self.current_producer().0 != generation {
+            drop_off_async_threads(producer);
         }
         result
     }
@@ -234,13 +238,19 @@ impl KafkaSink {
             fresh // another batch replaced it meanwhile
         };
         drop(guard);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(move || drop(old));
-            }
-            Err(_) => drop(old),
-        }
+        drop_off_async_threads(old);
         Ok(())
+    }
+}
+
+/// Drops a producer on the blocking pool when inside a tokio runtime (dropping the last clone
+/// purges its queue and may block up to ~0.5 s).
+fn drop_off_async_threads(producer: FutureProducer) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(move || drop(producer));
+        }
+        Err(_) => drop(producer),
     }
 }
 
