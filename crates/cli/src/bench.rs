@@ -24,7 +24,7 @@ use clap::{Args, Subcommand};
 mod kafka;
 mod stages;
 
-use stages::SourceStages;
+use stages::{SourceStages, StageFigures};
 
 /// Which benchmark to run.
 #[derive(Subcommand)]
@@ -242,7 +242,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
     } else {
-        print_table(&figures);
+        print_table(&figures, &phases);
     }
     Ok(())
 }
@@ -345,67 +345,25 @@ pub(crate) async fn drop_bench_objects(db: &tokio_postgres::Client) {
         .await;
 }
 
-fn print_table(f: &Figures) {
+/// Prints the table; the steady-rate rows come from `phases` (1k, then 10k rows/s), the rest from
+/// `f`.
+fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     println!("$ {}", f.command);
     println!("{:<44} {:>12}", "figure", "value");
-    println!("{:<44} {:>9.2} ms", "lag p50 @ 1k rows/s", f.lag_1k_p50_ms);
-    println!(
-        "{:<44} {:>9.2} ms",
-        "lag p99 @ 1k rows/s (target < 10 ms)", f.lag_1k_p99_ms
-    );
-    println!("{:<44} {:>9.2} ms", "lag max @ 1k rows/s", f.lag_1k_max_ms);
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  of which commit → received, p99", f.server_lag_1k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  received → taken by the barrier, p99", f.queue_1k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  taken → visible (barrier queries), p99", f.barrier_1k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  visible → Redis ack, p99", f.sink_1k_p99_ms
-    );
-    println!(
-        "{:<44} {:>12.0}",
-        "  achieved rows/s", f.achieved_1k_rows_per_s
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "lag p50 @ 10k rows/s", f.lag_10k_p50_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "lag p99 @ 10k rows/s", f.lag_10k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "lag max @ 10k rows/s", f.lag_10k_max_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  of which commit → received, p99", f.server_lag_10k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  received → taken by the barrier, p99", f.queue_10k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  taken → visible (barrier queries), p99", f.barrier_10k_p99_ms
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "  visible → Redis ack, p99", f.sink_10k_p99_ms
-    );
-    println!(
-        "{:<44} {:>12.0}",
-        "  achieved rows/s", f.achieved_10k_rows_per_s
-    );
+    let row = |name: &str, v: f64| println!("{name:<44} {v:>9.2} ms");
+    for ((p, achieved), (rate, target)) in phases
+        .iter()
+        .zip([("1k", " (target < 10 ms)"), ("10k", "")])
+    {
+        row(&format!("lag p50 @ {rate} rows/s"), p.p50);
+        row(&format!("lag p99 @ {rate} rows/s{target}"), p.p99);
+        row(&format!("lag max @ {rate} rows/s"), p.max);
+        row("  of which commit → received, p99", p.server_p99);
+        row("  received → taken by the barrier, p99", p.queue_p99);
+        row("  taken → visible (barrier queries), p99", p.barrier_p99);
+        row("  visible → Redis ack, p99", p.sink_p99);
+        println!("{:<44} {:>12.0}", "  achieved rows/s", achieved);
+    }
     println!("{:<44} {:>12}", "bulk UPDATE rows", f.bulk_rows);
     println!(
         "{:<44} {:>10.2} s",

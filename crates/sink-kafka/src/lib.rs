@@ -205,7 +205,7 @@ impl KafkaSink {
         drop(window);
         // If the producer was replaced meanwhile (by this batch or another), this clone may be
         // the last one: dropping it purges the queue and may block, so not on an async thread.
-        if self.current_producer().0 != generation {
+        if self.current_generation() != generation {
             drop_off_async_threads(producer);
         }
         result
@@ -220,11 +220,19 @@ impl KafkaSink {
         (guard.0, guard.1.clone())
     }
 
+    /// The current producer's generation (no clone of the producer).
+    fn current_generation(&self) -> u64 {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+
     /// Swaps in a new producer unless `failed` (a generation) was already replaced by another
     /// batch; the old one is dropped off the async threads (dropping purges its queue and may
     /// block up to ~0.5 s).
     fn replace_producer(&self, failed: u64) -> Result<(), KafkaSinkError> {
-        if self.current_producer().0 != failed {
+        if self.current_generation() != failed {
             return Ok(());
         }
         let fresh = create_producer(&self.cfg)?;

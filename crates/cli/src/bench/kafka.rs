@@ -440,7 +440,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&figures)?);
     } else {
-        print_table(&figures);
+        print_table(&figures, &phases);
     }
     Ok(())
 }
@@ -491,81 +491,45 @@ async fn produce_records(bootstrap: &str, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(f: &Figures) {
+/// Prints the table; the steady-rate rows come from `phases` (1k, then 10k rows/s), the rest from
+/// `f`.
+fn print_table(f: &Figures, phases: &[Phase]) {
     println!("$ {}", f.command);
     println!(
         "(PostgreSQL → Kafka [{}, {} partitions] → invalidator → Redis [{}], {} cores)",
         f.broker, f.partitions, f.redis_mode, f.cores
     );
     println!("{:<48} {:>12}", "figure", "value");
-    println!("{:<48} {:>9.2} ms", "lag p50 @ 1k rows/s", f.lag_1k_p50_ms);
-    println!(
-        "{:<48} {:>9.2} ms",
-        "lag p99 @ 1k rows/s (target < 25 ms)", f.lag_1k_p99_ms
-    );
-    println!("{:<48} {:>9.2} ms", "lag max @ 1k rows/s", f.lag_1k_max_ms);
-    println!(
-        "{:<48} {:>12.0}",
-        "  achieved rows/s", f.achieved_1k_rows_per_s
-    );
     let row = |name: &str, v: f64| println!("{name:<48} {v:>9.2} ms");
-    row("  commit → Kafka ack p50 (source)", f.source_lag_1k_p50_ms);
-    row("  commit → Kafka ack p99 (source)", f.source_lag_1k_p99_ms);
-    row("    commit → received p99", f.source_server_1k_p99_ms);
-    row(
-        "    received → taken by the barrier p99",
-        f.source_queue_1k_p99_ms,
-    );
-    row(
-        "    taken → visible (barrier queries) p99",
-        f.source_barrier_1k_p99_ms,
-    );
-    row("    visible → Kafka ack p99", f.source_sink_1k_p99_ms);
-    row(
-        "  Kafka timestamp → Redis ack p50 (invalidator)",
-        f.kafka_to_redis_1k_p50_ms,
-    );
-    row(
-        "  Kafka timestamp → Redis ack p99 (invalidator)",
-        f.kafka_to_redis_1k_p99_ms,
-    );
-    println!(
-        "{:<48} {:>9.2} ms",
-        "lag p50 @ 10k rows/s", f.lag_10k_p50_ms
-    );
-    println!(
-        "{:<48} {:>9.2} ms",
-        "lag p99 @ 10k rows/s", f.lag_10k_p99_ms
-    );
-    println!(
-        "{:<48} {:>9.2} ms",
-        "lag max @ 10k rows/s", f.lag_10k_max_ms
-    );
-    println!(
-        "{:<48} {:>12.0}",
-        "  achieved rows/s", f.achieved_10k_rows_per_s
-    );
-    let row = |name: &str, v: f64| println!("{name:<48} {v:>9.2} ms");
-    row("  commit → Kafka ack p50 (source)", f.source_lag_10k_p50_ms);
-    row("  commit → Kafka ack p99 (source)", f.source_lag_10k_p99_ms);
-    row("    commit → received p99", f.source_server_10k_p99_ms);
-    row(
-        "    received → taken by the barrier p99",
-        f.source_queue_10k_p99_ms,
-    );
-    row(
-        "    taken → visible (barrier queries) p99",
-        f.source_barrier_10k_p99_ms,
-    );
-    row("    visible → Kafka ack p99", f.source_sink_10k_p99_ms);
-    row(
-        "  Kafka timestamp → Redis ack p50 (invalidator)",
-        f.kafka_to_redis_10k_p50_ms,
-    );
-    row(
-        "  Kafka timestamp → Redis ack p99 (invalidator)",
-        f.kafka_to_redis_10k_p99_ms,
-    );
+    for (p, (rate, target)) in phases
+        .iter()
+        .zip([("1k", " (target < 25 ms)"), ("10k", "")])
+    {
+        row(&format!("lag p50 @ {rate} rows/s"), p.p50);
+        row(&format!("lag p99 @ {rate} rows/s{target}"), p.p99);
+        row(&format!("lag max @ {rate} rows/s"), p.max);
+        println!("{:<48} {:>12.0}", "  achieved rows/s", p.achieved);
+        row("  commit → Kafka ack p50 (source)", p.source.p50);
+        row("  commit → Kafka ack p99 (source)", p.source.p99);
+        row("    commit → received p99", p.source.server_p99);
+        row(
+            "    received → taken by the barrier p99",
+            p.source.queue_p99,
+        );
+        row(
+            "    taken → visible (barrier queries) p99",
+            p.source.barrier_p99,
+        );
+        row("    visible → Kafka ack p99", p.source.sink_p99);
+        row(
+            "  Kafka timestamp → Redis ack p50 (invalidator)",
+            p.kafka_p50,
+        );
+        row(
+            "  Kafka timestamp → Redis ack p99 (invalidator)",
+            p.kafka_p99,
+        );
+    }
     println!(
         "{:<48} {:>12.0}",
         "invalidator records/s, 1 process (target ≥ 50000)", f.invalidator_records_per_s
