@@ -40,7 +40,7 @@ use cacheclear_invalidator::{DebeziumConfig, InvalidatorConfig, KafkaConfig, Run
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::RedisConfig;
 
-use crate::run::{serve_metrics, shutdown_signal};
+use crate::serve::{serve_metrics, shutdown_signal};
 
 /// `invalidator.toml`: the invalidator's sections plus `[metrics]`.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -120,64 +120,16 @@ impl InvalidateFile {
     }
 }
 
-fn describe_metrics() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "cacheclear_invalidator_records_total",
-        "Records by outcome: applied (Redis acknowledged), skipped (nothing to evict), dead_lettered, dropped_revoked (partition revoked before commit)."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_keys_evicted_total",
-        "Cache keys invalidated (distinct per batch, plus keys found by table-wide evictions)."
-    );
-    describe_histogram!(
-        "cacheclear_invalidator_commit_to_applied_lag_ms",
-        Unit::Milliseconds,
-        "From a record's commit time to Redis's acknowledgement of its evictions."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_redis_errors_total",
-        "Failed attempts to apply a batch to Redis (retried)."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_dlq_errors_total",
-        "Failed dead-letter produces (retried)."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_commit_errors_total",
-        "Offset commits the group coordinator refused."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_kafka_errors_total",
-        "Consumer errors reported by librdkafka (retried by it)."
-    );
-    describe_counter!(
-        "cacheclear_invalidator_rebalances_total",
-        "Rebalance callbacks by kind (assign, revoke)."
-    );
-    describe_gauge!(
-        "cacheclear_invalidator_assigned_partitions",
-        "Partitions assigned to this process."
-    );
-}
-
 /// `cacheclear invalidate --config <path>`.
 pub async fn invalidate(path: &Path) -> anyhow::Result<()> {
     let (cfg, listen, rules) = InvalidateFile::load(path)?;
     serve_metrics(&listen).await?;
-    describe_metrics();
-    let options = RunOptions::default();
-    let status = Arc::clone(&options.status);
-    let gauge = tokio::spawn(async move {
-        loop {
-            metrics::gauge!("cacheclear_invalidator_assigned_partitions")
-                .set(status.assigned_partitions() as f64);
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    });
-    let result = cacheclear_invalidator::run(&cfg, Arc::new(rules), options, shutdown_signal())
-        .await
-        .context("cacheclear invalidate");
-    gauge.abort();
-    result
+    cacheclear_invalidator::run(
+        &cfg,
+        Arc::new(rules),
+        RunOptions::default(),
+        shutdown_signal(),
+    )
+    .await
+    .context("cacheclear invalidate")
 }

@@ -1,13 +1,15 @@
 //! `cacheclear`: keeps a Redis cache consistent with PostgreSQL through logical replication.
 //!
-//! Commands: `run` (the pipeline), `bench` (measured figures), `demo` (the flash sale, end to
-//! end). `cacheclear <command> --help` documents each.
+//! Commands: `run` (the pipeline: PostgreSQL → Redis or Kafka), `invalidate` (Kafka → Redis),
+//! and, with the default feature `lab`, `demo` (the flash sale, end to end) and `bench` (measured
+//! figures). `cacheclear <command> --help` documents each. This crate only parses arguments,
+//! loads configuration and runs the long-running commands; the components live in their own
+//! crates (docs/architecture.md), the demo and the benchmarks in `cacheclear-lab`.
 
-mod bench;
 mod config;
-mod demo;
 mod invalidate;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -36,16 +38,18 @@ enum Command {
         config: PathBuf,
     },
     /// Measure the pipeline and print its figures (each with the command that produced it).
+    #[cfg(feature = "lab")]
     Bench {
         #[command(subcommand)]
-        which: bench::BenchCommand,
+        which: cacheclear_lab::bench::BenchCommand,
     },
     /// The flash sale, end to end, zero config: private PostgreSQL and Redis, a catalog, shoppers,
     /// the sale ending mid-run; ttl-only cache-aside against cacheclear, side by side.
     ///
     /// Takes about 30 s with the defaults on 2 cores. `--json` prints the figures as one JSON
     /// object.
-    Demo(demo::DemoArgs),
+    #[cfg(feature = "lab")]
+    Demo(cacheclear_lab::demo::DemoArgs),
     /// Run the Kafka → Redis invalidator: a consumer group applying bus records (and Debezium
     /// PostgreSQL change events) to Redis, committing offsets only after Redis acknowledged them.
     ///
@@ -91,14 +95,17 @@ fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo draws a progress bar on stderr: only warnings interrupt it.
     init_logs(match cli.command {
+        #[cfg(feature = "lab")]
         Command::Demo(_) => "warn",
         _ => "info",
     });
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Run { config } => runtime.block_on(run::run(&config)),
-        Command::Bench { which } => runtime.block_on(bench::bench(which)),
-        Command::Demo(args) => runtime.block_on(demo::demo(args)),
+        #[cfg(feature = "lab")]
+        Command::Bench { which } => runtime.block_on(cacheclear_lab::bench::bench(which)),
+        #[cfg(feature = "lab")]
+        Command::Demo(args) => runtime.block_on(cacheclear_lab::demo::demo(args)),
         Command::Invalidate { config } => runtime.block_on(invalidate::invalidate(&config)),
     }
 }

@@ -8,7 +8,7 @@ use cacheclear_harness::{PgInstance, RedisCluster};
 use cacheclear_protocol::{KeyLayout, Lsn};
 use cacheclear_sink_redis::RedisConfig;
 use cacheclear_source_postgres::PostgresConfig;
-use common::{SCHEMA, current_lsn, product_rules, spawn_pipeline, wait_for};
+use common::{SCHEMA, current_lsn, product_rules, spawn_pipeline, streaming, wait_for};
 use redis::cluster_async::ClusterConnection;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -69,17 +69,12 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
 
     let mut pg_cfg = PostgresConfig::new(pg.url());
     pg_cfg.status_interval_ms = 100;
-    let running = spawn_pipeline(
+    let mut running = spawn_pipeline(
         pg_cfg,
         RedisConfig::cluster(cluster.seeds()),
         product_rules(),
     );
-    let status = std::sync::Arc::clone(&running.status);
-    wait_for("the pipeline to start", WAIT, || {
-        let status = std::sync::Arc::clone(&status);
-        async move { status.applied_txns() >= 1 }
-    })
-    .await;
+    streaming(&mut running).await;
 
     // One row: product 5 moves from category 6 to 9; its key and both listings are evicted,
     // wherever their slots live.

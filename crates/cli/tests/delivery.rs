@@ -175,17 +175,10 @@ async fn redis_down_during_updates_holds_confirmation_and_loses_nothing() {
     let mut pg_cfg = env.pg_config();
     pg_cfg.max_batch_keys = 4;
     pg_cfg.queue_batches = 1;
-    let running = spawn_pipeline(pg_cfg, env.redis_config(), product_rules());
-    {
-        let status = Arc::clone(&running.status);
-        wait_for("the pipeline to start", WAIT, || {
-            let status = Arc::clone(&status);
-            async move { status.applied_txns() >= 1 }
-        })
-        .await;
-    }
+    let mut running = spawn_pipeline(pg_cfg, env.redis_config(), product_rules());
+    streaming(&mut running).await;
     wait_for("the walsender to show", WAIT, || async {
-        assert!(!running.handle.is_finished(), "the pipeline stopped");
+        assert!(!running.is_finished(), "the pipeline stopped");
         walsender(&pg).await.is_some()
     })
     .await;
@@ -249,8 +242,8 @@ async fn redis_down_during_updates_holds_confirmation_and_loses_nothing() {
         reply_later > reply_down,
         "no standby status update while Redis was down ({reply_down} → {reply_later})"
     );
-    assert!(!running.handle.is_finished(), "the pipeline stopped");
-    assert_eq!(running.status.confirmed_lsn(), confirmed_down);
+    assert!(!running.is_finished(), "the pipeline stopped");
+    assert_eq!(running.status().confirmed_lsn(), confirmed_down);
     let after_stop = commits
         .iter()
         .filter(|(_, before, _)| *before >= down_at)

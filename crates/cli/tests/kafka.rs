@@ -11,7 +11,7 @@ use cacheclear_harness::{KafkaBroker, PgInstance};
 use cacheclear_protocol::{BusRecord, Lsn, Op};
 use cacheclear_rules::Rules;
 use cacheclear_sink_kafka::{KafkaConfig, KafkaSink};
-use cacheclear_source_postgres::{PostgresConfig, RunOptions, SourceError, SourceStatus};
+use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use common::{
     Process, SCHEMA, current_lsn, product_rules, slot_confirmed, wait_for, wait_streaming,
     write_file,
@@ -60,44 +60,10 @@ impl BusEnv {
 }
 
 /// The in-process pipeline with the Kafka sink.
-struct Running {
-    status: Arc<SourceStatus>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<Result<(), SourceError>>,
-}
-
-impl Running {
-    fn spawn(pg: PostgresConfig, kafka: KafkaConfig) -> Running {
-        let rules = Arc::new(Rules::compile(&product_rules()).expect("rules compile"));
-        let sink = KafkaSink::connect(kafka).expect("sink");
-        let options = RunOptions::default();
-        let status = Arc::clone(&options.status);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            cacheclear_source_postgres::run(&pg, rules, sink, options, async {
-                let _ = rx.await;
-            })
-            .await
-        });
-        Running {
-            status,
-            stop: Some(tx),
-            handle,
-        }
-    }
-
-    async fn stop(mut self) -> Result<(), SourceError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        (&mut self.handle).await.expect("pipeline task")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.handle.abort();
-    }
+fn spawn_pipeline(pg: PostgresConfig, kafka: KafkaConfig) -> Pipeline {
+    let rules = Arc::new(Rules::compile(&product_rules()).expect("rules compile"));
+    let sink = KafkaSink::connect(kafka).expect("sink");
+    Pipeline::spawn(pg, rules, sink, RunOptions::default())
 }
 
 /// One consumed record: Kafka key, partition, value.
@@ -191,13 +157,11 @@ fn txn_of(records: &[Consumed], key: &str, after: Lsn) -> Option<Lsn> {
 async fn an_update_publishes_its_old_and_new_keys_with_the_commit_lsn() {
     let env = BusEnv::start();
     let pg = env.pg().await;
-    let running = Running::spawn(env.pg_config(), env.kafka_config());
-    let status = Arc::clone(&running.status);
-    wait_for("the pipeline's first batch", WAIT, || {
-        let status = Arc::clone(&status);
-        async move { status.applied_txns() >= 1 }
-    })
-    .await;
+    let mut running = spawn_pipeline(env.pg_config(), env.kafka_config());
+    tokio::time::timeout(WAIT, running.streaming())
+        .await
+        .expect("the pipeline streams in time")
+        .expect("the pipeline streams");
 
     // Product 7 sits in category 1 + 7 % 10 = 8; move it to category 5.
     let (xid, before) = transaction(
@@ -269,7 +233,7 @@ async fn nothing_is_confirmed_while_the_broker_is_down() {
     let mut kafka_cfg = env.kafka_config();
     // Short, so the sink fails and the source retries the batch while the broker is down.
     kafka_cfg.message_timeout_ms = 1_500;
-    let running = Running::spawn(env.pg_config(), kafka_cfg);
+    let running = spawn_pipeline(env.pg_config(), kafka_cfg);
     wait_streaming(&pg, WAIT).await;
 
     env.kafka.stop().expect("stop the broker");
@@ -284,7 +248,7 @@ async fn nothing_is_confirmed_while_the_broker_is_down() {
         "confirmed {confirmed_while_down} past the unpublished updates (up to {written})"
     );
     assert!(
-        running.status.applied_txns() >= 1,
+        running.status().applied_txns() >= 1,
         "the first batch was applied before the outage"
     );
 

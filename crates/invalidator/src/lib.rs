@@ -94,6 +94,7 @@ mod config;
 mod decode;
 mod offsets;
 mod run;
+mod telemetry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +106,7 @@ pub use config::{BeforeImages, DebeziumConfig, KafkaConfig};
 pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
 pub use offsets::{OffsetTracker, Ownership, Tp};
 pub use run::{InvalidatorError, run};
+pub use telemetry::describe_metrics;
 
 /// The invalidator's configuration (`invalidator.toml` without the CLI's `[metrics]`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]

@@ -20,6 +20,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::decode::{Decoded, Decoder, Format, Malformed};
 use crate::offsets::{OffsetTracker, Ownership, Tp};
+use crate::telemetry;
 use crate::{AppliedBatch, InvalidatorConfig, InvalidatorStatus, RunOptions, now_us};
 
 /// Errors that stop the invalidator (everything transient is retried inside).
@@ -59,14 +60,24 @@ fn tps(list: &TopicPartitionList) -> Vec<Tp> {
 
 impl ClientContext for GroupContext {}
 
+impl GroupContext {
+    /// Publishes how many partitions this member owns now (status and gauge).
+    fn record_assigned(&self) {
+        let owned = self.ownership.owned().len() as u64;
+        self.status
+            .assigned
+            .store(owned, std::sync::atomic::Ordering::Release);
+        metrics::gauge!(telemetry::ASSIGNED_PARTITIONS).set(owned as f64);
+    }
+}
+
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
                 let revoked = tps(list);
                 tracing::info!(group = %self.group, partitions = ?revoked, "partitions revoked; their in-flight work is dropped uncommitted");
-                metrics::counter!("cacheclear_invalidator_rebalances_total", "kind" => "revoke")
-                    .increment(1);
+                metrics::counter!(telemetry::REBALANCES, "kind" => "revoke").increment(1);
                 self.ownership.revoke(revoked);
             }
             Rebalance::Assign(_) => {}
@@ -75,31 +86,24 @@ impl ConsumerContext for GroupContext {
                 self.ownership.revoke_all();
             }
         }
-        self.status.assigned.store(
-            self.ownership.owned().len() as u64,
-            std::sync::atomic::Ordering::Release,
-        );
+        self.record_assigned();
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let assigned = tps(list);
             tracing::info!(group = %self.group, partitions = ?assigned, "partitions assigned");
-            metrics::counter!("cacheclear_invalidator_rebalances_total", "kind" => "assign")
-                .increment(1);
+            metrics::counter!(telemetry::REBALANCES, "kind" => "assign").increment(1);
             self.ownership.assign(assigned);
         }
-        self.status.assigned.store(
-            self.ownership.owned().len() as u64,
-            std::sync::atomic::Ordering::Release,
-        );
+        self.record_assigned();
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(e) = result {
             // Not fatal: the records are applied; the next commit (or a replay) covers them.
             tracing::warn!(group = %self.group, error = %e, offsets = ?tps(offsets), "offset commit failed");
-            metrics::counter!("cacheclear_invalidator_commit_errors_total").increment(1);
+            metrics::counter!(telemetry::COMMIT_ERRORS).increment(1);
         }
     }
 }
@@ -246,7 +250,7 @@ pub async fn run(
         let dropped = (before - batch.len()) as u64;
         if dropped > 0 {
             InvalidatorStatus::add(&status.records_dropped, dropped);
-            metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "dropped_revoked")
+            metrics::counter!(telemetry::RECORDS, "outcome" => "dropped_revoked")
                 .increment(dropped);
         }
         if batch.is_empty() {
@@ -332,7 +336,7 @@ fn received(
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, "Kafka consumer error (retried by librdkafka)");
-            metrics::counter!("cacheclear_invalidator_kafka_errors_total").increment(1);
+            metrics::counter!(telemetry::KAFKA_ERRORS).increment(1);
             return None;
         }
     };
@@ -428,7 +432,7 @@ async fn apply(
             }
             if let Err(e) = result {
                 tracing::error!(error = %e, keys = keys.len(), retry_in_ms = backoff.as_millis() as u64, "Redis did not acknowledge the batch; retrying (nothing committed)");
-                metrics::counter!("cacheclear_invalidator_redis_errors_total").increment(1);
+                metrics::counter!(telemetry::REDIS_ERRORS).increment(1);
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -449,7 +453,7 @@ async fn apply(
             keys: keys.len(),
         });
     }
-    let lag = metrics::histogram!("cacheclear_invalidator_commit_to_applied_lag_ms");
+    let lag = metrics::histogram!(telemetry::COMMIT_TO_APPLIED_LAG);
     for t in &commit_times {
         lag.record((applied_at_us - t).max(0) as f64 / 1000.0);
     }
@@ -459,13 +463,11 @@ async fn apply(
     InvalidatorStatus::add(&status.records_dead_lettered, malformed.len() as u64);
     InvalidatorStatus::add(&status.keys_evicted, evicted);
     InvalidatorStatus::add(&status.batches, 1);
-    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "applied")
-        .increment(applied);
-    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "skipped")
-        .increment(skipped);
-    metrics::counter!("cacheclear_invalidator_records_total", "outcome" => "dead_lettered")
+    metrics::counter!(telemetry::RECORDS, "outcome" => "applied").increment(applied);
+    metrics::counter!(telemetry::RECORDS, "outcome" => "skipped").increment(skipped);
+    metrics::counter!(telemetry::RECORDS, "outcome" => "dead_lettered")
         .increment(malformed.len() as u64);
-    metrics::counter!("cacheclear_invalidator_keys_evicted_total").increment(evicted);
+    metrics::counter!(telemetry::KEYS_EVICTED).increment(evicted);
     true
 }
 
@@ -523,7 +525,7 @@ async fn dead_letter(r: &Received, producer: &FutureProducer, topic: &str) -> bo
             Ok(_) => return true,
             Err((e, _)) => {
                 tracing::error!(error = %e, dead_letter_topic = topic, source_topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, retry_in_ms = backoff.as_millis() as u64, "dead-letter produce failed; retrying (nothing committed)");
-                metrics::counter!("cacheclear_invalidator_dlq_errors_total").increment(1);
+                metrics::counter!(telemetry::DLQ_ERRORS).increment(1);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

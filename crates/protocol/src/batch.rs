@@ -222,6 +222,14 @@ impl Batch {
     }
 }
 
+/// Microseconds since the Unix epoch, now (the clock of every `*_us` timestamp in a [`Batch`]
+/// and a [`CommittedTxn`]); 0 if the system clock is before 1970.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

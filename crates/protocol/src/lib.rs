@@ -21,6 +21,7 @@
 //! ```
 
 pub mod batch;
+mod config;
 mod invalidation;
 mod layout;
 mod lsn;
@@ -28,7 +29,8 @@ pub mod record;
 pub mod scripts;
 pub mod sink;
 
-pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction};
+pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction, now_us};
+pub use config::ConfigError;
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};

@@ -159,6 +159,9 @@ impl KafkaConfig {
         // Invalidations are small and latency-bound: Nagle's algorithm would hold a produce
         // request behind the previous one's ACK (up to the peer's delayed-ACK timer).
         p.insert("socket.nagle.disable".to_string(), "true".to_string());
+        // A mistyped topic must fail the batch (naming the topic), not be created with the
+        // broker's defaults on brokers that auto-create topics (tansu does).
+        p.insert("allow.auto.create.topics".to_string(), "false".to_string());
         // Extra properties first, so the sink's own below win (validate() refuses clashes).
         p.extend(self.properties.clone());
         p.insert("bootstrap.servers".into(), self.brokers.clone());

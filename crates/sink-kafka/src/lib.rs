@@ -34,6 +34,7 @@
 #![allow(clippy::result_large_err)]
 
 mod config;
+mod telemetry;
 
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 pub use config::{DEFAULT_TOPIC, KafkaConfig};
+pub use telemetry::describe_metrics;
 
 /// What can go wrong in the Kafka sink. Every message names the topic and, where known, the
 /// partition and librdkafka's reason.
@@ -192,7 +194,7 @@ impl KafkaSink {
             window.drain().await
         }
         .await;
-        metrics::counter!("cacheclear_kafka_records_delivered_total").increment(window.delivered);
+        metrics::counter!(crate::telemetry::RECORDS_DELIVERED).increment(window.delivered);
         if result.is_err() {
             // The batch will be sent again in full, so nothing the old producer still holds is
             // needed — and its state may be what failed: a broker that lost our producer id

@@ -280,7 +280,7 @@ impl ClusterBackend {
                 error = %last_error,
                 "Redis Cluster: some keys were not acknowledged; retrying them with a fresh slot map"
             );
-            metrics::counter!("cacheclear_redis_cluster_retries_total").increment(1);
+            metrics::counter!(crate::telemetry::CLUSTER_RETRIES).increment(1);
             tokio::time::sleep(pause).await;
             round += 1;
         }

@@ -35,6 +35,7 @@
 
 mod cluster;
 mod config;
+mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +46,7 @@ use futures::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use config::RedisConfig;
+pub use telemetry::describe_metrics;
 
 /// Errors of the Redis sink; each names what failed.
 #[derive(Debug, thiserror::Error)]

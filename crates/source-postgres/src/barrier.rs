@@ -1,4 +1,4 @@
-//! The visibility barrier (design.md §3).
+//! The visibility barrier stage (docs/architecture.md, "The visibility barrier").
 //!
 //! Logical decoding can hand us a commit before other sessions can see it: with synchronous
 //! replication the committing backend flushes its commit record, then waits for the standby, and
@@ -13,10 +13,16 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use cacheclear_protocol::{Batch, now_us};
+use tokio::sync::mpsc;
+
+use crate::error::describe_pool;
+use crate::telemetry;
+
 /// A parsed `pg_snapshot` (`xmin:xmax:xip_list`), see PostgreSQL 15 docs §9.27 Table 9.79
 /// "Snapshot Information Functions".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Earliest transaction id still active; all below are finished.
     pub xmin: u64,
     /// First as-yet-unassigned transaction id; all at or above are not yet started.
@@ -51,7 +57,7 @@ impl FromStr for Snapshot {
 impl Snapshot {
     /// Widens a 32-bit xid (as pgoutput's Begin carries it) to xid8, taking the epoch from
     /// `xmax`; an xid numerically above `xmax`'s low half belongs to the previous epoch.
-    pub fn widen(&self, xid: u32) -> u64 {
+    pub(crate) fn widen(&self, xid: u32) -> u64 {
         let full = (self.xmax & !0xFFFF_FFFF) | u64::from(xid);
         if full >= self.xmax && full >= 1 << 32 {
             full - (1 << 32)
@@ -62,7 +68,7 @@ impl Snapshot {
 
     /// True when a transaction with this xid8 is visible to the snapshot as committed-or-aborted
     /// (i.e. no longer in progress). Same rule as `pg_visible_in_snapshot`.
-    pub fn is_finished(&self, xid: u64) -> bool {
+    pub(crate) fn is_finished(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
     }
 }
@@ -76,7 +82,7 @@ impl Snapshot {
 ///
 /// # Errors
 /// The query's error, or a snapshot that does not parse.
-pub async fn wait_visible(
+pub(crate) async fn wait_visible(
     client: &tokio_postgres::Client,
     xids: &[u32],
 ) -> Result<u32, BarrierError> {
@@ -120,7 +126,7 @@ pub async fn wait_visible(
             last_log = Instant::now();
         }
         retries += 1;
-        metrics::counter!("cacheclear_barrier_waits_total").increment(1);
+        metrics::counter!(telemetry::BARRIER_WAITS).increment(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(20));
     }
@@ -135,6 +141,61 @@ pub enum BarrierError {
     /// The server returned something that is not a snapshot.
     #[error("visibility barrier: {0}")]
     Parse(#[from] SnapshotParseError),
+}
+
+/// The barrier stage: takes every batch the reader has sealed so far (up to `max_keys` keys),
+/// merges them into one, waits until all their xids are visible to a new snapshot, and passes
+/// the merged batch on. It runs while the sink applies earlier batches, so under load a
+/// transaction waits for one snapshot query and one sink round trip, not for a queue of them.
+///
+/// A failed snapshot query is retried with backoff (100 ms doubling to 5 s), forever: nothing
+/// behind the batch is confirmed meanwhile. Returns when `sealed` closes or `visible` is dropped.
+pub(crate) async fn stage(
+    pool: deadpool_postgres::Pool,
+    mut sealed: mpsc::Receiver<Batch>,
+    visible: mpsc::Sender<Batch>,
+    max_keys: usize,
+) {
+    while let Some(mut batch) = sealed.recv().await {
+        let mut keys = batch.key_count();
+        while keys < max_keys {
+            let Ok(more) = sealed.try_recv() else { break };
+            keys += more.key_count();
+            batch.txns.extend(more.txns);
+        }
+        batch.taken_us = now_us();
+        // xid 0 (InvalidTransactionId) marks the synthetic eviction of a new slot.
+        let xids: Vec<u32> = batch
+            .txns
+            .iter()
+            .filter(|t| t.xid != 0 && (!t.keys.is_empty() || !t.tables.is_empty()))
+            .map(|t| t.xid)
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let barrier = async {
+                let client = pool.get().await.map_err(|e| describe_pool(&e))?;
+                wait_visible(&client, &xids)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match barrier.await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                        "visibility barrier failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        batch.visible_us = now_us();
+        metrics::histogram!(telemetry::VISIBILITY_BARRIER)
+            .record((batch.visible_us - batch.taken_us).max(0) as f64 / 1000.0);
+        if visible.send(batch).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 use cacheclear_protocol::Lsn;
 use cacheclear_rules::{ReplicaIdentity, Rules};
 
+use cacheclear_protocol::ConfigError;
+
 use crate::SourceError;
 
 /// What start-up found or did to the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlotState {
+pub(crate) enum SlotState {
     /// The slot existed; streaming resumes from its confirmed position.
     Resumed {
         /// The slot's `confirmed_flush_lsn`.
@@ -28,7 +30,7 @@ pub enum SlotState {
 /// # Errors
 /// [`SourceError::Rule`] naming the table, template, column and the `ALTER TABLE … REPLICA
 /// IDENTITY FULL` fix; [`SourceError::Config`] for a missing table.
-pub async fn check_rules(
+pub(crate) async fn check_rules(
     client: &tokio_postgres::Client,
     rules: &Rules,
 ) -> Result<(), SourceError> {
@@ -51,10 +53,11 @@ pub async fn check_rules(
             )
             .await?;
         let Some(row) = row else {
-            return Err(SourceError::Config(format!(
-                "rules: table `{}` does not exist in the database (check the schema, e.g. `public.product`)",
+            return Err(ConfigError::new(
+                "rules", format!(
+                "table `{}` does not exist in the database (check the schema, e.g. `public.product`)",
                 table.qualified()
-            )));
+            )).into());
         };
         let ident: String = row.try_get(0)?;
         let columns: Vec<String> = row.try_get(1)?;
@@ -65,9 +68,7 @@ pub async fn check_rules(
             "i" => ReplicaIdentity::Index { key_columns },
             _ => ReplicaIdentity::Default { key_columns },
         };
-        table
-            .check_replica_identity(&identity, &columns)
-            .map_err(|e| SourceError::Rule(e.to_string()))?;
+        table.check_replica_identity(&identity, &columns)?;
     }
     Ok(())
 }
@@ -82,7 +83,7 @@ fn quote_ident(name: &str) -> String {
 /// # Errors
 /// [`SourceError::Config`] naming the publication, the missing tables or actions and the SQL that
 /// fixes it.
-pub async fn ensure_publication(
+pub(crate) async fn ensure_publication(
     client: &tokio_postgres::Client,
     name: &str,
     rules: &Rules,
@@ -100,11 +101,12 @@ pub async fn ensure_publication(
         .await?;
     let Some(existing) = existing else {
         if !create {
-            return Err(SourceError::Config(format!(
-                "postgres.publication: publication `{name}` does not exist and create_publication = false; create it with: CREATE PUBLICATION {} FOR TABLE {};",
+            return Err(ConfigError::new(
+                "postgres.publication", format!(
+                "publication `{name}` does not exist and create_publication = false; create it with: CREATE PUBLICATION {} FOR TABLE {};",
                 quote_ident(name),
                 tables.join(", ")
-            )));
+            )).into());
         }
         client
             .batch_execute(&format!(
@@ -117,10 +119,11 @@ pub async fn ensure_publication(
         return Ok(());
     };
     if !existing.try_get::<_, bool>(0)? {
-        return Err(SourceError::Config(format!(
-            "postgres.publication: publication `{name}` does not publish all of insert, update, delete and truncate; fix with: ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
+        return Err(ConfigError::new(
+            "postgres.publication", format!(
+            "publication `{name}` does not publish all of insert, update, delete and truncate; fix with: ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
             quote_ident(name)
-        )));
+        )).into());
     }
     let mut missing = Vec::new();
     for t in rules.tables() {
@@ -139,12 +142,13 @@ pub async fn ensure_publication(
         }
     }
     if !missing.is_empty() {
-        return Err(SourceError::Config(format!(
-            "postgres.publication: publication `{name}` does not publish rule table(s) {}; fix with: ALTER PUBLICATION {} ADD TABLE {};",
+        return Err(ConfigError::new(
+            "postgres.publication", format!(
+            "publication `{name}` does not publish rule table(s) {}; fix with: ALTER PUBLICATION {} ADD TABLE {};",
             missing.join(", "),
             quote_ident(name),
             missing.join(", ")
-        )));
+        )).into());
     }
     Ok(())
 }
@@ -156,7 +160,7 @@ pub async fn ensure_publication(
 /// belongs to another database, or was invalidated (`wal_status = 'lost'`, WAL removed under
 /// `max_slot_wal_keep_size`): invalidations are then missing, and the fix (drop the slot; a new one
 /// evicts every rule table's keys once) is in the message.
-pub async fn ensure_slot(
+pub(crate) async fn ensure_slot(
     client: &tokio_postgres::Client,
     slot: &str,
     create: bool,
@@ -179,26 +183,29 @@ pub async fn ensure_slot(
             .try_get(0)?;
         if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current_db.as_str())
         {
-            return Err(SourceError::Config(format!(
-                "postgres.slot: slot `{slot}` exists but is not a pgoutput logical slot of database `{current_db}` (plugin {plugin:?}, database {database:?}); choose another slot name"
-            )));
+            return Err(ConfigError::new(
+                "postgres.slot", format!(
+                "slot `{slot}` exists but is not a pgoutput logical slot of database `{current_db}` (plugin {plugin:?}, database {database:?}); choose another slot name"
+            )).into());
         }
         if wal_status == "lost" {
-            return Err(SourceError::Config(format!(
-                "postgres.slot: slot `{slot}` was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size). Invalidations since it fell behind are lost. Drop it with SELECT pg_drop_replication_slot('{slot}'); and restart: the new slot evicts every rule table's keys once"
-            )));
+            return Err(ConfigError::new(
+                "postgres.slot", format!(
+                "slot `{slot}` was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size). Invalidations since it fell behind are lost. Drop it with SELECT pg_drop_replication_slot('{slot}'); and restart: the new slot evicts every rule table's keys once"
+            )).into());
         }
         let confirmed_flush = confirmed
             .as_deref()
             .unwrap_or("0/0")
             .parse()
-            .map_err(|e| SourceError::Config(format!("postgres.slot: {e}")))?;
+            .map_err(|e| ConfigError::new("postgres.slot", format!("{e}")))?;
         return Ok(SlotState::Resumed { confirmed_flush });
     }
     if !create {
-        return Err(SourceError::Config(format!(
-            "postgres.slot: slot `{slot}` does not exist and create_slot = false; create it with: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
-        )));
+        return Err(ConfigError::new(
+            "postgres.slot", format!(
+            "slot `{slot}` does not exist and create_slot = false; create it with: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+        )).into());
     }
     let row = client
         .query_one(
@@ -209,7 +216,7 @@ pub async fn ensure_slot(
     let at: String = row.try_get(0)?;
     let at = at
         .parse()
-        .map_err(|e| SourceError::Config(format!("postgres.slot: {e}")))?;
+        .map_err(|e| ConfigError::new("postgres.slot", format!("{e}")))?;
     tracing::info!(slot, %at, "created logical replication slot");
     Ok(SlotState::Created { at })
 }

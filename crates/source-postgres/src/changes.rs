@@ -24,7 +24,7 @@ use crate::pgoutput::{Datum, Message, OldKind, Relation, Tuple};
 const DEDUP_CAPACITY: usize = 16 * 1024;
 
 /// Turns a `pgoutput` message stream into [`CommittedTxn`]s. One per replication connection.
-pub struct ChangeMapper {
+pub(crate) struct ChangeMapper {
     rules: Arc<Rules>,
     relations: HashMap<u32, RelationState>,
     open: Option<OpenTxn>,
@@ -50,7 +50,7 @@ struct OpenTxn {
 
 /// What the mapper made of one message.
 #[derive(Debug)]
-pub enum Mapped {
+pub(crate) enum Mapped {
     /// Nothing to do yet (a row inside a transaction, a relation, a type ...).
     Nothing,
     /// A transaction committed; its evictions (possibly none) are ready.
@@ -81,7 +81,7 @@ pub enum MapError {
 impl ChangeMapper {
     /// A mapper using `rules`. A transaction whose keys exceed `max_txn_keys` switches to evicting
     /// its tables as a whole (bounding memory: a key costs its length plus 4 bytes).
-    pub fn new(rules: Arc<Rules>, max_txn_keys: usize) -> ChangeMapper {
+    pub(crate) fn new(rules: Arc<Rules>, max_txn_keys: usize) -> ChangeMapper {
         ChangeMapper {
             rules,
             relations: HashMap::new(),
@@ -92,25 +92,15 @@ impl ChangeMapper {
     }
 
     /// True while a transaction is open (between Begin and Commit).
-    pub fn in_transaction(&self) -> bool {
+    pub(crate) fn in_transaction(&self) -> bool {
         self.open.is_some()
-    }
-
-    /// Keys held by the open transaction.
-    pub fn open_keys(&self) -> usize {
-        self.open.as_ref().map_or(0, |o| o.txn.keys.len())
-    }
-
-    /// The cached relation with this OID.
-    pub fn relation(&self, oid: u32) -> Option<&Relation> {
-        self.relations.get(&oid).map(|r| &r.relation)
     }
 
     /// Feeds one message.
     ///
     /// # Errors
     /// [`MapError`] when the stream is inconsistent (see its variants).
-    pub fn handle(&mut self, message: Message) -> Result<Mapped, MapError> {
+    pub(crate) fn handle(&mut self, message: Message) -> Result<Mapped, MapError> {
         match message {
             Message::Begin {
                 final_lsn,
@@ -147,7 +137,7 @@ impl ChangeMapper {
                 let mut open = self.open.take().ok_or(MapError::NoTransaction("Commit"))?;
                 open.txn.commit_lsn = end_lsn;
                 open.txn.commit_time_us = commit_time_us;
-                open.txn.received_us = crate::now_us();
+                open.txn.received_us = cacheclear_protocol::now_us();
                 Ok(Mapped::Committed(open.txn))
             }
             Message::Relation(relation) => {
@@ -254,7 +244,7 @@ impl ChangeMapper {
                     table = %state.qualified, ?op, error = %e,
                     "cannot compute this row's cache keys; evicting every key of the table instead"
                 );
-                metrics::counter!("cacheclear_table_fallbacks_total").increment(1);
+                metrics::counter!(crate::telemetry::TABLE_FALLBACKS).increment(1);
                 let qualified = Arc::clone(&state.qualified);
                 push_table_eviction(open, oid, &qualified, op, rules);
                 return Ok(());
@@ -340,7 +330,7 @@ fn check_relation(rules: &TableRules, relation: &Relation) {
 }
 
 /// The replica identity a `Relation` message describes.
-pub fn identity_of(relation: &Relation) -> cacheclear_rules::ReplicaIdentity {
+pub(crate) fn identity_of(relation: &Relation) -> cacheclear_rules::ReplicaIdentity {
     use cacheclear_rules::ReplicaIdentity;
     let key_columns = || {
         relation

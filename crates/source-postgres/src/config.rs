@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use cacheclear_protocol::ConfigError;
+
 /// The CDC source's options. Every field has a default except `url`.
 ///
 /// ```toml
@@ -60,6 +62,11 @@ pub struct PostgresConfig {
     /// so the order in which batches land does not matter. Default 4.
     #[serde(default = "default_in_flight")]
     pub max_batches_in_flight: usize,
+    /// How long a stop (Ctrl-C, SIGTERM, [`crate::Pipeline::stop`]) may take to apply and confirm
+    /// the transactions already read, in ms; what is left then is replayed from the slot on the
+    /// next start. Default 5000.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
 }
 
 fn default_name() -> String {
@@ -86,6 +93,9 @@ fn default_in_flight() -> usize {
 fn default_queue() -> usize {
     4
 }
+fn default_shutdown_timeout_ms() -> u64 {
+    5_000
+}
 
 impl PostgresConfig {
     /// A config with every default and this URL.
@@ -102,17 +112,21 @@ impl PostgresConfig {
             max_batch_keys: default_max_batch_keys(),
             queue_batches: default_queue(),
             max_batches_in_flight: default_in_flight(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
         }
     }
 
     /// Checks values that parse but make no sense. Errors name the field and the reason.
     ///
     /// # Errors
-    /// A message naming the first invalid field.
-    pub fn validate(&self) -> Result<(), String> {
-        self.url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| format!("postgres.url: not a PostgreSQL connection string: {e}"))?;
+    /// [`ConfigError`] naming the first invalid field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.url.parse::<tokio_postgres::Config>().map_err(|e| {
+            ConfigError::new(
+                "postgres.url",
+                format!("not a PostgreSQL connection string: {e}"),
+            )
+        })?;
         for (field, name) in [
             ("postgres.slot", &self.slot),
             ("postgres.publication", &self.publication),
@@ -123,26 +137,36 @@ impl PostgresConfig {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             {
-                return Err(format!(
-                    "{field}: `{name}` must be 1-63 characters of a-z, 0-9 and _ (PostgreSQL's rule for slot names)"
+                return Err(ConfigError::new(
+                    field,
+                    format!(
+                        "`{name}` must be 1-63 characters of a-z, 0-9 and _ (PostgreSQL's rule for slot names)"
+                    ),
                 ));
             }
         }
         if self.status_interval_ms == 0 {
-            return Err("postgres.status_interval_ms: must be at least 1".into());
+            return Err(ConfigError::new(
+                "postgres.status_interval_ms",
+                "must be at least 1",
+            ));
         }
-        if self.max_batch_keys == 0
-            || self.queue_batches == 0
-            || self.max_txn_keys == 0
-            || self.max_batches_in_flight == 0
-        {
-            return Err(
-                "postgres.max_batch_keys, queue_batches, max_batches_in_flight and max_txn_keys \
-                 must be at least 1"
-                    .into(),
-            );
+        for (field, value) in [
+            ("postgres.max_batch_keys", self.max_batch_keys),
+            ("postgres.queue_batches", self.queue_batches),
+            ("postgres.max_batches_in_flight", self.max_batches_in_flight),
+            ("postgres.max_txn_keys", self.max_txn_keys),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
         }
         Ok(())
+    }
+
+    /// `shutdown_timeout_ms` as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 
     /// `status_interval_ms` as a duration.

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use cacheclear_protocol::Lsn;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 00:00:00 UTC).
-pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// One decoded `pgoutput` message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Message {
+pub(crate) enum Message {
     /// `B`: a transaction starts. `final_lsn` is the LSN of its commit record.
     Begin {
         final_lsn: Lsn,
@@ -67,7 +67,7 @@ pub enum Message {
 
 /// Which old-row image an Update/Delete carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OldKind {
+pub(crate) enum OldKind {
     /// `K`: only the replica-identity key columns are meaningful; the others are sent as NULL.
     Key,
     /// `O`: the whole old row (REPLICA IDENTITY FULL).
@@ -76,7 +76,7 @@ pub enum OldKind {
 
 /// A relation (table) schema from an `R` message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relation {
+pub(crate) struct Relation {
     /// The table's OID.
     pub oid: u32,
     /// Schema name.
@@ -91,7 +91,7 @@ pub struct Relation {
 
 /// One column of a [`Relation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelationColumn {
+pub(crate) struct RelationColumn {
     /// Column name.
     pub name: String,
     /// True when the column is part of the replica identity key.
@@ -104,7 +104,7 @@ pub struct RelationColumn {
 
 /// One column value of a row image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Datum {
+pub(crate) enum Datum {
     /// `n`: SQL NULL.
     Null,
     /// `u`: an unchanged TOASTed value whose bytes the server did not send. NOT NULL.
@@ -116,7 +116,7 @@ pub enum Datum {
 }
 
 /// A row image: one [`Datum`] per column, in the relation's column order.
-pub type Tuple = Vec<Datum>;
+pub(crate) type Tuple = Vec<Datum>;
 
 /// A `pgoutput` payload that does not decode. Names the message type and what was wrong; the
 /// stream cannot safely continue past it (the source stops and restarts from the slot).
@@ -267,7 +267,7 @@ impl<'a> Reader<'a> {
 /// # Errors
 /// [`DecodeError`] for a truncated or malformed payload, an unknown message tag, or a protocol
 /// version 2+ message (stream start/stop/commit/abort) that protocol version 1 never sends.
-pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
+pub(crate) fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
     let Some(&tag) = buf.first() else {
         return Err(DecodeError {
             message: "(empty)".into(),
@@ -424,33 +424,33 @@ pub(crate) mod tests {
     pub(crate) struct Enc(pub Vec<u8>);
 
     impl Enc {
-        pub fn u8(mut self, v: u8) -> Self {
+        pub(crate) fn u8(mut self, v: u8) -> Self {
             self.0.push(v);
             self
         }
-        pub fn i16(mut self, v: i16) -> Self {
+        pub(crate) fn i16(mut self, v: i16) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        pub fn i32(mut self, v: i32) -> Self {
+        pub(crate) fn i32(mut self, v: i32) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        pub fn i64(mut self, v: i64) -> Self {
+        pub(crate) fn i64(mut self, v: i64) -> Self {
             self.0.extend_from_slice(&v.to_be_bytes());
             self
         }
-        pub fn s(mut self, v: &str) -> Self {
+        pub(crate) fn s(mut self, v: &str) -> Self {
             self.0.extend_from_slice(v.as_bytes());
             self.0.push(0);
             self
         }
-        pub fn text(self, v: &str) -> Self {
+        pub(crate) fn text(self, v: &str) -> Self {
             let mut e = self.u8(b't').i32(v.len() as i32);
             e.0.extend_from_slice(v.as_bytes());
             e
         }
-        pub fn bytes(self) -> Bytes {
+        pub(crate) fn bytes(self) -> Bytes {
             Bytes::from(self.0)
         }
     }

@@ -10,7 +10,7 @@ use cacheclear_harness::{PgInstance, PgOptions, RedisInstance};
 use cacheclear_protocol::Lsn;
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
-use cacheclear_source_postgres::{PostgresConfig, RunOptions, SourceError, SourceStatus};
+use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 
 pub const SCHEMA: &str = "
 CREATE TABLE category (id int PRIMARY KEY, name text NOT NULL);
@@ -82,57 +82,28 @@ impl Env {
     }
 }
 
-pub struct Running {
-    pub status: Arc<SourceStatus>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    pub handle: tokio::task::JoinHandle<Result<(), SourceError>>,
-}
-
-impl Running {
-    pub async fn stop(mut self) -> Result<(), SourceError> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        (&mut self.handle).await.expect("pipeline task")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.handle.abort();
-    }
-}
-
-pub fn spawn_pipeline(pg: PostgresConfig, redis: RedisConfig, rules: Vec<RuleConfig>) -> Running {
+/// Spawns the pipeline (Redis sink) in this process; see [`start_pipeline`] to wait until it
+/// streams.
+pub fn spawn_pipeline(pg: PostgresConfig, redis: RedisConfig, rules: Vec<RuleConfig>) -> Pipeline {
     let rules = Arc::new(Rules::compile(&rules).expect("rules compile"));
     let sink = RedisSink::connect(redis).expect("sink");
-    let options = RunOptions::default();
-    let status = Arc::clone(&options.status);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        cacheclear_source_postgres::run(&pg, rules, sink, options, async {
-            let _ = rx.await;
-        })
-        .await
-    });
-    Running {
-        status,
-        stop: Some(tx),
-        handle,
-    }
+    Pipeline::spawn(pg, rules, sink, RunOptions::default())
 }
 
-/// Starts the pipeline and waits until its first batch (the new slot's table-wide eviction) was
-/// applied, so the stream is live.
-pub async fn start_pipeline(env: &Env) -> Running {
-    let running = spawn_pipeline(env.pg_config(), env.redis_config(), product_rules());
-    let status = Arc::clone(&running.status);
-    wait_for("the pipeline to start", Duration::from_secs(30), || {
-        let status = Arc::clone(&status);
-        async move { status.applied_txns() >= 1 }
-    })
-    .await;
-    running
+/// Waits (30 s at most) until `pipeline` streams: every commit from now on is evicted, and a new
+/// slot's table-wide eviction is behind us.
+pub async fn streaming(pipeline: &mut Pipeline) {
+    tokio::time::timeout(Duration::from_secs(30), pipeline.streaming())
+        .await
+        .expect("the pipeline streams within 30 s")
+        .expect("the pipeline streams");
+}
+
+/// Starts the pipeline with the product rules and waits until it streams.
+pub async fn start_pipeline(env: &Env) -> Pipeline {
+    let mut pipeline = spawn_pipeline(env.pg_config(), env.redis_config(), product_rules());
+    streaming(&mut pipeline).await;
+    pipeline
 }
 
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)

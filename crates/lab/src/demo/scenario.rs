@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cacheclear_client::Loaded;
 use cacheclear_protocol::Batch;
+use cacheclear_protocol::now_us;
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
-use cacheclear_source_postgres::{PostgresConfig, RunOptions, now_us};
+use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 
@@ -320,25 +321,17 @@ struct LagRecorder {
     hot_evictions: Vec<Instant>,
 }
 
-/// The pipeline running in this process; aborted if dropped before [`Pipeline::stop`].
-struct Pipeline {
-    task: Option<tokio::task::JoinHandle<Result<(), cacheclear_source_postgres::SourceError>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+/// The pipeline running in this process, with the demo's lag recorder; aborted if dropped
+/// before [`DemoPipeline::stop`].
+struct DemoPipeline {
+    pipeline: Pipeline,
     recorder: Arc<Mutex<LagRecorder>>,
 }
 
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
-    }
-}
-
-impl Pipeline {
-    /// Starts the pipeline on a fresh slot and waits until it streams (its first transaction,
-    /// the eviction of everything that a new slot does, is acknowledged).
-    async fn start(settings: &Settings, sale_xid: Arc<AtomicU64>) -> anyhow::Result<Pipeline> {
+impl DemoPipeline {
+    /// Starts the pipeline on a fresh slot and waits until it streams (for a new slot: its
+    /// eviction of everything is acknowledged).
+    async fn start(settings: &Settings, sale_xid: Arc<AtomicU64>) -> anyhow::Result<DemoPipeline> {
         let rules = Arc::new(Rules::compile(&[RuleConfig {
             table: catalog::PRODUCT_TABLE.into(),
             keys: vec!["product:{id}".into()],
@@ -388,50 +381,19 @@ impl Pipeline {
             observer: Some(observer),
             ..RunOptions::default()
         };
-        let status = Arc::clone(&options.status);
         let sink = RedisSink::connect(RedisConfig::new(settings.redis_url.clone()))
             .context("connecting the pipeline's Redis sink")?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            cacheclear_source_postgres::run(&cfg, rules, sink, options, async {
-                let _ = stop_rx.await;
-            })
+        let mut pipeline = Pipeline::spawn(cfg, rules, sink, options);
+        tokio::time::timeout(Duration::from_secs(30), pipeline.streaming())
             .await
-        });
-        let mut pipeline = Pipeline {
-            task: Some(task),
-            stop: Some(stop_tx),
-            recorder,
-        };
-        let started = Instant::now();
-        while status.applied_txns() < 1 {
-            if let Some(task) = pipeline.task.take_if(|t| t.is_finished()) {
-                match task.await {
-                    Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the pipeline stopped")),
-                    other => bail!("the pipeline stopped: {other:?}"),
-                }
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("the pipeline did not start streaming within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(pipeline)
+            .map_err(|_| anyhow::anyhow!("the pipeline did not start streaming within 30 s"))?
+            .context("the pipeline stopped")?;
+        Ok(DemoPipeline { pipeline, recorder })
     }
 
-    /// Stops the pipeline and waits for it.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(anyhow::Error::new(e).context("the pipeline failed")),
-                Err(e) => bail!("the pipeline task failed: {e}"),
-            }
-        }
-        Ok(())
+    /// Stops the pipeline and waits for it (what it read is applied and confirmed first).
+    async fn stop(self) -> anyhow::Result<()> {
+        self.pipeline.stop().await.context("the pipeline failed")
     }
 }
 
@@ -547,7 +509,7 @@ pub async fn run(
         Strategy::Cacheclear => {
             progress.message(format!("{label}: starting the invalidation pipeline"));
             catalog::drop_replication(setup).await?;
-            Some(Pipeline::start(&settings, Arc::clone(&sale_xid)).await?)
+            Some(DemoPipeline::start(&settings, Arc::clone(&sale_xid)).await?)
         }
     };
 

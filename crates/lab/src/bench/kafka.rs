@@ -30,8 +30,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::stages::{SourceStages, StageFigures};
 use super::{
-    Instances, bench_rules, create_bench_table, drop_bench_objects, on_own_runtime, peak_rss_mb,
-    steady_load,
+    Instances, SourceOnOwnRuntime, bench_rules, create_bench_table, drop_bench_objects,
+    on_own_runtime, peak_rss_mb, steady_load,
 };
 
 const TOPIC: &str = "cacheclear.bench.invalidations";
@@ -210,18 +210,10 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let source_status = Arc::clone(&source_options.status);
-    let (stop_source, source_stop) = tokio::sync::oneshot::channel::<()>();
     // The source and the invalidator each get a runtime of their own (as processes would).
-    let source = on_own_runtime({
-        let rules = Arc::clone(&rules);
-        move || async move {
-            cacheclear_source_postgres::run(&pg_cfg, rules, sink, source_options, async {
-                let _ = source_stop.await;
-            })
+    let source =
+        SourceOnOwnRuntime::start(pg_cfg, Arc::clone(&rules), move || Ok(sink), source_options)
             .await?;
-            Ok(())
-        }
-    });
 
     // The invalidator applies them to Redis; its observer measures commit → Redis-ack lag.
     let lag = Arc::new(Mutex::new(Lag {
@@ -288,7 +280,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     while inv_status.records_applied() < 1 {
         if source.is_finished() {
-            bail!("the source stopped: {:?}", source.await);
+            bail!("the source stopped: {:?}", source.stop().await);
         }
         if invalidator.is_finished() {
             bail!("the invalidator stopped: {:?}", invalidator.await);
@@ -355,8 +347,7 @@ pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             kafka_p99: ms(&l.kafka_hist, 0.99),
         });
     }
-    let _ = stop_source.send(());
-    let _ = source.await;
+    source.stop().await?;
     let _ = stop_inv.send(());
     let _ = invalidator.await;
     drop_bench_objects(&db).await;

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cacheclear_harness::{PgInstance, RedisInstance};
 use cacheclear_protocol::Batch;
+use cacheclear_protocol::{Sink, now_us};
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
-use cacheclear_source_postgres::{PostgresConfig, RunOptions, now_us};
+use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use clap::{Args, Subcommand};
 
 mod kafka;
@@ -151,25 +152,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     };
     let status = Arc::clone(&options.status);
     let redis_cfg = RedisConfig::new(redis_url.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source = on_own_runtime(move || async move {
-        let sink = RedisSink::connect(redis_cfg)?;
-        cacheclear_source_postgres::run(&pg_cfg, rules, sink, options, async {
-            let _ = stop_rx.await;
-        })
-        .await?;
-        Ok(())
-    });
-    let started = Instant::now();
-    while status.applied_txns() < 1 {
-        if source.is_finished() {
-            bail!("the pipeline stopped: {:?}", source.await);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the pipeline did not start within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let source = SourceOnOwnRuntime::start(
+        pg_cfg,
+        rules,
+        move || Ok(RedisSink::connect(redis_cfg)?),
+        options,
+    )
+    .await?;
 
     let mut phases = Vec::new();
     for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
@@ -211,8 +200,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
-    let _ = stop_tx.send(());
-    let _ = source.await;
+    source.stop().await?;
     drop_bench_objects(&db).await;
 
     let figures = Figures {
@@ -245,6 +233,68 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         print_table(&figures, &phases);
     }
     Ok(())
+}
+
+/// The CDC source ([`Pipeline`]) on a tokio runtime of its own (see [`on_own_runtime`]).
+pub(crate) struct SourceOnOwnRuntime {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl SourceOnOwnRuntime {
+    /// Spawns the pipeline (its sink made by `make_sink` on the new runtime) and returns once it
+    /// streams.
+    ///
+    /// # Errors
+    /// The pipeline stopped before streaming, or did not stream within 60 s.
+    pub(crate) async fn start<S: Sink>(
+        cfg: PostgresConfig,
+        rules: Arc<Rules>,
+        make_sink: impl FnOnce() -> anyhow::Result<S> + Send + 'static,
+        options: RunOptions,
+    ) -> anyhow::Result<SourceOnOwnRuntime> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut task = on_own_runtime(move || async move {
+            let mut pipeline = Pipeline::spawn(cfg, rules, make_sink()?, options);
+            pipeline.streaming().await?;
+            let _ = ready_tx.send(());
+            let ended = tokio::select! {
+                ended = pipeline.wait() => Some(ended),
+                _ = stop_rx => None,
+            };
+            match ended {
+                Some(ended) => ended?,
+                None => pipeline.stop().await?,
+            }
+            Ok(())
+        });
+        tokio::select! {
+            ready = ready_rx => {
+                if ready.is_err() {
+                    bail!("the pipeline stopped: {:?}", (&mut task).await);
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(60)) => {
+                bail!("the pipeline did not start within 60 s");
+            }
+        }
+        Ok(SourceOnOwnRuntime { stop, task })
+    }
+
+    /// True when the pipeline stopped (by itself: an error).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops the pipeline (what it read is applied and confirmed) and waits for it.
+    ///
+    /// # Errors
+    /// Why the pipeline had stopped, if it had.
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
 }
 
 /// Runs `make()`'s future on a tokio runtime of its own, on a thread of the blocking pool: as in

@@ -1,0 +1,54 @@
+//! The metrics this crate emits, declared where they are emitted (README's Metrics table lists
+//! them too; `crates/cli/tests/metrics.rs` checks both).
+
+/// Counter, label `outcome` (`applied`, `skipped`, `dead_lettered`, `dropped_revoked`): records.
+pub(crate) const RECORDS: &str = "cacheclear_invalidator_records_total";
+/// Counter: cache keys invalidated (distinct per batch, plus keys found by table-wide evictions).
+pub(crate) const KEYS_EVICTED: &str = "cacheclear_invalidator_keys_evicted_total";
+/// Histogram (ms): a record's commit time → Redis's acknowledgement.
+pub(crate) const COMMIT_TO_APPLIED_LAG: &str = "cacheclear_invalidator_commit_to_applied_lag_ms";
+/// Counter: failed Redis batches (retried).
+pub(crate) const REDIS_ERRORS: &str = "cacheclear_invalidator_redis_errors_total";
+/// Counter: failed dead-letter produces (retried).
+pub(crate) const DLQ_ERRORS: &str = "cacheclear_invalidator_dlq_errors_total";
+/// Counter: offset commits the group coordinator refused.
+pub(crate) const COMMIT_ERRORS: &str = "cacheclear_invalidator_commit_errors_total";
+/// Counter: consumer errors reported by librdkafka.
+pub(crate) const KAFKA_ERRORS: &str = "cacheclear_invalidator_kafka_errors_total";
+/// Counter, label `kind` (`assign`, `revoke`): rebalance callbacks.
+pub(crate) const REBALANCES: &str = "cacheclear_invalidator_rebalances_total";
+/// Gauge: partitions this process owns.
+pub(crate) const ASSIGNED_PARTITIONS: &str = "cacheclear_invalidator_assigned_partitions";
+
+/// Describes every metric of the invalidator to the installed `metrics` recorder.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        RECORDS,
+        "Records by outcome: applied (Redis acknowledged), skipped (nothing to evict), dead_lettered, dropped_revoked (partition revoked before commit)."
+    );
+    describe_counter!(
+        KEYS_EVICTED,
+        "Cache keys invalidated (distinct per batch, plus keys found by table-wide evictions)."
+    );
+    describe_histogram!(
+        COMMIT_TO_APPLIED_LAG,
+        Unit::Milliseconds,
+        "From a record's commit time to Redis's acknowledgement of its evictions."
+    );
+    describe_counter!(
+        REDIS_ERRORS,
+        "Failed attempts to apply a batch to Redis (retried)."
+    );
+    describe_counter!(DLQ_ERRORS, "Failed dead-letter produces (retried).");
+    describe_counter!(
+        COMMIT_ERRORS,
+        "Offset commits the group coordinator refused."
+    );
+    describe_counter!(
+        KAFKA_ERRORS,
+        "Consumer errors reported by librdkafka (retried by it)."
+    );
+    describe_counter!(REBALANCES, "Rebalance callbacks by kind (assign, revoke).");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this process.");
+}

@@ -1,0 +1,243 @@
+//! The apply stage and the in-order acknowledgement — the project's headline guarantee: a commit's
+//! LSN is confirmed to PostgreSQL only after the sink acknowledged every eviction through it.
+//!
+//! Up to `max_batches_in_flight` batches are applied at once (evictions commute: `DEL`,
+//! `fence = max(fence, LSN)`, so the order in which they land does not matter), but they are
+//! acknowledged strictly in commit order, so the acknowledged LSN never passes a batch that has
+//! not landed. A failing batch is retried (50 ms doubling to 5 s) forever.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cacheclear_protocol::{Batch, Lsn, Sink, now_us};
+use tokio::sync::{mpsc, watch};
+
+use crate::RunOptions;
+use crate::telemetry;
+
+/// The apply stage: applies up to `max_in_flight` visible batches at once, each with retry
+/// (forever), and acknowledges them strictly in commit order: a batch's last commit LSN is
+/// acknowledged only once it and every batch before it were applied. `pending` (transactions
+/// handed to the sink side and not yet acknowledged) goes down as batches are acknowledged.
+/// Returns when `batches` closes and everything in flight was acknowledged.
+pub(crate) async fn stage<S: Sink>(
+    sink: S,
+    mut batches: mpsc::Receiver<Batch>,
+    ack: watch::Sender<Lsn>,
+    pending: Arc<AtomicUsize>,
+    options: RunOptions,
+    max_in_flight: usize,
+) {
+    let sink = &sink;
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            batch = batches.recv(), if open && in_flight.len() < max_in_flight => match batch {
+                Some(batch) => in_flight.push_back(apply_with_retry(sink, batch)),
+                None => open = false,
+            },
+            Some(batch) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                // Before the acknowledgement, so whoever sees the new LSN also sees the count
+                // without this batch (the batch and all before it have landed either way).
+                pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
+                acknowledge(&batch, &ack, &options);
+            }
+            else => return,
+        }
+    }
+}
+
+/// Applies `batch`, retrying with backoff (50 ms doubling to 5 s) until the sink says `Ok`.
+async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
+    let name = sink.name();
+    let started = std::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0u64;
+    loop {
+        match sink.apply(&batch).await {
+            Ok(()) => break,
+            Err(e) => {
+                attempt += 1;
+                metrics::counter!(telemetry::SINK_ERRORS, "sink" => name).increment(1);
+                metrics::counter!(telemetry::SINK_RETRIES, "sink" => name).increment(1);
+                tracing::warn!(sink = name, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "sink failed to apply a batch; retrying (nothing after it is confirmed meanwhile)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    metrics::histogram!(telemetry::SINK_APPLY, "sink" => name)
+        .record(started.elapsed().as_secs_f64() * 1000.0);
+    if attempt > 0 {
+        tracing::info!(
+            sink = name,
+            attempts = attempt + 1,
+            "sink recovered; batch applied"
+        );
+    }
+    batch
+}
+
+/// Records an applied batch (metrics, status, observer) and acknowledges its last commit LSN.
+fn acknowledge(batch: &Batch, ack: &watch::Sender<Lsn>, options: &RunOptions) {
+    let now = now_us();
+    let keys = batch.key_count() as u64;
+    for t in &batch.txns {
+        if !t.keys.is_empty() || !t.tables.is_empty() {
+            let lag_ms = (now - t.commit_time_us).max(0) as f64 / 1000.0;
+            metrics::histogram!(telemetry::COMMIT_TO_APPLIED_LAG).record(lag_ms);
+        }
+    }
+    metrics::counter!(telemetry::INVALIDATIONS_APPLIED).increment(keys);
+    metrics::counter!(telemetry::TRANSACTIONS_APPLIED).increment(batch.txns.len() as u64);
+    options.status.add_applied(batch.txns.len() as u64, keys);
+    if let Some(observer) = &options.observer {
+        observer(batch);
+    }
+    if let Some(last) = batch.last_lsn() {
+        ack.send_replace(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cacheclear_protocol::{CommittedTxn, KeyArena, Op};
+    use std::future::Future;
+    use std::sync::Mutex;
+
+    /// A sink whose batches finish when the test says so, failing the first attempt of any
+    /// batch listed in `fail_once`.
+    struct Gate {
+        release: Mutex<std::collections::HashMap<u64, watch::Receiver<bool>>>,
+        fail_once: Mutex<Vec<u64>>,
+        landed: Mutex<Vec<u64>>,
+    }
+
+    impl Sink for Gate {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        async fn apply(&self, batch: &Batch) -> Result<(), cacheclear_protocol::SinkError> {
+            let lsn = batch.last_lsn().map_or(0, |l| l.0);
+            let gate = self.release.lock().unwrap().get(&lsn).cloned();
+            if let Some(mut gate) = gate {
+                gate.wait_for(|open| *open)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            let mut fail = self.fail_once.lock().unwrap();
+            if let Some(i) = fail.iter().position(|&l| l == lsn) {
+                fail.remove(i);
+                return Err(format!("batch {lsn} failed once").into());
+            }
+            self.landed.lock().unwrap().push(lsn);
+            Ok(())
+        }
+    }
+
+    fn batch(lsn: u64) -> Batch {
+        let mut keys = KeyArena::default();
+        keys.push(&Arc::from("public.t"), Op::Update, &format!("t:{lsn}"));
+        Batch {
+            txns: vec![CommittedTxn {
+                xid: lsn as u32,
+                commit_lsn: Lsn(lsn),
+                keys,
+                ..CommittedTxn::default()
+            }],
+            ..Batch::default()
+        }
+    }
+
+    /// Later batches may land first, but the acknowledged LSN never passes a batch that has not
+    /// landed; a failed batch is retried and only then acknowledged.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_applies_are_acknowledged_in_commit_order() {
+        let (open_first, first_gate) = watch::channel(false);
+        let sink = Arc::new(Gate {
+            release: Mutex::new([(10, first_gate)].into_iter().collect()),
+            fail_once: Mutex::new(vec![20]),
+            landed: Mutex::new(Vec::new()),
+        });
+        struct Shared(Arc<Gate>);
+        impl Sink for Shared {
+            fn name(&self) -> &'static str {
+                "gate"
+            }
+            fn apply(
+                &self,
+                batch: &Batch,
+            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
+            {
+                self.0.apply(batch)
+            }
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+        let pending = Arc::new(AtomicUsize::new(3));
+        let task = tokio::spawn(stage(
+            Shared(Arc::clone(&sink)),
+            rx,
+            ack_tx,
+            Arc::clone(&pending),
+            RunOptions::default(),
+            4,
+        ));
+        for lsn in [10, 20, 30] {
+            tx.send(batch(lsn)).await.unwrap();
+        }
+        // 30 lands, 20 fails once and is retried after 50 ms; 10 is held by its gate.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*sink.landed.lock().unwrap(), vec![30, 20]);
+        assert_eq!(
+            *ack_rx.borrow_and_update(),
+            Lsn::ZERO,
+            "nothing passes batch 10"
+        );
+        assert_eq!(pending.load(Ordering::Acquire), 3);
+
+        open_first.send(true).unwrap();
+        ack_rx.changed().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*sink.landed.lock().unwrap(), vec![30, 20, 10]);
+        assert_eq!(*ack_rx.borrow(), Lsn(30));
+        assert_eq!(pending.load(Ordering::Acquire), 0);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    /// With one batch in flight, batches are applied one after the other, in order.
+    #[tokio::test(start_paused = true)]
+    async fn one_in_flight_applies_in_order() {
+        let sink = Gate {
+            release: Mutex::new(Default::default()),
+            fail_once: Mutex::new(vec![10]),
+            landed: Mutex::new(Vec::new()),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+        for lsn in [10, 20, 30] {
+            tx.send(batch(lsn)).await.unwrap();
+        }
+        drop(tx);
+        let pending = Arc::new(AtomicUsize::new(3));
+        // The loop returns once the channel is closed and everything in flight is acknowledged.
+        let observed = Arc::new(Mutex::new(Vec::new()));
+        let options = RunOptions {
+            observer: Some({
+                let observed = Arc::clone(&observed);
+                Arc::new(move |b: &Batch| observed.lock().unwrap().push(b.last_lsn().unwrap().0))
+            }),
+            ..RunOptions::default()
+        };
+        stage(sink, rx, ack_tx, Arc::clone(&pending), options.clone(), 1).await;
+        assert_eq!(*observed.lock().unwrap(), vec![10, 20, 30]);
+        assert_eq!(*ack_rx.borrow(), Lsn(30));
+        assert_eq!(options.status.applied_txns(), 3);
+        assert_eq!(pending.load(Ordering::Acquire), 0);
+    }
+}

@@ -1,0 +1,115 @@
+//! Why the source stopped: [`SourceError`], and PostgreSQL errors rendered with their causes.
+
+use cacheclear_protocol::ConfigError;
+
+use crate::{barrier, changes, pgoutput};
+
+/// Why the source stopped. Every variant names what failed; [`SourceError::is_fatal`] tells the
+/// errors a restart cannot fix (configuration, rules) from transient ones (connection loss), after
+/// which `cacheclear run` restarts the source from the slot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The configuration or the database's set-up cannot work (an invalid `[postgres]` field, a
+    /// missing rule table, a publication that misses a table, a lost slot). `field` names the
+    /// config field concerned; the reason says how to fix it.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A rule cannot be served by its table (a template column the table lacks, or one its
+    /// replica identity leaves out of old rows); the message names the table, template and
+    /// column and gives the `ALTER TABLE … REPLICA IDENTITY FULL` fix.
+    #[error(transparent)]
+    Rule(#[from] cacheclear_rules::RuleError),
+    /// A query on the regular connection failed.
+    #[error("PostgreSQL query failed: {}", describe_pg(.0))]
+    Query(#[from] tokio_postgres::Error),
+    /// The connection pool failed to hand out a connection.
+    #[error("PostgreSQL connection failed: {}", describe_pool(.0))]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// The replication connection failed.
+    #[error("replication stream failed: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    /// A `pgoutput` payload did not decode.
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+    /// The stream was inconsistent (a row for an unknown relation, a row outside a transaction).
+    #[error(transparent)]
+    Map(#[from] changes::MapError),
+    /// The visibility barrier failed.
+    #[error(transparent)]
+    Barrier(#[from] barrier::BarrierError),
+    /// The replication stream or one of the source's stages ended unexpectedly (server restart,
+    /// walsender terminated, a panicking observer); a restart resumes from the slot.
+    #[error(transparent)]
+    Ended(#[from] Ended),
+}
+
+impl SourceError {
+    /// True for errors a restart cannot fix (configuration, rules).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SourceError::Config(_) | SourceError::Rule(_))
+    }
+}
+
+/// What ended before it should have (see [`SourceError::Ended`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Ended {
+    /// The server closed the replication stream.
+    #[error("the replication stream ended")]
+    Stream,
+    /// The replication worker stopped at an LSN (it was asked to stop at one).
+    #[error("the replication stream stopped")]
+    StoppedAt,
+    /// A stage task (`barrier`, `apply`) returned or panicked.
+    #[error("the {stage} stage ended unexpectedly{}", .cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default())]
+    Stage {
+        /// The stage's name.
+        stage: &'static str,
+        /// The task's panic or cancellation, when it did not simply return.
+        cause: Option<tokio::task::JoinError>,
+    },
+    /// The pipeline's task itself panicked or was cancelled.
+    #[error("the source task ended unexpectedly: {0}")]
+    Task(tokio::task::JoinError),
+    /// The pipeline ended before its stream was live, and [`crate::Pipeline::streaming`]
+    /// already returned why.
+    #[error("the source already stopped (its error was returned by `streaming()`)")]
+    AlreadyReported,
+}
+
+/// A tokio-postgres error with its cause: its `Display` alone says only "db error" or "error
+/// connecting to server"; the server's message (and hint) or the I/O cause is what a user needs.
+/// Shape: `ERROR: <message> (SQLSTATE <code>)[; hint: <hint>]`, or the error and its causes
+/// joined by `: `.
+pub(crate) fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(hint) = db.hint() {
+            s.push_str("; hint: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// A pool error; a backend error is rendered by [`describe_pg`].
+pub(crate) fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(pg) => describe_pg(pg),
+        other => other.to_string(),
+    }
+}

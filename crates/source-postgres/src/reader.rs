@@ -1,0 +1,340 @@
+//! The reader: start-up checks, then the replication stream → `pgoutput` decoder →
+//! [`ChangeMapper`] → sealed batches for the barrier stage; it confirms acknowledged LSNs to the
+//! server and, when asked to stop, drains what is in flight and confirms it before it leaves.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cacheclear_protocol::{Batch, CommittedTxn, KeyArena, Lsn, Op, Sink, TableEviction, now_us};
+use cacheclear_rules::Rules;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+
+use crate::catalog::{self, SlotState};
+use crate::changes::{ChangeMapper, Mapped};
+use crate::connect::{self, lsn};
+use crate::error::Ended;
+use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
+use crate::{housekeeping, pgoutput, telemetry};
+
+/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats.
+const POOL_SIZE: usize = 3;
+
+/// Runs the source until `stop` resolves or an error stops it.
+///
+/// Start-up: checks every rule against its table's replica identity, ensures the publication and
+/// slot, then streams from the slot's confirmed position. A newly created slot first evicts every
+/// rule table's keys (changes before the slot existed were never seen). `streaming` is set once
+/// the server accepted START_REPLICATION and, for a new slot, that first eviction was
+/// acknowledged by the sink.
+///
+/// When `stop` resolves: no further change is read; the transactions already committed and read
+/// are applied, acknowledged and confirmed to the server (bounded by
+/// `postgres.shutdown_timeout_ms`); then the replication connection is closed. What was not
+/// confirmed is replayed from the slot on the next start.
+pub(crate) async fn run<S: Sink>(
+    cfg: PostgresConfig,
+    rules: Arc<Rules>,
+    sink: S,
+    options: RunOptions,
+    streaming: watch::Sender<bool>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), SourceError> {
+    cfg.validate()?;
+    let pool = connect::pool(&cfg.url, POOL_SIZE)?;
+    let slot_state = {
+        let client = pool.get().await?;
+        catalog::check_rules(&client, &rules).await?;
+        catalog::ensure_publication(&client, &cfg.publication, &rules, cfg.create_publication)
+            .await?;
+        catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?
+    };
+    let mut repl = ReplicationClient::connect(connect::replication_config(&cfg)?).await?;
+    repl.wait_started().await?;
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, ?slot_state, "streaming");
+
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(cfg.queue_batches);
+    let (visible_tx, visible_rx) = mpsc::channel::<Batch>(1);
+    let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+    // Transactions handed to the barrier and apply stages and not yet acknowledged.
+    let pending = Arc::new(AtomicUsize::new(0));
+    let barrier_task = tokio::spawn(barrier::stage(
+        pool.clone(),
+        batch_rx,
+        visible_tx,
+        cfg.max_batch_keys,
+    ));
+    let apply_task = tokio::spawn(apply::stage(
+        sink,
+        visible_rx,
+        ack_tx,
+        Arc::clone(&pending),
+        options.clone(),
+        cfg.max_batches_in_flight,
+    ));
+    let housekeeping = tokio::spawn(housekeeping::run(pool.clone(), cfg.clone()));
+    let _guard = AbortOnDrop(vec![
+        barrier_task.abort_handle(),
+        apply_task.abort_handle(),
+        housekeeping.abort_handle(),
+    ]);
+
+    let mut reader = Reader {
+        mapper: ChangeMapper::new(Arc::clone(&rules), cfg.max_txn_keys),
+        repl,
+        status: options.status,
+        confirmed: Lsn::ZERO,
+        current: Batch::default(),
+        current_keys: 0,
+        batch_tx,
+        ack_rx,
+        pending,
+        apply_task,
+        streaming,
+        live_at: None,
+    };
+    match slot_state {
+        SlotState::Created { at } => {
+            reader.current.txns.push(evict_everything(&rules, at));
+            reader.live_at = Some(at);
+        }
+        SlotState::Resumed { .. } => {
+            reader.streaming.send_replace(true);
+        }
+    }
+    reader.stream(cfg.max_batch_keys, stop).await?;
+    reader.drain(&cfg).await;
+    Ok(())
+}
+
+/// The reader's state between start-up and the end of the drain.
+struct Reader {
+    mapper: ChangeMapper,
+    repl: ReplicationClient,
+    status: Arc<SourceStatus>,
+    /// The highest LSN this connection reported as flushed.
+    confirmed: Lsn,
+    /// The batch being filled (sealed when the barrier stage has room for it).
+    current: Batch,
+    current_keys: usize,
+    batch_tx: mpsc::Sender<Batch>,
+    ack_rx: watch::Receiver<Lsn>,
+    pending: Arc<AtomicUsize>,
+    apply_task: tokio::task::JoinHandle<()>,
+    streaming: watch::Sender<bool>,
+    /// A new slot's first eviction: the stream is live once it is acknowledged.
+    live_at: Option<Lsn>,
+}
+
+impl Reader {
+    /// Reads the stream until `stop` resolves (`Ok`) or something fails.
+    async fn stream(
+        &mut self,
+        max_batch_keys: usize,
+        stop: impl Future<Output = ()>,
+    ) -> Result<(), SourceError> {
+        tokio::pin!(stop);
+        loop {
+            let room = self.current_keys < max_batch_keys;
+            // Handlers only touch fields the branch futures do not borrow; work that needs the
+            // whole reader runs after the select.
+            let event = tokio::select! {
+                biased;
+                () = &mut stop => return Ok(()),
+                ended = &mut self.apply_task => {
+                    return Err(Ended::Stage { stage: "apply", cause: ended.err() }.into());
+                }
+                Ok(()) = self.ack_rx.changed() => None,
+                permit = self.batch_tx.reserve(), if !self.current.txns.is_empty() => {
+                    let Ok(permit) = permit else {
+                        return Err(Ended::Stage { stage: "barrier", cause: None }.into());
+                    };
+                    self.pending.fetch_add(self.current.txns.len(), Ordering::AcqRel);
+                    permit.send(std::mem::take(&mut self.current));
+                    self.current_keys = 0;
+                    continue;
+                }
+                event = self.repl.recv(), if room => {
+                    let Some(event) = event? else {
+                        return Err(Ended::Stream.into());
+                    };
+                    Some(event)
+                }
+            };
+            match event {
+                Some(event) => self.on_event(event)?,
+                None => self.on_ack(),
+            }
+        }
+    }
+
+    /// Maps one replication event; a committed transaction joins the current batch.
+    fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
+        let commit_time = |us: i64| us.saturating_add(pgoutput::PG_EPOCH_OFFSET_US);
+        let mapped = match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => self.mapper.handle(pgoutput::Message::Begin {
+                final_lsn: lsn(final_lsn),
+                commit_time_us: commit_time(commit_time_micros),
+                xid,
+            })?,
+            ReplicationEvent::Commit {
+                lsn: commit_lsn,
+                end_lsn,
+                commit_time_micros,
+            } => self.mapper.handle(pgoutput::Message::Commit {
+                commit_lsn: lsn(commit_lsn),
+                end_lsn: lsn(end_lsn),
+                commit_time_us: commit_time(commit_time_micros),
+            })?,
+            ReplicationEvent::XLogData { data, .. } => {
+                self.mapper.handle(pgoutput::decode(&data)?)?
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn: at,
+                prefix,
+                content,
+            } => self.mapper.handle(pgoutput::Message::Message {
+                transactional,
+                lsn: lsn(at),
+                prefix,
+                content,
+            })?,
+            ReplicationEvent::KeepAlive { wal_end, .. } => Mapped::Message(lsn(wal_end)),
+            ReplicationEvent::StoppedAt { .. } => return Err(Ended::StoppedAt.into()),
+        };
+        match mapped {
+            Mapped::Committed(txn) => {
+                self.current_keys += txn.keys.len().max(1);
+                self.current.txns.push(txn);
+            }
+            Mapped::Message(at) => {
+                // Idle: nothing open, queued or unacknowledged, so every commit before `at` has
+                // been applied; confirming it lets the slot release WAL.
+                if !self.mapper.in_transaction()
+                    && self.current.txns.is_empty()
+                    && self.pending.load(Ordering::Acquire) == 0
+                {
+                    self.confirm(at);
+                }
+            }
+            Mapped::Nothing => {}
+        }
+        Ok(())
+    }
+
+    /// The apply stage acknowledged up to a new LSN.
+    fn on_ack(&mut self) {
+        let acked = *self.ack_rx.borrow_and_update();
+        self.confirm(acked);
+        if self.live_at.is_some_and(|at| acked >= at) {
+            self.live_at = None;
+            self.streaming.send_replace(true);
+        }
+    }
+
+    /// Reports `at` as flushed (when it moves this connection's position forward).
+    fn confirm(&mut self, at: Lsn) {
+        if at > self.confirmed {
+            self.confirmed = at;
+            self.repl
+                .update_applied_lsn(pgwire_replication::Lsn::from_u64(at.0));
+        }
+        if self.status.raise_confirmed(at) {
+            metrics::gauge!(telemetry::CONFIRMED_LSN).set(at.0 as f64);
+        }
+    }
+
+    /// The graceful end: hands the open batch over, waits until every transaction handed over
+    /// was acknowledged and confirmed, sees the confirmed LSN reported to the server, and closes
+    /// the stream. Bounded by `shutdown_timeout_ms`; what is left is replayed on the next start.
+    async fn drain(mut self, cfg: &PostgresConfig) {
+        let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout();
+        let drained = tokio::time::timeout_at(deadline, self.drain_batches())
+            .await
+            .unwrap_or(false);
+        // The replication worker sends the position at its next status interval.
+        let reported = tokio::time::timeout_at(deadline, async {
+            let metrics = self.repl.metrics();
+            while metrics.last_applied_lsn().as_u64() < self.confirmed.0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .is_ok();
+        let left = self.pending.load(Ordering::Acquire) + self.current.txns.len();
+        if drained && reported {
+            tracing::info!(confirmed = %self.confirmed, "stopped; every transaction read was applied and confirmed");
+        } else {
+            tracing::warn!(confirmed = %self.confirmed, unconfirmed_transactions = left,
+                "stopped before everything read was confirmed (postgres.shutdown_timeout_ms); the rest is replayed from the slot on the next start");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.repl.shutdown()).await;
+    }
+
+    /// Hands the open batch to the barrier stage and waits for every acknowledgement; false when
+    /// a stage ended first.
+    async fn drain_batches(&mut self) -> bool {
+        while !self.current.txns.is_empty() {
+            let acked = tokio::select! {
+                biased;
+                changed = self.ack_rx.changed() => match changed {
+                    Ok(()) => true,
+                    Err(_) => return false,
+                },
+                permit = self.batch_tx.reserve() => {
+                    let Ok(permit) = permit else { return false };
+                    self.pending.fetch_add(self.current.txns.len(), Ordering::AcqRel);
+                    permit.send(std::mem::take(&mut self.current));
+                    false
+                }
+            };
+            if acked {
+                self.on_ack();
+            }
+        }
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if self.ack_rx.changed().await.is_err() {
+                return false;
+            }
+            self.on_ack();
+        }
+        true
+    }
+}
+
+/// The synthetic first transaction of a new slot: every rule table, evicted as a whole.
+fn evict_everything(rules: &Rules, at: Lsn) -> CommittedTxn {
+    CommittedTxn {
+        xid: 0,
+        commit_lsn: at,
+        commit_time_us: now_us(),
+        received_us: now_us(),
+        keys: KeyArena::default(),
+        tables: rules
+            .tables()
+            .map(|t| TableEviction {
+                table: Arc::from(t.qualified()),
+                op: Op::Truncate,
+                patterns: t.scan_patterns(),
+            })
+            .collect(),
+    }
+}
+
+/// Aborts the stage tasks when the reader returns, whichever way.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The metrics this crate emits, declared where they are emitted: each name is a constant used at
+//! its emission site, and [`describe_metrics`] describes every one of them (README's Metrics
+//! table lists them too; a test in `crates/cli/tests/metrics.rs` checks both).
+
+/// Counter: cache keys evicted by row changes (acknowledged by the sink).
+pub(crate) const INVALIDATIONS_APPLIED: &str = "cacheclear_invalidations_applied_total";
+/// Counter: committed transactions whose evictions were acknowledged.
+pub(crate) const TRANSACTIONS_APPLIED: &str = "cacheclear_transactions_applied_total";
+/// Histogram (ms): commit time → the sink's acknowledgement.
+pub(crate) const COMMIT_TO_APPLIED_LAG: &str = "cacheclear_commit_to_applied_lag_ms";
+/// Histogram (ms), per batch: barrier taking it → every xid visible.
+pub(crate) const VISIBILITY_BARRIER: &str = "cacheclear_visibility_barrier_ms";
+/// Histogram (ms), per batch, label `sink`: first apply attempt → acknowledgement.
+pub(crate) const SINK_APPLY: &str = "cacheclear_sink_apply_ms";
+/// Gauge: flush LSN confirmed to PostgreSQL.
+pub(crate) const CONFIRMED_LSN: &str = "cacheclear_confirmed_lsn";
+/// Gauge (bytes): `pg_current_wal_lsn() - restart_lsn` of the slot.
+pub(crate) const SLOT_RETAINED_WAL: &str = "cacheclear_slot_retained_wal_bytes";
+/// Counter, label `sink`: failed attempts to apply a batch.
+pub(crate) const SINK_ERRORS: &str = "cacheclear_sink_errors_total";
+/// Counter, label `sink`: batches retried after a failed attempt.
+pub(crate) const SINK_RETRIES: &str = "cacheclear_sink_retries_total";
+/// Counter: snapshots re-taken while a committed xid was not yet visible.
+pub(crate) const BARRIER_WAITS: &str = "cacheclear_barrier_waits_total";
+/// Counter: rows whose keys could not be computed (their table was evicted as a whole).
+pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_table_fallbacks_total";
+
+/// Describes every metric of the CDC source to the installed `metrics` recorder (call it after
+/// installing one; without a recorder it does nothing).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        INVALIDATIONS_APPLIED,
+        "Cache keys evicted by row changes (acknowledged by the sink)."
+    );
+    describe_counter!(
+        TRANSACTIONS_APPLIED,
+        "Committed transactions whose evictions were acknowledged."
+    );
+    describe_histogram!(
+        COMMIT_TO_APPLIED_LAG,
+        Unit::Milliseconds,
+        "From a transaction's commit time to the sink's acknowledgement of its evictions."
+    );
+    describe_histogram!(
+        VISIBILITY_BARRIER,
+        Unit::Milliseconds,
+        "Per batch: from the barrier taking it to every xid visible to a new snapshot (long while a commit waits for a synchronous standby)."
+    );
+    describe_histogram!(
+        SINK_APPLY,
+        Unit::Milliseconds,
+        "Per batch: from the first apply attempt to the sink's acknowledgement, retries included."
+    );
+    describe_gauge!(
+        CONFIRMED_LSN,
+        "Flush LSN confirmed to PostgreSQL (as a number; exact below 2^53)."
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL,
+        Unit::Bytes,
+        "pg_current_wal_lsn() - restart_lsn of the slot: WAL the server keeps for us."
+    );
+    describe_counter!(
+        SINK_ERRORS,
+        "Failed attempts to apply a batch (Redis errors and timeouts, failed Kafka deliveries)."
+    );
+    describe_counter!(SINK_RETRIES, "Batches retried after a failed attempt.");
+    describe_counter!(
+        BARRIER_WAITS,
+        "Snapshots re-taken because a committed xid was not yet visible."
+    );
+    describe_counter!(
+        TABLE_FALLBACKS,
+        "Rows whose keys could not be computed, so their table was evicted as a whole."
+    );
+}
