@@ -10,9 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
-};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
 /// Collects the names passed to `describe_*`.
 #[derive(Default)]
@@ -80,7 +78,11 @@ fn constants(text: &str) -> BTreeMap<String, String> {
 /// The first argument of every `metrics::{counter,gauge,histogram}!(` in `text`.
 fn emitted_names(text: &str) -> Vec<String> {
     let mut names = Vec::new();
-    for mac in ["metrics::counter!(", "metrics::gauge!(", "metrics::histogram!("] {
+    for mac in [
+        "metrics::counter!(",
+        "metrics::gauge!(",
+        "metrics::histogram!(",
+    ] {
         let mut rest = text;
         while let Some(at) = rest.find(mac) {
             rest = &rest[at + mac.len()..];
@@ -104,10 +106,7 @@ fn every_emitted_metric_is_described_and_in_readme() {
         cacheclear_client::describe_metrics();
     });
     let described = names.lock().expect("names").clone();
-    assert!(
-        described.len() > 30,
-        "too few descriptions: {described:?}"
-    );
+    assert!(described.len() > 30, "too few descriptions: {described:?}");
 
     let mut emitted = BTreeSet::new();
     let mut problems = Vec::new();
