@@ -18,7 +18,9 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let sink = cfg.sink()?;
     serve_metrics(&cfg.metrics.listen).await?;
     match &sink {
-        SinkChoice::Redis(redis) => tracing::info!(sink = "redis", url = %redis.url, "direct mode"),
+        SinkChoice::Redis(redis) => {
+            tracing::info!(sink = "redis", url = %cacheclear_protocol::redact_url(&redis.url), "direct mode")
+        }
         SinkChoice::Kafka(kafka) => {
             tracing::info!(sink = "kafka", brokers = %kafka.brokers, topic = %kafka.topic, "bus mode")
         }
@@ -38,6 +40,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
                 Pipeline::spawn(pg, rules, KafkaSink::connect(c.clone())?, options)
             }
         };
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = pipeline.wait() => r,
             () = &mut shutdown => {
@@ -49,6 +52,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             Ok(()) => return Ok(()),
             Err(e) if e.is_fatal() => return Err(anyhow::Error::new(e).context("cacheclear run")),
             Err(e) => {
+                // A run that stayed up for a minute was healthy: start the backoff afresh.
+                if started.elapsed() >= Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
                 tracing::error!(error = %e, retry_in_s = backoff.as_secs(), "pipeline stopped; restarting from the slot");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

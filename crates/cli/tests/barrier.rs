@@ -1,4 +1,5 @@
-//! The visibility barrier (design.md §3), reproduced with a synchronous standby that never comes:
+//! The visibility barrier (docs/architecture.md, "The visibility barrier"), reproduced with a
+//! synchronous standby that never comes:
 //! the UPDATE's commit record is flushed and streamed to the slot, yet other sessions still see the
 //! old row until the standby requirement is lifted.
 

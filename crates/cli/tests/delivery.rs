@@ -1,4 +1,5 @@
-//! Delivery (design.md §4): nothing is confirmed before the sink acknowledged it, whatever fails —
+//! Delivery (docs/architecture.md, "The delivery rule"): nothing is confirmed before the sink
+//! acknowledged it, whatever fails —
 //! the process killed mid-transaction, Redis down — and an idle slot does not retain WAL.
 
 mod common;

@@ -1,4 +1,5 @@
-//! Bus mode (design.md §2, §4): the pipeline publishes one record per cache key to a real
+//! Bus mode (docs/architecture.md, "Bus mode" and "The delivery rule"): the pipeline publishes
+//! one record per cache key to a real
 //! Kafka-protocol broker (tansu), and confirms an LSN to PostgreSQL only after every record up to
 //! it got a successful delivery report.
 

@@ -1,4 +1,4 @@
-//! [`Client`]: the cache-aside read path of design.md §3.
+//! [`Client`]: the cache-aside read path (docs/architecture.md, "The client's read path").
 
 use std::any::Any;
 use std::future::Future;
@@ -89,7 +89,7 @@ impl Client {
     /// malformed or Redis cannot be reached now.
     pub async fn connect(redis_url: &str, config: Config) -> Result<Client, Error> {
         config.validate()?;
-        let url = redact(redis_url);
+        let url = cacheclear_protocol::redact_url(redis_url);
         let connect_err = |e: RedisError| Error::Connect {
             url: url.clone(),
             source: Arc::new(e),
@@ -249,7 +249,8 @@ impl Client {
     }
 
     /// Strict mode: runs `loader` against the database and returns its value, bypassing every
-    /// cache tier (design.md §6: balances, stock, checkout totals). Counted in `strict_loads`.
+    /// cache tier: balances, stock, checkout totals (docs/architecture.md,
+    /// "Data that must never be stale"). Counted in `strict_loads`.
     /// The loader has the same shape as for [`Client::get_or_load`], so one loader serves both;
     /// its version is ignored.
     ///
@@ -791,28 +792,9 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`, for error messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-    format!("{scheme}://{user}:***@{host}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redact("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redact("redis://:p@h"), "redis://:***@h");
-    }
 
     #[tokio::test]
     async fn bounded_times_out() {

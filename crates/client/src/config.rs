@@ -40,7 +40,8 @@ pub enum ReadPolicy {
     #[default]
     Cached,
     /// Read the database directly, never the cache, never fill: for data that must never be
-    /// stale (balances, stock decrements, checkout totals; design.md §6).
+    /// stale (balances, stock decrements, checkout totals; docs/architecture.md,
+    /// "Data that must never be stale").
     Strict,
 }
 

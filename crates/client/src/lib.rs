@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # The protocol (design.md §3)
+//! # The protocol (docs/architecture.md, "The Lua scripts")
 //!
 //! Per cache key `K` three Redis keys share one hash tag ([`cacheclear_protocol::KeyLayout`]):
 //! `{K}` the value envelope ([`envelope`]), `{K}:lease` the token of the one loader allowed to
@@ -51,7 +51,7 @@
 //! - `postgres` (default): [`replica_read_version`], via `tokio-postgres`.
 //! - `local-tier` (default): the in-process tier, via `moka`. Still off unless configured.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod client;
 mod config;

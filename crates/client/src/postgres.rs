@@ -25,7 +25,8 @@ pub enum ReplicaVersionError {
 /// last WAL record the replica has replayed. Call it **before** the read, on a connection to the
 /// same replica, and pass it as [`crate::Loaded::at`]. The fill is then refused if the key's fence
 /// (the end LSN of the newest invalidated commit) is newer, i.e. if the replica may not have
-/// replayed a commit whose invalidation already happened (design.md §3).
+/// replayed a commit whose invalidation already happened (docs/architecture.md,
+/// "Why both a lease and a fence").
 ///
 /// Outside a transaction (autocommit), or in READ COMMITTED, every later statement's snapshot is
 /// taken after this one ends, so it sees at least this much WAL. In REPEATABLE READ /

@@ -1,4 +1,5 @@
-//! Value TTLs with jitter, and the XFetch early-refresh decision (design.md §5).
+//! Value TTLs with jitter, and the XFetch early-refresh decision (docs/architecture.md,
+//! "Stampedes and avalanches").
 
 /// TTL in milliseconds: `base_ms × (1 + jitter × (2u − 1))`, i.e. uniform in
 /// `[base_ms × (1 − jitter), base_ms × (1 + jitter)]`, rounded to whole milliseconds and never

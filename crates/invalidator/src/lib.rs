@@ -1,7 +1,7 @@
 //! cacheclear's invalidator: a Kafka consumer group that applies invalidation records to Redis or
 //! Redis Cluster through [`cacheclear_sink_redis::RedisSink`] (the protocol's invalidation script:
 //! delete value and lease, fence = max(fence, LSN)), committing offsets only after Redis
-//! acknowledged them (design.md §2 "bus mode", §4).
+//! acknowledged them (docs/architecture.md, "Bus mode" and "The delivery rule").
 //!
 //! Inputs, per topic (see [`KafkaConfig`]):
 //! - **bus records** ([`cacheclear_protocol::BusRecord`]) published by cacheclear's Kafka sink:
@@ -88,7 +88,7 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod config;
 mod decode;
@@ -99,6 +99,7 @@ mod telemetry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use cacheclear_protocol::ConfigError;
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::RedisConfig;
 
@@ -128,17 +129,17 @@ impl InvalidatorConfig {
     /// Validates every section and compiles the rules.
     ///
     /// # Errors
-    /// A message naming the field and the reason (`kafka.group_id: empty`, `rules: …`).
-    pub fn validate(&self) -> Result<Rules, String> {
+    /// A [`ConfigError`] naming the field and the reason (`kafka.group_id: empty`, `rules: …`).
+    pub fn validate(&self) -> Result<Rules, ConfigError> {
         self.kafka.validate()?;
         self.redis.validate()?;
         if !self.kafka.debezium_topics.is_empty() && self.rules.is_empty() {
-            return Err(
-                "rules: Debezium topics need at least one [[rules]] entry (a table and its key templates)"
-                    .into(),
-            );
+            return Err(ConfigError::new(
+                "rules",
+                "Debezium topics need at least one [[rules]] entry (a table and its key templates)",
+            ));
         }
-        Rules::compile(&self.rules).map_err(|e| format!("rules: {e}"))
+        Rules::compile(&self.rules).map_err(|e| ConfigError::new("rules", e.to_string()))
     }
 }
 

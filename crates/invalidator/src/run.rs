@@ -28,7 +28,7 @@ use crate::{AppliedBatch, InvalidatorConfig, InvalidatorStatus, RunOptions, now_
 pub enum InvalidatorError {
     /// The configuration is invalid (names the field).
     #[error("invalid configuration: {0}")]
-    Config(String),
+    Config(#[from] cacheclear_protocol::ConfigError),
     /// librdkafka refused to create the consumer or producer, or to subscribe.
     #[error("Kafka client: {0}")]
     Kafka(#[from] KafkaError),

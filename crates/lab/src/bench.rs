@@ -323,7 +323,7 @@ pub(crate) struct Instances {
 
 impl Instances {
     /// Starts what is not given.
-    pub async fn start(
+    pub(crate) async fn start(
         pg_url: Option<String>,
         redis_url: Option<String>,
     ) -> anyhow::Result<Instances> {

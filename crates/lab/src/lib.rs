@@ -9,7 +9,7 @@
 //! The source runs through [`cacheclear_source_postgres::Pipeline`] here exactly as in
 //! `cacheclear run`.
 
-#![warn(missing_docs, rust_2018_idioms)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod bench;
 pub mod demo;

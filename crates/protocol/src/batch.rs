@@ -2,7 +2,8 @@
 //! with their cache keys stored compactly.
 //!
 //! A bulk `UPDATE` of a million rows is one transaction with a million keys, and none of them may be
-//! evicted before the commit is visible (design.md §3), so they are held until then. [`KeyArena`]
+//! evicted before the commit is visible (docs/architecture.md, "The visibility barrier"), so
+//! they are held until then. [`KeyArena`]
 //! keeps them in fixed-size byte chunks plus a `u32` end offset per key — about `len + 4` bytes
 //! per key instead of `len + 40` for a `Vec<String>` — and grows by adding chunks, never by
 //! reallocating: a doubling `Vec` would briefly hold the old and the new buffer (and glibc copies

@@ -14,8 +14,8 @@ pub enum Op {
     Truncate,
 }
 
-/// One transaction's evictions for one table: `{ keys, commit_lsn, commit_time, xid, table, op }`
-/// (design.md §2). Evict, never update.
+/// One transaction's evictions for one table:
+/// `{ keys, commit_lsn, commit_time, xid, table, op }`. Evict, never update.
 ///
 /// JSON shape (stable; the Kafka sink publishes it):
 /// `{"keys":["product:1"],"commit_lsn":"0/16B6C50","commit_time_us":1764445200000000,"xid":750,"table":"public.product","op":"update"}`

@@ -1,4 +1,5 @@
-/// The three Redis keys of one cache key `K`: `{K}`, `{K}:lease`, `{K}:fence` (design.md §3).
+/// The three Redis keys of one cache key `K`: `{K}`, `{K}:lease`, `{K}:fence`
+/// (docs/architecture.md, "Redis key layout").
 ///
 /// The braces make `K` the Redis Cluster hash tag, so all three share one slot
 /// (<https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags>).

@@ -2,7 +2,8 @@
 //! scripts that invalidate and fill it, and the invalidation record that flows from the CDC source
 //! to the sinks.
 //!
-//! Design: `shared/docs/design.md` §3. Per cache key `K` three Redis keys share one hash tag, so they
+//! Architecture: `docs/architecture.md`, "Redis key layout" and "The Lua scripts". Per cache key
+//! `K` three Redis keys share one hash tag, so they
 //! always sit in one cluster slot and one Lua script can touch all three:
 //!
 //! | Redis key   | holds                                                  | TTL                        |
@@ -20,6 +21,8 @@
 //! assert_eq!(Lsn(0x16B_6C50).to_fixed_hex(), "00000000016B6C50");
 //! ```
 
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+
 pub mod batch;
 mod config;
 mod invalidation;
@@ -30,7 +33,7 @@ pub mod scripts;
 pub mod sink;
 
 pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction, now_us};
-pub use config::ConfigError;
+pub use config::{ConfigError, redact_url};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};

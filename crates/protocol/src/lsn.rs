@@ -5,7 +5,8 @@ use std::str::FromStr;
 ///
 /// Displays in PostgreSQL's `X/X` form (`16/B374D848`). Inside Redis it is stored as
 /// [`Lsn::to_fixed_hex`]: 16 upper-case hex digits, so that Lua compares LSNs as strings —
-/// Lua numbers are doubles and lose precision above 2^53 (design.md §3).
+/// Lua numbers are doubles and lose precision above 2^53 (docs/architecture.md,
+/// "The Lua scripts").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 

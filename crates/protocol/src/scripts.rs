@@ -1,4 +1,5 @@
-//! The Lua scripts of the consistency protocol (design.md §3). Every component that writes a
+//! The Lua scripts of the consistency protocol (docs/architecture.md, "The Lua scripts"). Every
+//! component that writes a
 //! cache key — the invalidation sinks and the client's fills — goes through these, so the rules
 //! ("evict, never update"; "a fill never beats an invalidation"; "every key has a TTL") hold in
 //! one place.

@@ -9,7 +9,7 @@
 //! The source keeps several batches in flight (`postgres.max_batches_in_flight`), so `apply` runs
 //! concurrently and batches may land out of order; it still confirms them in commit order. That
 //! is safe because every eviction commutes: deleting a value or a lease is idempotent, and a
-//! fence only ever moves to `max(fence, commit LSN)` (design.md §2).
+//! fence only ever moves to `max(fence, commit LSN)` (docs/architecture.md, "The delivery rule").
 
 use std::future::Future;
 

@@ -54,7 +54,7 @@
 //! them back), and [`Rules::compile`] proves that templates of different shapes never produce a
 //! common key.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod error;
 mod escape;

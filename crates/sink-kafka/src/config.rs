@@ -1,5 +1,6 @@
 //! `[kafka]`: where and how the Kafka sink publishes.
 
+use cacheclear_protocol::ConfigError;
 use std::collections::BTreeMap;
 
 /// The Kafka sink's configuration (`[kafka]` in `cacheclear.toml`).
@@ -109,43 +110,55 @@ impl KafkaConfig {
     /// characters other than ASCII letters, digits, `.`, `_`, `-`); `message_timeout_ms` or
     /// `max_in_flight` of 0; `linger_ms` over 900000 or not below `message_timeout_ms`; a reserved
     /// key in `properties`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.brokers.split(',').all(|b| b.trim().is_empty()) {
-            return Err(
-                "kafka.brokers: empty; give the bootstrap brokers as host:port[,host:port…]".into(),
-            );
+            return Err(ConfigError::new(
+                "kafka.brokers",
+                "empty; give the bootstrap brokers as host:port[,host:port…]",
+            ));
         }
-        validate_topic(&self.topic).map_err(|e| format!("kafka.topic: `{}` {e}", self.topic))?;
+        validate_topic(&self.topic)
+            .map_err(|e| ConfigError::new("kafka.topic", format!("`{}` {e}", self.topic)))?;
         if self.message_timeout_ms == 0 {
-            return Err("kafka.message_timeout_ms: must be > 0 (0 would mean \"retry forever\" inside librdkafka, hiding a dead broker from the pipeline)".into());
+            return Err(ConfigError::new(
+                "kafka.message_timeout_ms",
+                "must be > 0 (0 would mean \"retry forever\" inside librdkafka, hiding a dead broker from the pipeline)",
+            ));
         }
         if self.message_timeout_ms > i32::MAX as u64 {
-            return Err(format!(
-                "kafka.message_timeout_ms: {} is over librdkafka's maximum {}",
-                self.message_timeout_ms,
-                i32::MAX
+            return Err(ConfigError::new(
+                "kafka.message_timeout_ms",
+                format!(
+                    "{} is over librdkafka's maximum {}",
+                    self.message_timeout_ms,
+                    i32::MAX
+                ),
             ));
         }
         if self.linger_ms > 900_000 {
-            return Err(format!(
-                "kafka.linger_ms: {} is over librdkafka's maximum 900000",
-                self.linger_ms
+            return Err(ConfigError::new(
+                "kafka.linger_ms",
+                format!("{} is over librdkafka's maximum 900000", self.linger_ms),
             ));
         }
         if self.linger_ms >= self.message_timeout_ms {
-            return Err(format!(
-                "kafka.linger_ms: {} must be below kafka.message_timeout_ms ({}): a record may not \
+            return Err(ConfigError::new(
+                "kafka.linger_ms",
+                format!(
+                    "{} must be below kafka.message_timeout_ms ({}): a record may not \
                  wait longer than it is allowed to take in all",
-                self.linger_ms, self.message_timeout_ms
+                    self.linger_ms, self.message_timeout_ms
+                ),
             ));
         }
         if self.max_in_flight == 0 {
-            return Err("kafka.max_in_flight: must be > 0".into());
+            return Err(ConfigError::new("kafka.max_in_flight", "must be > 0"));
         }
         for key in self.properties.keys() {
             if let Some((_, why)) = RESERVED.iter().find(|(k, _)| k == key) {
-                return Err(format!(
-                    "kafka.properties.\"{key}\": set by the sink itself ({why})"
+                return Err(ConfigError::new(
+                    format!("kafka.properties.\"{key}\""),
+                    format!("set by the sink itself ({why})"),
                 ));
             }
         }
@@ -214,7 +227,7 @@ mod tests {
             let mut c = KafkaConfig::new("b:9092");
             f(&mut c);
             let err = c.validate().expect_err(field);
-            assert!(err.starts_with(field), "{err}");
+            assert!(err.field.starts_with(field), "{err}");
         };
         bad(&|c| c.brokers = " , ".into(), "kafka.brokers");
         bad(&|c| c.topic = String::new(), "kafka.topic");

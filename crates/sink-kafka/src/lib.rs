@@ -1,4 +1,5 @@
-//! cacheclear's Kafka sink ("bus mode", design.md §2): publishes every eviction of a committed
+//! cacheclear's Kafka sink ("bus mode"; docs/architecture.md, "Bus mode"): publishes every
+//! eviction of a committed
 //! batch as [`BusRecord`]s on one topic, for the invalidator consumer group to apply to Redis.
 //!
 //! Records (JSON, documented in [`cacheclear_protocol::record`]):
@@ -28,7 +29,7 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 // The error carries librdkafka's error and the record's coordinates; it is built once per failed
 // batch, so its size does not matter.
 #![allow(clippy::result_large_err)]
@@ -54,8 +55,8 @@ pub use telemetry::describe_metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {
     /// The configuration is invalid (`kafka.<field>` named in the message).
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] cacheclear_protocol::ConfigError),
     /// librdkafka refused the producer configuration (e.g. an unknown or invalid property in
     /// `kafka.properties`).
     #[error("kafka: cannot create the producer: {0} (check kafka.properties)")]
@@ -120,7 +121,7 @@ impl KafkaSink {
     /// [`KafkaSinkError::Config`] naming the invalid field; [`KafkaSinkError::Create`] if
     /// librdkafka refuses a property.
     pub fn connect(cfg: KafkaConfig) -> Result<KafkaSink, KafkaSinkError> {
-        cfg.validate().map_err(KafkaSinkError::Config)?;
+        cfg.validate()?;
         let producer = create_producer(&cfg)?;
         Ok(KafkaSink {
             cfg,

@@ -1,5 +1,6 @@
 //! `[redis]` section of the configuration.
 
+use cacheclear_protocol::{ConfigError, redact_url};
 /// Options of the Redis sink. Every field has a default except the target: `url` for a
 /// standalone Redis, or `cluster = true` with `urls` for a Redis Cluster.
 ///
@@ -135,53 +136,71 @@ impl RedisConfig {
     ///
     /// # Errors
     /// A message naming the first invalid field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cluster {
             if !self.url.is_empty() {
-                return Err(format!(
-                    "redis.url: with cluster = true the nodes go in redis.urls (a list); url \
+                return Err(ConfigError::new(
+                    "redis.url",
+                    format!(
+                        "with cluster = true the nodes go in redis.urls (a list); url \
                      (`{}`) is for a standalone Redis: move it into urls",
-                    self.url
+                        redact_url(&self.url)
+                    ),
                 ));
             }
             if self.urls.is_empty() {
-                return Err(
-                    "redis.urls: cluster = true needs at least one seed node, e.g. \
-                            urls = [\"redis://10.0.0.1:6379/\", \"redis://10.0.0.2:6379/\"]"
-                        .into(),
-                );
+                return Err(ConfigError::new(
+                    "redis.urls",
+                    "cluster = true needs at least one seed node, e.g. \
+                            urls = [\"redis://10.0.0.1:6379/\", \"redis://10.0.0.2:6379/\"]",
+                ));
             }
             for (i, url) in self.urls.iter().enumerate() {
-                let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                    .map_err(|e| format!("redis.urls[{i}]: `{url}` is not a Redis URL: {e}"))?;
+                let info =
+                    redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(|e| {
+                        ConfigError::new(
+                            format!("redis.urls[{i}]"),
+                            format!("`{}` is not a Redis URL: {e}", redact_url(url)),
+                        )
+                    })?;
                 if info.redis_settings().db() != 0 {
-                    return Err(format!(
-                        "redis.urls[{i}]: `{url}` selects database {}, but a Redis Cluster only \
+                    return Err(ConfigError::new(
+                        format!("redis.urls[{i}]"),
+                        format!(
+                            "`{}` selects database {}, but a Redis Cluster only \
                          has database 0: drop the /{} from the URL",
-                        info.redis_settings().db(),
-                        info.redis_settings().db()
+                            redact_url(url),
+                            info.redis_settings().db(),
+                            info.redis_settings().db()
+                        ),
                     ));
                 }
             }
             redis::cluster::ClusterClientBuilder::new(self.urls.iter().map(String::as_str))
                 .build()
-                .map_err(|e| format!("redis.urls: {e}"))?;
+                .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
         } else {
             if !self.urls.is_empty() {
-                return Err(
-                    "redis.urls: only read with cluster = true; for a Redis Cluster set \
-                            cluster = true (and leave url unset), for a standalone Redis use url"
-                        .into(),
-                );
+                return Err(ConfigError::new(
+                    "redis.urls",
+                    "only read with cluster = true; for a Redis Cluster set \
+                            cluster = true (and leave url unset), for a standalone Redis use url",
+                ));
             }
             if self.url.is_empty() {
-                return Err("redis.url: missing: the Redis URL, e.g. \
+                return Err(ConfigError::new(
+                    "redis.url",
+                    "missing: the Redis URL, e.g. \
                             url = \"redis://127.0.0.1:6379/\" (for a Redis Cluster set \
-                            cluster = true and urls = [...] instead)"
-                    .into());
+                            cluster = true and urls = [...] instead)",
+                ));
             }
-            redis::Client::open(self.url.as_str())
-                .map_err(|e| format!("redis.url: `{}` is not a Redis URL: {e}", self.url))?;
+            redis::Client::open(self.url.as_str()).map_err(|e| {
+                ConfigError::new(
+                    "redis.url",
+                    format!("`{}` is not a Redis URL: {e}", redact_url(&self.url)),
+                )
+            })?;
         }
         for (field, v) in [
             ("redis.fence_ttl_ms", self.fence_ttl_ms as usize),
@@ -195,7 +214,7 @@ impl RedisConfig {
             ),
         ] {
             if v == 0 {
-                return Err(format!("{field}: must be at least 1"));
+                return Err(ConfigError::new(field, "must be at least 1"));
             }
         }
         Ok(())
@@ -208,7 +227,7 @@ mod tests {
 
     fn parse(toml_text: &str) -> Result<RedisConfig, String> {
         let cfg: RedisConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
 

@@ -31,7 +31,7 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod cluster;
 mod config;
@@ -52,8 +52,8 @@ pub use telemetry::describe_metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisSinkError {
     /// The configuration is invalid.
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] cacheclear_protocol::ConfigError),
     /// Redis replied with an error or the connection failed.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),

@@ -258,7 +258,18 @@ impl ChangeMapper {
             if open.seen.contains(&key) {
                 continue;
             }
-            open.txn.keys.push(&state.qualified, op, &key);
+            if !open.txn.keys.push(&state.qualified, op, &key) {
+                // A key over the arena's limits (1 MiB, or 4 GiB of key text in the
+                // transaction) is never dropped: the table's keys are evicted instead.
+                tracing::warn!(
+                    table = %state.qualified, ?op, key_bytes = key.len(),
+                    "a cache key is too large to send; evicting every key of the table instead"
+                );
+                metrics::counter!(crate::telemetry::TABLE_FALLBACKS).increment(1);
+                let qualified = Arc::clone(&state.qualified);
+                push_table_eviction(open, oid, &qualified, op, rules);
+                return Ok(()); // dropping the drain empties the scratch list
+            }
             if open.seen.len() < DEDUP_CAPACITY {
                 open.seen.insert(key);
             }
@@ -535,6 +546,24 @@ mod tests {
         let mut tables: Vec<&str> = txn.tables.iter().map(|e| &*e.table).collect();
         tables.sort_unstable();
         assert_eq!(tables, ["public.page", "public.product"]);
+    }
+
+    #[test]
+    fn a_key_too_large_to_send_evicts_its_table() {
+        let mut m = ChangeMapper::new(rules(), 1000);
+        m.handle(relation(1, "product", b'f')).unwrap();
+        begin(&mut m);
+        // A 2 MiB id renders a key over the arena's 1 MiB limit: never dropped silently.
+        let huge = "9".repeat(2 << 20);
+        m.handle(Message::Insert {
+            relation: 1,
+            new: vec![t(&huge), t("1"), t("")],
+        })
+        .unwrap();
+        let txn = commit(&mut m);
+        assert_eq!(txn.tables.len(), 1, "the table is evicted instead");
+        assert_eq!(&*txn.tables[0].table, "public.product");
+        assert!(txn.keys.iter().all(|k| k.len() < 1 << 20));
     }
 
     #[test]

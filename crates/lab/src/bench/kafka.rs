@@ -138,7 +138,7 @@ struct Lag {
 }
 
 /// `cacheclear bench kafka`.
-pub async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
+pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let progress = |msg: &str| {
         if !args.json {

@@ -32,7 +32,7 @@ pub(crate) struct StageFigures {
 
 impl SourceStages {
     /// Empty histograms covering 1 µs to 1 h at 3 significant digits.
-    pub fn new() -> anyhow::Result<SourceStages> {
+    pub(super) fn new() -> anyhow::Result<SourceStages> {
         let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3);
         Ok(SourceStages {
             total: h()?,
@@ -44,7 +44,7 @@ impl SourceStages {
     }
 
     /// Forgets everything recorded.
-    pub fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         for h in [
             &mut self.total,
             &mut self.server,
@@ -59,7 +59,7 @@ impl SourceStages {
     /// Records transaction `t` of `batch`, acknowledged at `acked_us` (µs since the Unix epoch),
     /// once per changed row: every row has exactly one `bench:product:` key (category keys are
     /// de-duplicated per transaction).
-    pub fn record(&mut self, batch: &Batch, t: &CommittedTxn, acked_us: i64) {
+    pub(super) fn record(&mut self, batch: &Batch, t: &CommittedTxn, acked_us: i64) {
         let rows = t
             .keys
             .iter()
@@ -80,7 +80,7 @@ impl SourceStages {
     }
 
     /// p50/p99/max of the total and the p99 of each stage, ms.
-    pub fn figures(&self) -> StageFigures {
+    pub(super) fn figures(&self) -> StageFigures {
         let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         StageFigures {
             p50: ms(&self.total, 0.5),

@@ -5,7 +5,8 @@
 //! database given with `--postgres-url` keeps its own tables untouched.
 //!
 //! Stock is kept in `inventory`, not in `product`: stock decrements are data that must never be
-//! stale (design.md §6) and never go through the cache, and keeping them out of the cached row
+//! stale (docs/architecture.md, "Data that must never be stale") and never go through the cache,
+//! and keeping them out of the cached row
 //! means an order does not evict the product page of everyone else.
 
 use std::collections::BTreeMap;
@@ -15,11 +16,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, IsolationLevel, Statement};
 
 /// The schema holding the demo's tables.
-pub const SCHEMA: &str = "cacheclear_demo";
+pub(super) const SCHEMA: &str = "cacheclear_demo";
 /// The table the pipeline watches (rule `product:{id}`).
-pub const PRODUCT_TABLE: &str = "cacheclear_demo.product";
+pub(super) const PRODUCT_TABLE: &str = "cacheclear_demo.product";
 /// Name of the replication slot and publication of the cacheclear run.
-pub const SLOT: &str = "cacheclear_demo";
+pub(super) const SLOT: &str = "cacheclear_demo";
 /// Units of stock per product: enough that no product sells out during a run.
 const STOCK: i32 = 1_000_000;
 /// Categories of the catalog.
@@ -27,7 +28,7 @@ const CATEGORIES: u32 = 50;
 
 /// One product page, as cached: the row of `cacheclear_demo.product`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Product {
+pub(super) struct Product {
     /// Primary key; also the product's popularity rank (1 = most viewed).
     pub id: i32,
     /// Stock-keeping unit, `SKU-0000042`.
@@ -50,7 +51,7 @@ pub struct Product {
 
 impl Product {
     /// The price a shopper sees and puts in the cart.
-    pub fn price_cents(&self) -> i64 {
+    pub(super) fn price_cents(&self) -> i64 {
         match (self.on_sale, self.sale_price_cents) {
             (true, Some(p)) => p,
             _ => self.list_price_cents,
@@ -63,7 +64,7 @@ impl Product {
 ///
 /// # Errors
 /// A statement failed; the message names the step.
-pub async fn create(db: &Client, products: u32, sale_items: u32) -> anyhow::Result<()> {
+pub(super) async fn create(db: &Client, products: u32, sale_items: u32) -> anyhow::Result<()> {
     drop_replication(db).await?;
     db.batch_execute(&format!(
         "DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;
@@ -122,7 +123,7 @@ pub async fn create(db: &Client, products: u32, sale_items: u32) -> anyhow::Resu
 ///
 /// # Errors
 /// A statement failed.
-pub async fn reset_sale(db: &Client) -> anyhow::Result<()> {
+pub(super) async fn reset_sale(db: &Client) -> anyhow::Result<()> {
     db.batch_execute(&format!(
         "UPDATE {SCHEMA}.product p SET on_sale = true, sale_price_cents = s.sale_price_cents, updated_at = now()
            FROM {SCHEMA}.sale_item s WHERE s.product_id = p.id;
@@ -144,7 +145,7 @@ pub async fn reset_sale(db: &Client) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// A statement failed (for example the slot is still in use).
-pub async fn drop_replication(db: &Client) -> anyhow::Result<()> {
+pub(super) async fn drop_replication(db: &Client) -> anyhow::Result<()> {
     db.batch_execute(&format!(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{SLOT}';
          DROP PUBLICATION IF EXISTS {SLOT};"
@@ -158,7 +159,7 @@ pub async fn drop_replication(db: &Client) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// A statement failed.
-pub async fn drop_all(db: &Client) -> anyhow::Result<()> {
+pub(super) async fn drop_all(db: &Client) -> anyhow::Result<()> {
     drop_replication(db).await?;
     db.batch_execute(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
         .await
@@ -167,7 +168,7 @@ pub async fn drop_all(db: &Client) -> anyhow::Result<()> {
 }
 
 /// A shopper's prepared statements.
-pub struct Statements {
+pub(super) struct Statements {
     load: Statement,
     prices: Statement,
     take_stock: Statement,
@@ -179,7 +180,7 @@ impl Statements {
     ///
     /// # Errors
     /// A statement does not prepare (the schema is missing).
-    pub async fn prepare(db: &Client) -> Result<Statements, tokio_postgres::Error> {
+    pub(super) async fn prepare(db: &Client) -> Result<Statements, tokio_postgres::Error> {
         Ok(Statements {
             load: db
                 .prepare(&format!(
@@ -215,7 +216,7 @@ impl Statements {
 ///
 /// # Errors
 /// The query failed, or there is no such product.
-pub async fn load_product(db: &Client, st: &Statements, id: i32) -> anyhow::Result<Product> {
+pub(super) async fn load_product(db: &Client, st: &Statements, id: i32) -> anyhow::Result<Product> {
     let row = db
         .query_opt(&st.load, &[&id])
         .await
@@ -236,7 +237,7 @@ pub async fn load_product(db: &Client, st: &Statements, id: i32) -> anyhow::Resu
 
 /// One cart line at checkout: the product, how many, and the price the shopper saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Line {
+pub(super) struct Line {
     /// The product.
     pub product_id: i32,
     /// Units.
@@ -247,7 +248,7 @@ pub struct Line {
 
 /// How one checkout ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckoutEnd {
+pub(super) enum CheckoutEnd {
     /// The order was placed and charged at the prices of the cart, which were the database's.
     Charged,
     /// A price changed since the shopper saw it: nothing was charged; here are the current
@@ -258,9 +259,10 @@ pub enum CheckoutEnd {
 }
 
 /// Attempts before a checkout gives up on serialization failures.
-pub const MAX_CHECKOUT_ATTEMPTS: u32 = 12;
+pub(super) const MAX_CHECKOUT_ATTEMPTS: u32 = 12;
 
-/// The reference checkout (design.md §6): in a SERIALIZABLE transaction, re-read every price from
+/// The reference checkout (docs/architecture.md, "Data that must never be stale"): in a
+/// SERIALIZABLE transaction, re-read every price from
 /// the database (never the cache), refuse the cart if a price changed (returning the current
 /// prices), take the stock, insert the order lines with the charged price and the transaction's
 /// snapshot, commit. Serialization failures (SQLSTATE 40001) and deadlocks (40P01) are retried
@@ -270,7 +272,7 @@ pub const MAX_CHECKOUT_ATTEMPTS: u32 = 12;
 ///
 /// # Errors
 /// Any other database error, or the last serialization failure when the attempts ran out.
-pub async fn checkout(
+pub(super) async fn checkout(
     db: &mut Client,
     st: &Statements,
     shopper: i32,
@@ -354,7 +356,7 @@ async fn try_checkout(
 
 /// When the sale-end transaction ran, by this process's monotonic clock.
 #[derive(Debug, Clone)]
-pub struct SaleEnd {
+pub(super) struct SaleEnd {
     /// When `COMMIT` returned: from then on every new snapshot sees the full prices.
     pub visible: std::time::Instant,
     /// The transaction's id (`xid8`, as text).
@@ -369,7 +371,7 @@ pub struct SaleEnd {
 ///
 /// # Errors
 /// A statement failed.
-pub async fn end_sale(
+pub(super) async fn end_sale(
     db: &mut Client,
     before_commit: impl FnOnce(&str),
 ) -> anyhow::Result<SaleEnd> {
@@ -400,7 +402,7 @@ pub async fn end_sale(
 ///
 /// # Errors
 /// The statement failed.
-pub async fn edit_description(db: &Client, id: i32) -> Result<u64, tokio_postgres::Error> {
+pub(super) async fn edit_description(db: &Client, id: i32) -> Result<u64, tokio_postgres::Error> {
     db.execute(
         &format!(
             "UPDATE {SCHEMA}.product
@@ -415,7 +417,7 @@ pub async fn edit_description(db: &Client, id: i32) -> Result<u64, tokio_postgre
 
 /// What the orders of a run say, checked in the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OrderAudit {
+pub(super) struct OrderAudit {
     /// Order lines.
     pub lines: u64,
     /// Order lines charged a price that was not the product's price in the snapshot of the
@@ -433,7 +435,10 @@ pub struct OrderAudit {
 ///
 /// # Errors
 /// The query failed.
-pub async fn audit_orders(db: &Client, sale_end_xid: Option<&str>) -> anyhow::Result<OrderAudit> {
+pub(super) async fn audit_orders(
+    db: &Client,
+    sale_end_xid: Option<&str>,
+) -> anyhow::Result<OrderAudit> {
     let row = db
         .query_one(
             &format!(

@@ -1,5 +1,5 @@
-//! `cacheclear demo`: the flash sale of design.md §1, end to end, on this machine, with no
-//! configuration.
+//! `cacheclear demo`: the flash sale (docs/architecture.md, "The problem"), end to end, on this
+//! machine, with no configuration.
 //!
 //! ```text
 //! $ cacheclear demo            # the table; about 30 s on 2 cores
@@ -30,7 +30,8 @@
 //!    40% (always at 3 lines). A catalog-edit job rewrites the description of a random product
 //!    that is not on sale 20 times a second. At 40% of the run one admin transaction ends the
 //!    sale: `UPDATE product SET on_sale = false, sale_price_cents = NULL WHERE on_sale`.
-//! 4. Checkout is the reference of design.md §6: a SERIALIZABLE transaction re-reads the prices
+//! 4. Checkout is the reference checkout (docs/architecture.md,
+//!    "Data that must never be stale"): a SERIALIZABLE transaction re-reads the prices
 //!    from the database (never the cache), refuses a cart whose price changed (the shopper is shown
 //!    the current price, accepts it and checks out once more), takes the stock, inserts the order
 //!    lines with the charged price and the transaction's snapshot, and retries serialization

@@ -128,7 +128,7 @@ pub struct StrategyFigures {
 }
 
 /// The side-by-side table.
-pub fn table(r: &Report) -> String {
+pub(super) fn table(r: &Report) -> String {
     let s = &r.scenario;
     let (t, c) = (&r.strategies.ttl_only, &r.strategies.cacheclear);
     let mut out = String::new();

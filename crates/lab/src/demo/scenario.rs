@@ -24,7 +24,7 @@ use super::zipf::{Rng, Zipf};
 
 /// Which read path the shoppers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
+pub(super) enum Strategy {
     /// The common answer: `GET`; on a miss read the database and `SET … EX ttl`. No invalidation
     /// pipeline, no lease, no single-flight.
     TtlOnly,
@@ -35,7 +35,7 @@ pub enum Strategy {
 
 impl Strategy {
     /// The name used in the table and the progress bar.
-    pub fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Strategy::TtlOnly => "ttl-only",
             Strategy::Cacheclear => "cacheclear",
@@ -45,7 +45,7 @@ impl Strategy {
 
 /// The settings of a run (the same for both strategies).
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(super) struct Settings {
     /// PostgreSQL connection URL.
     pub pg_url: String,
     /// Redis URL.
@@ -483,7 +483,7 @@ async fn catalog_edits(settings: Arc<Settings>, deadline: Instant) -> anyhow::Re
 /// # Errors
 /// Setup failed (connections, the pipeline not starting), the sale-end transaction failed, or
 /// every read failed.
-pub async fn run(
+pub(super) async fn run(
     settings: Arc<Settings>,
     strategy: Strategy,
     setup: &tokio_postgres::Client,

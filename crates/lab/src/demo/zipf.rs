@@ -7,16 +7,16 @@
 /// SplitMix64 (Steele, Lea, Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014):
 /// 64 bits of state, full period, good enough statistics for load generation.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub(super) struct Rng(u64);
 
 impl Rng {
     /// A generator whose whole sequence is determined by `seed`.
-    pub fn new(seed: u64) -> Rng {
+    pub(super) fn new(seed: u64) -> Rng {
         Rng(seed)
     }
 
     /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -25,18 +25,18 @@ impl Rng {
     }
 
     /// Uniform in `[0, 1)`, with 53 bits of precision.
-    pub fn unit(&mut self) -> f64 {
+    pub(super) fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in `0..n` (`0` when `n` is 0). The modulo bias is below 2^-40 for the sizes used
     /// here.
-    pub fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         if n == 0 { 0 } else { self.next_u64() % n }
     }
 
     /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
+    pub(super) fn chance(&mut self, p: f64) -> bool {
         self.unit() < p
     }
 }
@@ -46,7 +46,7 @@ impl Rng {
 /// Sampling inverts the cumulative distribution with a binary search (`O(log n)`, 8 bytes of
 /// table per rank): exact, and fast enough for millions of draws per second.
 #[derive(Debug, Clone)]
-pub struct Zipf {
+pub(super) struct Zipf {
     /// `cdf[k - 1]` = P(rank ≤ k), with `cdf[n - 1]` = 1.
     cdf: Vec<f64>,
     exponent: f64,
@@ -58,7 +58,7 @@ impl Zipf {
     ///
     /// # Panics
     /// If `n` is 0 or `s` is not finite and ≥ 0 (both are checked by the CLI's argument parser).
-    pub fn new(n: usize, s: f64) -> Zipf {
+    pub(super) fn new(n: usize, s: f64) -> Zipf {
         assert!(n > 0, "Zipf over zero ranks");
         assert!(
             s.is_finite() && s >= 0.0,
@@ -80,13 +80,13 @@ impl Zipf {
     }
 
     /// The exponent `s`.
-    pub fn exponent(&self) -> f64 {
+    pub(super) fn exponent(&self) -> f64 {
         self.exponent
     }
 
     /// P(rank = `k`), for `k` in `1..=n` (0 outside).
     #[cfg(test)]
-    pub fn probability(&self, k: usize) -> f64 {
+    pub(crate) fn probability(&self, k: usize) -> f64 {
         match k {
             0 => 0.0,
             1 => self.cdf.first().copied().unwrap_or(0.0),
@@ -96,7 +96,7 @@ impl Zipf {
     }
 
     /// P(rank ≤ `k`).
-    pub fn mass_of_top(&self, k: usize) -> f64 {
+    pub(super) fn mass_of_top(&self, k: usize) -> f64 {
         match k {
             0 => 0.0,
             k => self.cdf[k.min(self.cdf.len()) - 1],
@@ -104,7 +104,7 @@ impl Zipf {
     }
 
     /// One rank in `1..=n`.
-    pub fn sample(&self, rng: &mut Rng) -> usize {
+    pub(super) fn sample(&self, rng: &mut Rng) -> usize {
         let u = rng.unit();
         let i = self.cdf.partition_point(|&c| c <= u);
         i.min(self.cdf.len() - 1) + 1
