@@ -94,12 +94,9 @@ impl InvalidateFile {
             std::env::vars(),
             "README.md, section Scale out (invalidator.toml)",
         )?;
-        let cfg = InvalidatorConfig {
-            kafka: file.kafka,
-            redis: file.redis,
-            debezium: file.debezium,
-            rules: file.rules,
-        };
+        let cfg = InvalidatorConfig::new(file.kafka, file.redis)
+            .with_debezium(file.debezium)
+            .with_rules(file.rules);
         let rules = cfg
             .validate()
             .map_err(anyhow::Error::msg)

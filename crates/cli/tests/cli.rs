@@ -4,57 +4,11 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// `GET /metrics` over plain HTTP/1.0; `None` while nothing answers.
-fn scrape(addr: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "unexpected response: {head}"
-    );
-    Some(body.to_owned())
-}
-
-/// The value of the sample line `name` (exactly, labels included), e.g.
-/// `cacheclear_sink_errors_total{sink="redis"}`.
-fn sample(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-async fn wait_sample(addr: &str, name: &str, min: f64) -> String {
-    let mut last = String::new();
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(body) = scrape(addr) {
-            if sample(&body, name).is_some_and(|v| v >= min) {
-                return body;
-            }
-            last = body;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out waiting for {name} >= {min}; last scrape:\n{last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_reports_the_pipeline() {

@@ -11,7 +11,9 @@ use redis::{RedisError, RedisResult, Script};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::{Config, HookPoint, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
+#[cfg(feature = "test-util")]
+use crate::config::HookPoint;
+use crate::config::{Config, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
 use crate::envelope::{Envelope, FORMAT};
 use crate::error::{BoxError, Error};
 use crate::singleflight::{Flights, Role};
@@ -183,6 +185,49 @@ impl Client {
     /// - [`Error::Redis`]: Redis failed and [`Config::on_redis_error`] is `Error`.
     /// - [`Error::LeaseWaitTimeout`]: [`Config::on_wait_timeout`] is `Error` and the wait ran out.
     /// - [`Error::Encode`]: `T`'s `Serialize` failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// The future may be dropped at any await point (`tokio::time::timeout`, a `select!` branch
+    /// that lost, an aborted task). Nothing resumes: calling again starts the read over and may
+    /// run a loader again. What a drop leaves behind depends on where the future was:
+    ///
+    /// - **Following another call for `key` in this process** (single-flight): nothing. That
+    ///   call's read goes on for its own caller and its other followers.
+    /// - **Leading this process's read of `key`** (every case below except the local tier
+    ///   lookup and a strict key's loader, which come before single-flight): the flight is
+    ///   removed when the future is dropped, which wakes this process's followers; they retry,
+    ///   and one of them leads a fresh read with its own loader (they never get the dropped
+    ///   read's result).
+    /// - **No lease held**: the local tier lookup, `GET`, a poll's backoff sleep or `GET`, or a
+    ///   loader run outside the lease protocol (strict key, [`Config::on_redis_error`] fallback,
+    ///   [`Config::on_wait_timeout`] load, Redis out of memory). Nothing is left to undo; the
+    ///   loader's future is dropped where it stands (its own cancel safety applies).
+    /// - **`SET {K}:lease NX PX` in flight**: if Redis had already applied it, that lease has no
+    ///   guard yet and is not released: it expires after [`Config::lease_ms`]. Until then the
+    ///   other readers of `key` wait as they would for a live holder; at their first poll after
+    ///   the expiry one of them takes the lease and loads (those whose [`Config::lease_wait_ms`]
+    ///   runs out first apply [`Config::on_wait_timeout`]).
+    /// - **Lease held**: the re-read under the lease, the loader, the `FILL` script, a `RELEASE`
+    ///   after a hit under the lease or a failed load or fill. The lease's guard is dropped armed, and its `Drop` spawns a task
+    ///   on the current Tokio runtime that runs `RELEASE` (compare-and-delete of this call's
+    ///   token, so it never deletes a lease another loader took since), bounded by
+    ///   [`Config::redis_timeout_ms`]. The other readers of `key` take the lease at their first
+    ///   poll after that round trip (polls are at most [`Config::backoff_max_ms`] apart), instead
+    ///   of after `lease_ms`. If the future is dropped outside a Tokio runtime, or the `RELEASE`
+    ///   fails, the lease expires after `lease_ms` as above. The loader's future is dropped where
+    ///   it stands (its own cancel safety applies), and no fill is started after cancellation, so
+    ///   a cancelled load caches nothing. One exception: a `FILL` already sent when the future
+    ///   is dropped may still be run by Redis. It is checked against the lease and the fence like
+    ///   any fill, so what it stores is what a completed call would have stored; it also deletes
+    ///   the lease, and the background `RELEASE` (sent after it) then deletes nothing. During an
+    ///   XFetch early refresh the cached value stays in Redis and keeps being served.
+    /// - **Storing a value in the local tier** (after a hit, or after a fill Redis accepted):
+    ///   Redis has the value and no lease of this call remains; only this process's local tier
+    ///   misses the value.
+    ///
+    /// A panicking loader unwinds through the same guards: the lease is released in the
+    /// background, and the followers retry.
     pub async fn get_or_load<T, F, Fut, E>(&self, key: &str, loader: F) -> Result<T, Error>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -199,6 +244,9 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::get_or_load`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::get_or_load`] (a strict read holds no lease: dropping it drops the loader).
     pub async fn get_with<T, F, Fut, E>(
         &self,
         key: &str,
@@ -315,6 +363,7 @@ impl Client {
         }
 
         self.incr(Counter::misses);
+        #[cfg(feature = "test-util")]
         self.hook(HookPoint::Missed, key).await;
         let started = Instant::now();
         let deadline = started + config.lease_wait();
@@ -425,6 +474,7 @@ impl Client {
             lease_key: layout.lease(),
             token,
         };
+        #[cfg(feature = "test-util")]
         self.hook(HookPoint::LeaseAcquired, key).await;
         self.incr(Counter::loads);
         let started = Instant::now();
@@ -436,11 +486,13 @@ impl Client {
                 self.incr(Counter::loader_errors);
                 let err = Error::loader(key, e);
                 tracing::warn!(key, error = %err, "loader failed; releasing the lease, caching nothing");
+                #[cfg(feature = "test-util")]
                 self.hook(HookPoint::BeforeRelease, key).await;
                 guard.release().await;
                 return Err(err);
             }
         };
+        #[cfg(feature = "test-util")]
         self.hook(HookPoint::BeforeFill, key).await;
 
         let ttl_ms = jittered_ttl_ms(config.ttl_base_ms, config.ttl_jitter, rand::random::<f64>());
@@ -642,6 +694,8 @@ impl Client {
         self.inner.counters.incr(c);
     }
 
+    /// Awaits the test hook, if any (crate feature `test-util`).
+    #[cfg(feature = "test-util")]
     async fn hook(&self, point: HookPoint, key: &str) {
         if let Some(hook) = &self.inner.config.hook {
             hook(point, key).await;
@@ -798,10 +852,7 @@ mod tests {
 
     #[tokio::test]
     async fn bounded_times_out() {
-        let config = Config {
-            redis_timeout_ms: 10,
-            ..Config::default()
-        };
+        let config = Config::default().with_redis_timeout_ms(10);
         let r: RedisResult<()> = bounded(&config, std::future::pending()).await;
         let e = r.unwrap_err();
         assert!(e.is_timeout() || e.is_io_error(), "{e:?}");

@@ -1,9 +1,11 @@
 //! The client's options, each with its default and the failure it prevents.
 
 use std::fmt;
+#[cfg(feature = "test-util")]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "test-util")]
 use futures::future::BoxFuture;
 
 /// What a miss does when another process holds the lease and the value has not appeared after
@@ -52,7 +54,17 @@ pub enum ReadPolicy {
 /// invalidation was applied. Enable it only for keys that tolerate that, and keep the TTL short.
 /// [`crate::Client::invalidate_local`] evicts one key from this process. Strict reads never use it,
 /// and values whose fill was refused (the read raced an invalidation) are never put in it.
+///
+/// Build it with [`LocalTierConfig::new`] or [`LocalTierConfig::default`] and the `with_*`
+/// methods (fields may be added in minor releases):
+///
+/// ```
+/// use cacheclear_client::{Config, LocalTierConfig};
+/// let config = Config::default().with_local_tier(LocalTierConfig::default().with_ttl_ms(250));
+/// assert!(config.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LocalTierConfig {
     /// Time to live of a local entry, ms. Bounds the tier's extra staleness. Must be ≥ 1.
     pub ttl_ms: u64,
@@ -70,7 +82,36 @@ impl Default for LocalTierConfig {
     }
 }
 
-/// Where a [`Hook`] is called. Test instrumentation, not a stable API.
+impl LocalTierConfig {
+    /// A local tier keeping entries for `ttl_ms` milliseconds (see [`LocalTierConfig::ttl_ms`];
+    /// default 1 000), at most `max_entries` of them (default 10 000). Both must be ≥ 1.
+    pub fn new(ttl_ms: u64, max_entries: u64) -> LocalTierConfig {
+        LocalTierConfig {
+            ttl_ms,
+            max_entries,
+        }
+    }
+
+    /// Sets [`LocalTierConfig::ttl_ms`]: time to live of a local entry, ms. Default **1 000**.
+    /// Must be ≥ 1.
+    #[must_use]
+    pub fn with_ttl_ms(mut self, ttl_ms: u64) -> Self {
+        self.ttl_ms = ttl_ms;
+        self
+    }
+
+    /// Sets [`LocalTierConfig::max_entries`]: maximum number of entries. Default **10 000**.
+    /// Must be ≥ 1.
+    #[must_use]
+    pub fn with_max_entries(mut self, max_entries: u64) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+}
+
+/// Where a [`Hook`] is called. Test instrumentation, not a stable API (crate feature
+/// `test-util`).
+#[cfg(feature = "test-util")]
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HookPoint {
@@ -85,19 +126,30 @@ pub enum HookPoint {
 }
 
 /// A pause point for tests: awaited at each [`HookPoint`] with the cache key, so a test can make
-/// a race (read old value / invalidate / set old value) happen in a chosen order.
+/// a race (read old value / invalidate / set old value) happen in a chosen order. Crate feature
+/// `test-util` only.
+#[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub type Hook = Arc<dyn Fn(HookPoint, &str) -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// Client options. `Config::default()` gives the documented defaults; change fields with struct
-/// update syntax:
+/// Client options. [`Config::default()`] (or [`Config::new()`]) gives the documented defaults;
+/// change them with the chainable `with_*` methods, or by assigning the public fields of a
+/// `mut` value. Struct literals are not available outside this crate (`#[non_exhaustive]`:
+/// options may be added in minor releases).
 ///
 /// ```
 /// use cacheclear_client::{Config, RedisErrorPolicy};
-/// let config = Config { ttl_base_ms: 60_000, on_redis_error: RedisErrorPolicy::Error, ..Config::default() };
+/// let config = Config::default()
+///     .with_ttl_base_ms(60_000)
+///     .with_on_redis_error(RedisErrorPolicy::Error);
+/// assert!(config.validate().is_ok());
+///
+/// let mut config = Config::default();
+/// config.lease_ms = 5_000;
 /// assert!(config.validate().is_ok());
 /// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Lease duration, ms (`SET {K}:lease <token> NX PX lease_ms`). Default **2 000**.
     ///
@@ -149,7 +201,9 @@ pub struct Config {
     pub redis_timeout_ms: u64,
     /// Redis connection timeout, ms, used by [`crate::Client::connect`]. Default **1 000**.
     pub redis_connect_timeout_ms: u64,
-    /// Test instrumentation: awaited at each [`HookPoint`]. Default `None`.
+    /// Test instrumentation: awaited at each [`HookPoint`]. Default `None`. Crate feature
+    /// `test-util` only; not a stable API.
+    #[cfg(feature = "test-util")]
     #[doc(hidden)]
     pub hook: Option<Hook>,
 }
@@ -170,6 +224,7 @@ impl Default for Config {
             strict_key_prefixes: Vec::new(),
             redis_timeout_ms: 500,
             redis_connect_timeout_ms: 1_000,
+            #[cfg(feature = "test-util")]
             hook: None,
         }
     }
@@ -177,8 +232,8 @@ impl Default for Config {
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("lease_ms", &self.lease_ms)
+        let mut d = f.debug_struct("Config");
+        d.field("lease_ms", &self.lease_ms)
             .field("lease_wait_ms", &self.lease_wait_ms)
             .field("backoff_initial_ms", &self.backoff_initial_ms)
             .field("backoff_max_ms", &self.backoff_max_ms)
@@ -190,9 +245,10 @@ impl fmt::Debug for Config {
             .field("local_tier", &self.local_tier)
             .field("strict_key_prefixes", &self.strict_key_prefixes)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
-            .field("redis_connect_timeout_ms", &self.redis_connect_timeout_ms)
-            .field("hook", &self.hook.as_ref().map(|_| "set"))
-            .finish()
+            .field("redis_connect_timeout_ms", &self.redis_connect_timeout_ms);
+        #[cfg(feature = "test-util")]
+        d.field("hook", &self.hook.as_ref().map(|_| "set"));
+        d.finish()
     }
 }
 
@@ -213,6 +269,130 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The documented defaults; the same as [`Config::default()`].
+    pub fn new() -> Config {
+        Config::default()
+    }
+
+    /// Sets [`Config::lease_ms`]: lease duration, ms. Default **2 000**. Must be ≥ 1 and
+    /// exceed a slow load.
+    #[must_use]
+    pub fn with_lease_ms(mut self, lease_ms: u64) -> Self {
+        self.lease_ms = lease_ms;
+        self
+    }
+
+    /// Sets [`Config::lease_wait_ms`]: how long a miss waits for another process's lease
+    /// holder before applying [`Config::on_wait_timeout`], ms. Default **2 500**. At most 10
+    /// years.
+    #[must_use]
+    pub fn with_lease_wait_ms(mut self, lease_wait_ms: u64) -> Self {
+        self.lease_wait_ms = lease_wait_ms;
+        self
+    }
+
+    /// Sets [`Config::backoff_initial_ms`]: first wait between polls, ms. Default **5**. Must be
+    /// ≥ 1 and ≤ [`Config::backoff_max_ms`].
+    #[must_use]
+    pub fn with_backoff_initial_ms(mut self, backoff_initial_ms: u64) -> Self {
+        self.backoff_initial_ms = backoff_initial_ms;
+        self
+    }
+
+    /// Sets [`Config::backoff_max_ms`]: longest wait between polls, ms. Default **100**. Must be
+    /// ≥ [`Config::backoff_initial_ms`].
+    #[must_use]
+    pub fn with_backoff_max_ms(mut self, backoff_max_ms: u64) -> Self {
+        self.backoff_max_ms = backoff_max_ms;
+        self
+    }
+
+    /// Sets [`Config::ttl_base_ms`]: base value TTL, ms. Default **600 000** (10 minutes).
+    /// Must be in 1 ..= 10 years.
+    #[must_use]
+    pub fn with_ttl_base_ms(mut self, ttl_base_ms: u64) -> Self {
+        self.ttl_base_ms = ttl_base_ms;
+        self
+    }
+
+    /// Sets [`Config::ttl_jitter`]: relative TTL spread, a fraction (0.05 = ±5%). Default
+    /// **0.05**. Must be in `[0, 1)`.
+    #[must_use]
+    pub fn with_ttl_jitter(mut self, ttl_jitter: f64) -> Self {
+        self.ttl_jitter = ttl_jitter;
+        self
+    }
+
+    /// Sets [`Config::xfetch_beta`]: the XFetch β (dimensionless), or `None` to turn early
+    /// refresh off. Default **`None`** (off); `1.0` is the usual choice. Accepts `f64` or
+    /// `Option<f64>`. Must be finite and ≥ 0.
+    #[must_use]
+    pub fn with_xfetch_beta(mut self, xfetch_beta: impl Into<Option<f64>>) -> Self {
+        self.xfetch_beta = xfetch_beta.into();
+        self
+    }
+
+    /// Sets [`Config::on_wait_timeout`]. Default [`WaitTimeoutPolicy::LoadWithoutFilling`].
+    #[must_use]
+    pub fn with_on_wait_timeout(mut self, on_wait_timeout: WaitTimeoutPolicy) -> Self {
+        self.on_wait_timeout = on_wait_timeout;
+        self
+    }
+
+    /// Sets [`Config::on_redis_error`]. Default [`RedisErrorPolicy::Fallback`].
+    #[must_use]
+    pub fn with_on_redis_error(mut self, on_redis_error: RedisErrorPolicy) -> Self {
+        self.on_redis_error = on_redis_error;
+        self
+    }
+
+    /// Sets [`Config::local_tier`]: a [`LocalTierConfig`] enables the in-process tier, `None`
+    /// disables it. Default **`None`** (disabled). Accepts `LocalTierConfig` or
+    /// `Option<LocalTierConfig>`. See [`LocalTierConfig`] for the extra staleness it brings.
+    #[must_use]
+    pub fn with_local_tier(mut self, local_tier: impl Into<Option<LocalTierConfig>>) -> Self {
+        self.local_tier = local_tier.into();
+        self
+    }
+
+    /// Sets [`Config::strict_key_prefixes`] (replacing the previous list): keys starting with
+    /// any of them are always read strictly. Default empty. Example: `["balance:"]`.
+    #[must_use]
+    pub fn with_strict_key_prefixes<I, S>(mut self, prefixes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.strict_key_prefixes = prefixes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Config::redis_timeout_ms`]: bound on each Redis command, ms. Default **500**.
+    /// Must be ≥ 1.
+    #[must_use]
+    pub fn with_redis_timeout_ms(mut self, redis_timeout_ms: u64) -> Self {
+        self.redis_timeout_ms = redis_timeout_ms;
+        self
+    }
+
+    /// Sets [`Config::redis_connect_timeout_ms`]: Redis connection timeout of
+    /// [`crate::Client::connect`], ms. Default **1 000**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_redis_connect_timeout_ms(mut self, redis_connect_timeout_ms: u64) -> Self {
+        self.redis_connect_timeout_ms = redis_connect_timeout_ms;
+        self
+    }
+
+    /// Sets the test hook (awaited at each [`HookPoint`]). Default none. Crate feature
+    /// `test-util` only; not a stable API.
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_hook(mut self, hook: Hook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
     /// Checks every field's range.
     ///
     /// # Errors
@@ -393,6 +573,55 @@ mod tests {
             .unwrap_err()
             .field,
             "local_tier.ttl_ms"
+        );
+    }
+
+    #[test]
+    fn builders_set_their_field() {
+        let c = Config::new()
+            .with_lease_ms(1)
+            .with_lease_wait_ms(2)
+            .with_backoff_initial_ms(3)
+            .with_backoff_max_ms(4)
+            .with_ttl_base_ms(5)
+            .with_ttl_jitter(0.5)
+            .with_xfetch_beta(1.0)
+            .with_on_wait_timeout(WaitTimeoutPolicy::Error)
+            .with_on_redis_error(RedisErrorPolicy::Error)
+            .with_local_tier(LocalTierConfig::new(6, 7))
+            .with_strict_key_prefixes(["a:", "b:"])
+            .with_redis_timeout_ms(8)
+            .with_redis_connect_timeout_ms(9);
+        assert_eq!(
+            (
+                c.lease_ms,
+                c.lease_wait_ms,
+                c.backoff_initial_ms,
+                c.backoff_max_ms
+            ),
+            (1, 2, 3, 4)
+        );
+        assert_eq!(
+            (c.ttl_base_ms, c.ttl_jitter, c.xfetch_beta),
+            (5, 0.5, Some(1.0))
+        );
+        assert_eq!(c.on_wait_timeout, WaitTimeoutPolicy::Error);
+        assert_eq!(c.on_redis_error, RedisErrorPolicy::Error);
+        assert_eq!(c.local_tier, Some(LocalTierConfig::new(6, 7)));
+        assert_eq!(c.strict_key_prefixes, ["a:", "b:"]);
+        assert_eq!((c.redis_timeout_ms, c.redis_connect_timeout_ms), (8, 9));
+        c.validate().unwrap();
+        let c = c.with_xfetch_beta(None).with_local_tier(None);
+        assert_eq!((c.xfetch_beta, c.local_tier), (None, None));
+        assert_eq!(
+            LocalTierConfig::default()
+                .with_ttl_ms(1)
+                .with_max_entries(2),
+            LocalTierConfig::new(1, 2)
+        );
+        assert_eq!(
+            format!("{:?}", Config::new()),
+            format!("{:?}", Config::default())
         );
     }
 

@@ -50,6 +50,9 @@
 //! # Crate features
 //! - `postgres` (default): [`replica_read_version`], via `tokio-postgres`.
 //! - `local-tier` (default): the in-process tier, via `moka`. Still off unless configured.
+//! - `test-util` (off): test instrumentation, not a stable API: pause points (`Hook`,
+//!   `HookPoint`, `Config::hook`) that let a test order a race. Only this crate's own tests
+//!   enable it.
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
@@ -67,6 +70,7 @@ pub use client::{Client, Loaded};
 pub use config::{
     Config, ConfigError, LocalTierConfig, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy,
 };
+#[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub use config::{Hook, HookPoint};
 pub use error::{BoxError, Error};

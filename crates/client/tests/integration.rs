@@ -136,11 +136,7 @@ fn start_pg_with_product(price: i32) -> PgInstance {
 }
 
 fn quick(config: Config) -> Config {
-    Config {
-        backoff_initial_ms: 2,
-        backoff_max_ms: 20,
-        ..config
-    }
+    config.with_backoff_initial_ms(2).with_backoff_max_ms(20)
 }
 
 // ----- 1. read-old / invalidate / set-old -----
@@ -155,14 +151,7 @@ async fn t1_read_old_invalidate_set_old_never_stores_the_old_value() -> TestResu
     let db = Arc::new(pg_connect(&pg).await);
     let mut r = redis_conn(&redis).await;
     let gate = Gate::new(HookPoint::BeforeFill);
-    let client = Client::connect(
-        &redis.url(),
-        Config {
-            hook: Some(gate.hook()),
-            ..Config::default()
-        },
-    )
-    .await?;
+    let client = Client::connect(&redis.url(), Config::default().with_hook(gate.hook())).await?;
 
     let task = {
         let (client, db) = (client.clone(), db.clone());
@@ -338,22 +327,18 @@ async fn t3_expired_holder_cannot_fill_or_release_the_new_holders_lease() -> Tes
         });
         let a = Client::connect(
             &redis.url(),
-            Config {
-                lease_ms: 150,
-                hook: Some(gate_a.hook()),
-                ..Config::default()
-            },
+            Config::default()
+                .with_lease_ms(150)
+                .with_hook(gate_a.hook()),
         )
         .await?;
         // Holder B: takes the lease once A's expired, and pauses before its fill.
         let gate_b = Gate::new(HookPoint::BeforeFill);
         let b = Client::connect(
             &redis.url(),
-            Config {
-                lease_ms: 10_000,
-                hook: Some(gate_b.hook()),
-                ..Config::default()
-            },
+            Config::default()
+                .with_lease_ms(10_000)
+                .with_hook(gate_b.hook()),
         )
         .await?;
 
@@ -477,10 +462,7 @@ async fn t6_redis_down_falls_back_or_errors_per_policy() -> TestResult {
     let fallback = Client::connect(&redis.url(), quick(Config::default())).await?;
     let strict = Client::connect(
         &redis.url(),
-        Config {
-            on_redis_error: RedisErrorPolicy::Error,
-            ..Config::default()
-        },
+        Config::default().with_on_redis_error(RedisErrorPolicy::Error),
     )
     .await?;
     redis.stop()?;
@@ -570,10 +552,7 @@ async fn oom_means_do_not_cache() -> TestResult {
     // Full before the read: the lease `SET` gets OOM.
     let client = Client::connect(
         &redis.url(),
-        Config {
-            on_redis_error: RedisErrorPolicy::Error,
-            ..Config::default()
-        },
+        Config::default().with_on_redis_error(RedisErrorPolicy::Error),
     )
     .await?;
     set_maxmemory("1").await?;
@@ -598,14 +577,7 @@ async fn oom_means_do_not_cache() -> TestResult {
     // fill through (memory overshoots until the next command). Either way: the value is
     // returned and no lease is left.
     let gate = Gate::new(HookPoint::BeforeFill);
-    let client = Client::connect(
-        &redis.url(),
-        Config {
-            hook: Some(gate.hook()),
-            ..Config::default()
-        },
-    )
-    .await?;
+    let client = Client::connect(&redis.url(), Config::default().with_hook(gate.hook())).await?;
     let task = tokio::spawn({
         let client = client.clone();
         async move {
@@ -644,13 +616,11 @@ async fn t7_every_written_key_has_a_ttl() -> TestResult {
     let redis = RedisInstance::start()?;
     let mut r = redis_conn(&redis).await;
     let gate = Gate::new(HookPoint::BeforeFill);
-    let config = Config {
-        lease_ms: 5_000,
-        ttl_base_ms: 60_000,
-        ttl_jitter: 0.05,
-        hook: Some(gate.hook()),
-        ..Config::default()
-    };
+    let config = Config::default()
+        .with_lease_ms(5_000)
+        .with_ttl_base_ms(60_000)
+        .with_ttl_jitter(0.05)
+        .with_hook(gate.hook());
     let client = Client::connect(&redis.url(), config).await?;
     let task = tokio::spawn({
         let client = client.clone();
@@ -693,11 +663,9 @@ async fn ttls_are_jittered() -> TestResult {
     let mut r = redis_conn(&redis).await;
     let client = Client::connect(
         &redis.url(),
-        Config {
-            ttl_base_ms: 100_000,
-            ttl_jitter: 0.2,
-            ..Config::default()
-        },
+        Config::default()
+            .with_ttl_base_ms(100_000)
+            .with_ttl_jitter(0.2),
     )
     .await?;
     let mut ttls = std::collections::BTreeSet::new();
@@ -735,10 +703,7 @@ async fn lease_wait_timeout_policies() -> TestResult {
 
     let client = Client::connect(
         &redis.url(),
-        quick(Config {
-            lease_wait_ms: 200,
-            ..Config::default()
-        }),
+        quick(Config::default().with_lease_wait_ms(200)),
     )
     .await?;
     let started = Instant::now();
@@ -767,11 +732,11 @@ async fn lease_wait_timeout_policies() -> TestResult {
 
     let failing = Client::connect(
         &redis.url(),
-        quick(Config {
-            lease_wait_ms: 100,
-            on_wait_timeout: WaitTimeoutPolicy::Error,
-            ..Config::default()
-        }),
+        quick(
+            Config::default()
+                .with_lease_wait_ms(100)
+                .with_on_wait_timeout(WaitTimeoutPolicy::Error),
+        ),
     )
     .await?;
     let err = failing
@@ -807,10 +772,7 @@ async fn strict_reads_bypass_the_cache() -> TestResult {
     let mut r = redis_conn(&redis).await;
     let client = Client::connect(
         &redis.url(),
-        Config {
-            strict_key_prefixes: vec!["balance:".into()],
-            ..Config::default()
-        },
+        Config::default().with_strict_key_prefixes(["balance:"]),
     )
     .await?;
     let calls = AtomicUsize::new(0);
@@ -854,15 +816,9 @@ async fn invalid_keys_are_rejected() -> TestResult {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidKey(_)), "{err:?}");
-    let err = Client::connect(
-        &redis.url(),
-        Config {
-            ttl_jitter: 2.0,
-            ..Config::default()
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = Client::connect(&redis.url(), Config::default().with_ttl_jitter(2.0))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("ttl_jitter"), "{err}");
     Ok(())
 }
@@ -901,11 +857,9 @@ async fn cancelled_read_releases_its_lease() -> TestResult {
     let gate = Gate::new(HookPoint::LeaseAcquired);
     let client = Client::connect(
         &redis.url(),
-        Config {
-            lease_ms: 60_000,
-            hook: Some(gate.hook()),
-            ..Config::default()
-        },
+        Config::default()
+            .with_lease_ms(60_000)
+            .with_hook(gate.hook()),
     )
     .await?;
     let task = tokio::spawn({
@@ -943,14 +897,7 @@ async fn cancelled_read_releases_its_lease() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn xfetch_refreshes_early() -> TestResult {
     let redis = RedisInstance::start()?;
-    let client = Client::connect(
-        &redis.url(),
-        Config {
-            xfetch_beta: Some(1e9),
-            ..Config::default()
-        },
-    )
-    .await?;
+    let client = Client::connect(&redis.url(), Config::default().with_xfetch_beta(1e9)).await?;
     let calls = AtomicUsize::new(0);
     let load = || async {
         let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -977,13 +924,7 @@ async fn local_tier_staleness_is_bounded_by_its_ttl() -> TestResult {
     let mut r = redis_conn(&redis).await;
     let client = Client::connect(
         &redis.url(),
-        Config {
-            local_tier: Some(LocalTierConfig {
-                ttl_ms: 1_000,
-                max_entries: 100,
-            }),
-            ..Config::default()
-        },
+        Config::default().with_local_tier(LocalTierConfig::new(1_000, 100)),
     )
     .await?;
     let v: i32 = client
@@ -1028,10 +969,7 @@ async fn a_lease_taken_after_a_fill_does_not_load_again() -> TestResult {
     let gate = Gate::new(HookPoint::Missed);
     let paused = Client::connect(
         &redis.url(),
-        quick(Config {
-            hook: Some(gate.hook()),
-            ..Config::default()
-        }),
+        quick(Config::default().with_hook(gate.hook())),
     )
     .await?;
     let other = Client::connect(&redis.url(), quick(Config::default())).await?;

@@ -18,8 +18,22 @@ use std::collections::BTreeMap;
 /// [kafka.properties]                       # any other librdkafka setting, verbatim
 /// "session.timeout.ms" = "10000"
 /// ```
+///
+/// In code, start from [`KafkaConfig::new`] and chain the `with_*` methods, or assign the public
+/// fields of a `mut` value. Struct literals are not available outside this crate
+/// (`#[non_exhaustive]`: options may be added in minor releases).
+///
+/// ```
+/// use cacheclear_invalidator::KafkaConfig;
+/// let cfg = KafkaConfig::new("kafka-1:9092", "cacheclear-eu-west", vec![], "cacheclear.dlq")
+///     .with_debezium_topics(["shop.public.product"])
+///     .with_commit_interval_ms(500)
+///     .with_property("session.timeout.ms", "10000");
+/// assert!(cfg.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct KafkaConfig {
     /// `bootstrap.servers`: comma-separated `host:port` list.
     pub brokers: String,
@@ -85,7 +99,9 @@ const RESERVED_PROPERTIES: [&str; 4] = [
 ];
 
 impl KafkaConfig {
-    /// Every default, with these brokers, group, bus topics and dead-letter topic.
+    /// Every default, with these brokers ([`KafkaConfig::brokers`], `host:port[,host:port…]`),
+    /// consumer group ([`KafkaConfig::group_id`]), bus topics ([`KafkaConfig::topics`]) and
+    /// dead-letter topic ([`KafkaConfig::dead_letter_topic`]).
     pub fn new(
         brokers: impl Into<String>,
         group_id: impl Into<String>,
@@ -103,6 +119,72 @@ impl KafkaConfig {
             commit_interval_ms: default_commit_interval_ms(),
             properties: BTreeMap::new(),
         }
+    }
+
+    /// Sets [`KafkaConfig::topics`] (replacing the list): topics carrying cacheclear bus records.
+    /// Default: the list given to [`KafkaConfig::new`].
+    #[must_use]
+    pub fn with_topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`KafkaConfig::debezium_topics`] (replacing the list): topics carrying Debezium
+    /// change events, exact names. Default empty. They need `[[rules]]`
+    /// ([`crate::InvalidatorConfig::rules`]).
+    #[must_use]
+    pub fn with_debezium_topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.debezium_topics = topics.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`KafkaConfig::batch_max_records`]: most records applied as one batch (a count).
+    /// Default **10 000**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_batch_max_records(mut self, batch_max_records: usize) -> Self {
+        self.batch_max_records = batch_max_records;
+        self
+    }
+
+    /// Sets [`KafkaConfig::batch_max_wait_ms`]: longest time spent collecting one batch after
+    /// its first record, ms. Default **5**.
+    #[must_use]
+    pub fn with_batch_max_wait_ms(mut self, batch_max_wait_ms: u64) -> Self {
+        self.batch_max_wait_ms = batch_max_wait_ms;
+        self
+    }
+
+    /// Sets [`KafkaConfig::commit_interval_ms`]: shortest time between two offset commits, ms;
+    /// 0 commits after every batch. Default **100**. At most 60 000.
+    #[must_use]
+    pub fn with_commit_interval_ms(mut self, commit_interval_ms: u64) -> Self {
+        self.commit_interval_ms = commit_interval_ms;
+        self
+    }
+
+    /// Replaces [`KafkaConfig::properties`], the extra librdkafka properties. Default empty.
+    /// The invalidator's own (`bootstrap.servers`, `group.id`, `enable.auto.commit`,
+    /// `enable.auto.offset.store`) may not appear.
+    #[must_use]
+    pub fn with_properties(mut self, properties: BTreeMap<String, String>) -> Self {
+        self.properties = properties;
+        self
+    }
+
+    /// Adds one extra librdkafka property to [`KafkaConfig::properties`] (replacing the same
+    /// key's previous value).
+    #[must_use]
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
     }
 
     /// Checks values that parse but make no sense.
@@ -195,8 +277,13 @@ pub enum BeforeImages {
 /// unavailable_value_placeholder = "__debezium_unavailable_value"
 /// evict_on_snapshot = true
 /// ```
+///
+/// In code, start from [`DebeziumConfig::default`] (or [`DebeziumConfig::new`]) and chain the
+/// `with_*` methods. Struct literals are not available outside this crate
+/// (`#[non_exhaustive]`: options may be added in minor releases).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DebeziumConfig {
     /// The tables' replica identity as it shapes `before` images. Default `full`.
     #[serde(default)]
@@ -228,6 +315,36 @@ impl Default for DebeziumConfig {
             unavailable_value_placeholder: default_placeholder(),
             evict_on_snapshot: true,
         }
+    }
+}
+
+impl DebeziumConfig {
+    /// Every default; the same as [`DebeziumConfig::default`].
+    pub fn new() -> DebeziumConfig {
+        DebeziumConfig::default()
+    }
+
+    /// Sets [`DebeziumConfig::before_images`]. Default [`BeforeImages::Full`].
+    #[must_use]
+    pub fn with_before_images(mut self, before_images: BeforeImages) -> Self {
+        self.before_images = before_images;
+        self
+    }
+
+    /// Sets [`DebeziumConfig::unavailable_value_placeholder`], the connector's
+    /// `unavailable.value.placeholder`. Default **`__debezium_unavailable_value`**.
+    #[must_use]
+    pub fn with_unavailable_value_placeholder(mut self, placeholder: impl Into<String>) -> Self {
+        self.unavailable_value_placeholder = placeholder.into();
+        self
+    }
+
+    /// Sets [`DebeziumConfig::evict_on_snapshot`]: whether snapshot reads evict their row's
+    /// keys. Default **`true`**.
+    #[must_use]
+    pub fn with_evict_on_snapshot(mut self, evict_on_snapshot: bool) -> Self {
+        self.evict_on_snapshot = evict_on_snapshot;
+        self
     }
 }
 

@@ -77,12 +77,10 @@
 //! use std::sync::Arc;
 //! use cacheclear_invalidator::{InvalidatorConfig, KafkaConfig, RunOptions, run};
 //! use cacheclear_sink_redis::RedisConfig;
-//! let cfg = InvalidatorConfig {
-//!     kafka: KafkaConfig::new("127.0.0.1:9092", "eu", vec!["cacheclear".into()], "cacheclear.dlq"),
-//!     redis: RedisConfig::new("redis://127.0.0.1:6379/"),
-//!     debezium: Default::default(),
-//!     rules: vec![],
-//! };
+//! let cfg = InvalidatorConfig::new(
+//!     KafkaConfig::new("127.0.0.1:9092", "eu", vec!["cacheclear".into()], "cacheclear.dlq"),
+//!     RedisConfig::new("redis://127.0.0.1:6379/"),
+//! );
 //! let rules = Arc::new(cfg.validate()?);
 //! run(&cfg, rules, RunOptions::default(), async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
@@ -110,8 +108,13 @@ pub use run::{InvalidatorError, run};
 pub use telemetry::describe_metrics;
 
 /// The invalidator's configuration (`invalidator.toml` without the CLI's `[metrics]`).
+///
+/// In code, build it with [`InvalidatorConfig::new`] and the `with_*` methods, or assign the
+/// public fields of a `mut` value. Struct literals are not available outside this crate
+/// (`#[non_exhaustive]`: sections may be added in minor releases).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct InvalidatorConfig {
     /// `[kafka]`: group, topics, dead-letter topic, batching.
     pub kafka: KafkaConfig,
@@ -126,6 +129,32 @@ pub struct InvalidatorConfig {
 }
 
 impl InvalidatorConfig {
+    /// These `[kafka]` and `[redis]` sections, with the default `[debezium]` section
+    /// ([`DebeziumConfig::default`]) and no `[[rules]]`.
+    pub fn new(kafka: KafkaConfig, redis: RedisConfig) -> InvalidatorConfig {
+        InvalidatorConfig {
+            kafka,
+            redis,
+            debezium: DebeziumConfig::default(),
+            rules: Vec::new(),
+        }
+    }
+
+    /// Sets [`InvalidatorConfig::debezium`]. Default [`DebeziumConfig::default`].
+    #[must_use]
+    pub fn with_debezium(mut self, debezium: DebeziumConfig) -> Self {
+        self.debezium = debezium;
+        self
+    }
+
+    /// Sets [`InvalidatorConfig::rules`] (replacing the list). Default empty; Debezium topics
+    /// need at least one rule.
+    #[must_use]
+    pub fn with_rules(mut self, rules: Vec<RuleConfig>) -> Self {
+        self.rules = rules;
+        self
+    }
+
     /// Validates every section and compiles the rules.
     ///
     /// # Errors

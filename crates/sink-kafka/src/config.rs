@@ -20,8 +20,22 @@ use std::collections::BTreeMap;
 ///
 /// The producer always runs with `acks=all` and `enable.idempotence=true`; those (and the
 /// properties the fields above set) cannot be overridden in `properties`.
+///
+/// In code, start from [`KafkaConfig::new`] and chain the `with_*` methods, or assign the public
+/// fields of a `mut` value. Struct literals are not available outside this crate
+/// (`#[non_exhaustive]`: options may be added in minor releases).
+///
+/// ```
+/// use cacheclear_sink_kafka::KafkaConfig;
+/// let cfg = KafkaConfig::new("kafka-1:9092,kafka-2:9092")
+///     .with_topic("shop.invalidations")
+///     .with_linger_ms(5)
+///     .with_property("compression.type", "lz4");
+/// assert!(cfg.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port[,host:port…]` (librdkafka `bootstrap.servers`). Required.
     pub brokers: String,
@@ -90,7 +104,8 @@ const RESERVED: [(&str, &str); 11] = [
 ];
 
 impl KafkaConfig {
-    /// Every default, with these brokers.
+    /// Every default, with these bootstrap brokers, `host:port[,host:port…]` (see
+    /// [`KafkaConfig::brokers`]).
     pub fn new(brokers: impl Into<String>) -> KafkaConfig {
         KafkaConfig {
             brokers: brokers.into(),
@@ -100,6 +115,54 @@ impl KafkaConfig {
             max_in_flight: default_max_in_flight(),
             properties: BTreeMap::new(),
         }
+    }
+
+    /// Sets [`KafkaConfig::topic`]: the topic the bus records go to. Default
+    /// **`cacheclear.invalidations`** ([`DEFAULT_TOPIC`]). It must exist.
+    #[must_use]
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = topic.into();
+        self
+    }
+
+    /// Sets [`KafkaConfig::message_timeout_ms`]: how long librdkafka keeps trying to deliver
+    /// one record, ms. Default **30 000**. Must be in 1 ..= `i32::MAX` and above `linger_ms`.
+    #[must_use]
+    pub fn with_message_timeout_ms(mut self, message_timeout_ms: u64) -> Self {
+        self.message_timeout_ms = message_timeout_ms;
+        self
+    }
+
+    /// Sets [`KafkaConfig::linger_ms`]: how long the producer waits to fill a request, ms.
+    /// Default **2**. At most 900 000, and below `message_timeout_ms`.
+    #[must_use]
+    pub fn with_linger_ms(mut self, linger_ms: u64) -> Self {
+        self.linger_ms = linger_ms;
+        self
+    }
+
+    /// Sets [`KafkaConfig::max_in_flight`]: records awaiting their delivery report at once, per
+    /// batch (a count). Default **10 000**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = max_in_flight;
+        self
+    }
+
+    /// Replaces [`KafkaConfig::properties`], the extra librdkafka producer properties. Default
+    /// empty. The sink's own properties may not appear (see [`KafkaConfig::validate`]).
+    #[must_use]
+    pub fn with_properties(mut self, properties: BTreeMap<String, String>) -> Self {
+        self.properties = properties;
+        self
+    }
+
+    /// Adds one extra librdkafka producer property to [`KafkaConfig::properties`] (replacing
+    /// the same key's previous value).
+    #[must_use]
+    pub fn with_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.insert(key.into(), value.into());
+        self
     }
 
     /// Checks values that parse but make no sense. Errors name the field (`kafka.<field>`) and

@@ -27,8 +27,21 @@ use cacheclear_protocol::{ConfigError, redact_url};
 /// `TRYAGAIN`, `CLUSTERDOWN`, connection resets) are retried with a fresh slot map, up to
 /// `cluster_retries` times, before the batch fails (and is retried whole by its source).
 /// Table-wide evictions (TRUNCATE) SCAN every master.
+///
+/// In code, start from [`RedisConfig::new`] (standalone) or [`RedisConfig::cluster`] and chain
+/// the `with_*` methods, or assign the public fields of a `mut` value. Struct literals are not
+/// available outside this crate (`#[non_exhaustive]`: options may be added in minor releases).
+///
+/// ```
+/// use cacheclear_sink_redis::RedisConfig;
+/// let cfg = RedisConfig::new("redis://127.0.0.1:6379/")
+///     .with_fence_ttl_ms(3_600_000)
+///     .with_response_timeout_ms(2_000);
+/// assert!(cfg.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// Standalone mode: the Redis URL, `redis://[user:password@]host:port/[db]` (`rediss://` for
     /// TLS). Required unless `cluster = true`, and must then be left unset (empty): a cluster's
@@ -103,7 +116,7 @@ fn default_cluster_retries() -> u32 {
 }
 
 impl RedisConfig {
-    /// Standalone mode: every default, with this URL.
+    /// Standalone mode: every default, with this URL (see [`RedisConfig::url`]).
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
@@ -119,7 +132,8 @@ impl RedisConfig {
         }
     }
 
-    /// Cluster mode: every default, with these seed node URLs.
+    /// Cluster mode (`cluster = true`): every default, with these seed node URLs (see
+    /// [`RedisConfig::urls`]).
     pub fn cluster<I, S>(seeds: I) -> RedisConfig
     where
         I: IntoIterator<Item = S>,
@@ -130,6 +144,62 @@ impl RedisConfig {
             urls: seeds.into_iter().map(Into::into).collect(),
             ..RedisConfig::new(String::new())
         }
+    }
+
+    /// Sets [`RedisConfig::fence_ttl_ms`]: TTL of fences, ms. Default **600 000** (10 minutes).
+    /// Must be ≥ 1 and exceed the worst read-replica lag plus the longest load.
+    #[must_use]
+    pub fn with_fence_ttl_ms(mut self, fence_ttl_ms: u64) -> Self {
+        self.fence_ttl_ms = fence_ttl_ms;
+        self
+    }
+
+    /// Sets [`RedisConfig::keys_per_call`]: cache keys per script call. Default **256**. Must be
+    /// ≥ 1.
+    #[must_use]
+    pub fn with_keys_per_call(mut self, keys_per_call: usize) -> Self {
+        self.keys_per_call = keys_per_call;
+        self
+    }
+
+    /// Sets [`RedisConfig::calls_per_pipeline`]: script calls per pipeline (one round trip).
+    /// Default **16**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_calls_per_pipeline(mut self, calls_per_pipeline: usize) -> Self {
+        self.calls_per_pipeline = calls_per_pipeline;
+        self
+    }
+
+    /// Sets [`RedisConfig::pipelines_in_flight`]: pipelines in flight at once (per master in
+    /// cluster mode). Default **2**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_pipelines_in_flight(mut self, pipelines_in_flight: usize) -> Self {
+        self.pipelines_in_flight = pipelines_in_flight;
+        self
+    }
+
+    /// Sets [`RedisConfig::scan_count`]: `COUNT` hint (keys per `SCAN` step) of table-wide
+    /// evictions. Default **1 000**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_scan_count(mut self, scan_count: usize) -> Self {
+        self.scan_count = scan_count;
+        self
+    }
+
+    /// Sets [`RedisConfig::response_timeout_ms`]: timeout of one pipeline round trip, ms.
+    /// Default **5 000**. Must be ≥ 1.
+    #[must_use]
+    pub fn with_response_timeout_ms(mut self, response_timeout_ms: u64) -> Self {
+        self.response_timeout_ms = response_timeout_ms;
+        self
+    }
+
+    /// Sets [`RedisConfig::cluster_retries`]: re-sends of a batch's failed keys in cluster mode
+    /// (a count; backoff 50 ms doubling to 1 s between them). Default **10**; 0 disables them.
+    #[must_use]
+    pub fn with_cluster_retries(mut self, cluster_retries: u32) -> Self {
+        self.cluster_retries = cluster_retries;
+        self
     }
 
     /// Checks values that parse but make no sense. Errors name the field and the reason.

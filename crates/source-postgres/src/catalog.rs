@@ -24,8 +24,146 @@ pub(crate) enum SlotState {
     },
 }
 
+/// What the catalog says of one rule table now (one row of [`inspect_rule_tables`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleTable {
+    /// `schema.table` as the rule names it.
+    pub(crate) qualified: String,
+    /// The table's OID, `None` when no table of that name exists (dropped, or renamed away).
+    pub(crate) oid: Option<u32>,
+    /// Its replica identity (with the key or index columns).
+    pub(crate) identity: ReplicaIdentity,
+    /// Every column, in order.
+    pub(crate) columns: Vec<String>,
+    /// Whether the publication publishes it: by that name (`pg_publication_tables`, so `FOR ALL
+    /// TABLES` and `FOR TABLES IN SCHEMA` publications count), as a member (`FOR TABLE`; a
+    /// partitioned table's partitions are then published under their own names), or, for a
+    /// partitioned table, through its partitions.
+    pub(crate) published: bool,
+    /// A partitioned table (`relkind = 'p'`) or a partition: rows arrive under the partition's
+    /// name unless the publication publishes via the root.
+    pub(crate) in_partition_tree: bool,
+    /// For a partitioned table: each partition (leaf) as `schema.table` with its replica identity
+    /// and columns, which may differ from the root's.
+    pub(crate) partitions: Vec<(String, ReplicaIdentity, Vec<String>)>,
+}
+
+/// One catalog query for every rule table: its OID, replica identity, columns, and whether
+/// `publication` publishes it. Used at start ([`check_rules`]) and by the publication watch.
+///
+/// # Errors
+/// [`SourceError::Query`] when the query fails.
+pub(crate) async fn inspect_rule_tables(
+    client: &tokio_postgres::Client,
+    rules: &Rules,
+    publication: &str,
+) -> Result<Vec<RuleTable>, SourceError> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        rules.tables().map(|t| (t.schema(), t.name())).unzip();
+    let rows = client
+        .query(
+            "SELECT t.ord::int4, c.oid::int8, coalesce(c.relreplident::text, 'd'),
+                    array(SELECT a.attname::text FROM pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                          ORDER BY a.attnum),
+                    array(SELECT a.attname::text FROM pg_index i
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                          WHERE i.indrelid = c.oid
+                            AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                    WHEN 'i' THEN i.indisreplident
+                                                    ELSE false END),
+                    EXISTS (SELECT 1 FROM pg_publication_tables pt
+                            WHERE pt.pubname = $3 AND pt.schemaname = t.schema
+                              AND pt.tablename = t.name)
+                    OR EXISTS (SELECT 1 FROM pg_publication_rel pr
+                               JOIN pg_publication p ON p.oid = pr.prpubid
+                               WHERE p.pubname = $3 AND pr.prrelid = c.oid)
+                    OR (c.relkind = 'p' AND EXISTS (
+                          SELECT 1 FROM pg_partition_tree(c.oid) pt2
+                          JOIN pg_class lc ON lc.oid = pt2.relid
+                          JOIN pg_namespace ln ON ln.oid = lc.relnamespace
+                          JOIN pg_publication_tables pt ON pt.pubname = $3
+                           AND pt.schemaname = ln.nspname AND pt.tablename = lc.relname
+                          WHERE pt2.isleaf)),
+                    coalesce(c.relkind = 'p' OR c.relispartition, false),
+                    array(SELECT ln.nspname || '.' || lc.relname || '|' || lc.relreplident::text
+                                 || '|' || array_to_string(array(
+                                      SELECT a.attname FROM pg_attribute a
+                                      WHERE a.attrelid = lc.oid AND a.attnum > 0
+                                        AND NOT a.attisdropped ORDER BY a.attnum), ',')
+                                 || '|' || array_to_string(array(
+                                      SELECT a.attname FROM pg_index i
+                                      JOIN pg_attribute a ON a.attrelid = i.indrelid
+                                       AND a.attnum = ANY(i.indkey)
+                                      WHERE i.indrelid = lc.oid
+                                        AND CASE lc.relreplident WHEN 'd' THEN i.indisprimary
+                                                                 WHEN 'i' THEN i.indisreplident
+                                                                 ELSE false END), ',')
+                          FROM pg_partition_tree(c.oid) pt3
+                          JOIN pg_class lc ON lc.oid = pt3.relid
+                          JOIN pg_namespace ln ON ln.oid = lc.relnamespace
+                          WHERE c.relkind = 'p' AND pt3.isleaf)
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(schema, name, ord)
+             LEFT JOIN pg_namespace n ON n.nspname = t.schema
+             LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.name
+                                 AND c.relkind IN ('r', 'p')
+             ORDER BY t.ord",
+            &[&schemas, &names, &publication],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (table, row) in rules.tables().zip(&rows) {
+        let oid: Option<i64> = row.try_get(1)?;
+        let ident: String = row.try_get(2)?;
+        let key_columns: Vec<String> = row.try_get(4)?;
+        out.push(RuleTable {
+            qualified: table.qualified().to_owned(),
+            oid: oid.and_then(|o| u32::try_from(o).ok()),
+            identity: match ident.as_str() {
+                "f" => ReplicaIdentity::Full,
+                "n" => ReplicaIdentity::Nothing,
+                "i" => ReplicaIdentity::Index { key_columns },
+                _ => ReplicaIdentity::Default { key_columns },
+            },
+            columns: row.try_get(3)?,
+            published: row.try_get(5)?,
+            in_partition_tree: row.try_get(6)?,
+            partitions: row
+                .try_get::<_, Vec<String>>(7)?
+                .iter()
+                .filter_map(|p| parse_partition(p))
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// One partition of [`inspect_rule_tables`]'s array: `schema.table|relreplident|col,col|key,key`
+/// (column names cannot hold `,` or `|` here only if a user named them so; such a partition is
+/// then checked as FULL-less and reported).
+fn parse_partition(text: &str) -> Option<(String, ReplicaIdentity, Vec<String>)> {
+    let mut parts = text.splitn(4, '|');
+    let name = parts.next()?.to_owned();
+    let ident = parts.next()?;
+    let split = |s: &str| -> Vec<String> {
+        s.split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let columns = split(parts.next()?);
+    let key_columns = split(parts.next().unwrap_or(""));
+    let identity = match ident {
+        "f" => ReplicaIdentity::Full,
+        "n" => ReplicaIdentity::Nothing,
+        "i" => ReplicaIdentity::Index { key_columns },
+        _ => ReplicaIdentity::Default { key_columns },
+    };
+    Some((name, identity, columns))
+}
+
 /// Checks every rule table: it exists, its columns cover the templates, and its replica identity
-/// carries every rule column in old-row images.
+/// carries every rule column in old-row images. Returns what it found, for the publication watch.
 ///
 /// # Errors
 /// [`SourceError::Rule`] naming the table, template, column and the `ALTER TABLE … REPLICA
@@ -33,47 +171,43 @@ pub(crate) enum SlotState {
 pub(crate) async fn check_rules(
     client: &tokio_postgres::Client,
     rules: &Rules,
-) -> Result<(), SourceError> {
-    for table in rules.tables() {
-        let row = client
-            .query_opt(
-                "SELECT c.relreplident::text,
-                        array(SELECT a.attname::text FROM pg_attribute a
-                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                              ORDER BY a.attnum),
-                        array(SELECT a.attname::text FROM pg_index i
-                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                              WHERE i.indrelid = c.oid
-                                AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
-                                                        WHEN 'i' THEN i.indisreplident
-                                                        ELSE false END)
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                &[&table.schema(), &table.name()],
-            )
-            .await?;
-        let Some(row) = row else {
+    publication: &str,
+) -> Result<Vec<RuleTable>, SourceError> {
+    let found = inspect_rule_tables(client, rules, publication).await?;
+    for (table, found) in rules.tables().zip(&found) {
+        if found.oid.is_none() {
             return Err(ConfigError::new(
-                "rules", format!(
-                "table `{}` does not exist in the database (check the schema, e.g. `public.product`)",
-                table.qualified()
-            )).into());
-        };
-        let ident: String = row.try_get(0)?;
-        let columns: Vec<String> = row.try_get(1)?;
-        let key_columns: Vec<String> = row.try_get(2)?;
-        let identity = match ident.as_str() {
-            "f" => ReplicaIdentity::Full,
-            "n" => ReplicaIdentity::Nothing,
-            "i" => ReplicaIdentity::Index { key_columns },
-            _ => ReplicaIdentity::Default { key_columns },
-        };
-        table.check_replica_identity(&identity, &columns)?;
+                "rules",
+                format!(
+                    "table `{}` does not exist in the database (check the schema, e.g. `public.product`)",
+                    table.qualified()
+                ),
+            )
+            .into());
+        }
+        table.check_replica_identity(&found.identity, &found.columns)?;
+        // Each partition has a replica identity of its own (ALTER TABLE on the root does not
+        // change it), and its rows arrive under its own name.
+        for (partition, identity, columns) in &found.partitions {
+            if let Err(e) = table.check_replica_identity(identity, columns) {
+                return Err(ConfigError::new(
+                    "rules",
+                    format!(
+                        "partition `{partition}` of rule table `{}` cannot serve the rule: {e}. \
+                         Fix with: ALTER TABLE {partition} REPLICA IDENTITY FULL; (each partition \
+                         has its own replica identity)",
+                        table.qualified()
+                    ),
+                )
+                .into());
+            }
+        }
     }
-    Ok(())
+    Ok(found)
 }
 
-fn quote_ident(name: &str) -> String {
+/// `name` as a quoted SQL identifier.
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -87,6 +221,7 @@ pub(crate) async fn ensure_publication(
     client: &tokio_postgres::Client,
     name: &str,
     rules: &Rules,
+    found: &[RuleTable],
     create: bool,
 ) -> Result<(), SourceError> {
     let tables: Vec<String> = rules
@@ -95,7 +230,8 @@ pub(crate) async fn ensure_publication(
         .collect();
     let existing = client
         .query_opt(
-            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate, pubviaroot
+             FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
         .await?;
@@ -108,6 +244,9 @@ pub(crate) async fn ensure_publication(
                 tables.join(", ")
             )).into());
         }
+        // publish_via_partition_root stays false (the default): with it, PostgreSQL does not send
+        // a TRUNCATE of a single partition at all; partitions are mapped to their root's rule by
+        // the reader instead.
         client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} FOR TABLE {}",
@@ -125,31 +264,84 @@ pub(crate) async fn ensure_publication(
             quote_ident(name)
         )).into());
     }
-    let mut missing = Vec::new();
-    for t in rules.tables() {
-        let published = client
-            .query_opt(
-                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&name, &t.schema(), &t.name()],
-            )
-            .await?;
-        if published.is_none() {
-            missing.push(format!(
-                "{}.{}",
-                quote_ident(t.schema()),
-                quote_ident(t.name())
-            ));
+    if existing.try_get::<_, bool>(1)?
+        && let Some(t) = found.iter().find(|t| t.in_partition_tree)
+    {
+        return Err(ConfigError::new(
+                "postgres.publication", format!(
+                "publication `{name}` publishes via the partition root, and rule table `{}` is partitioned or a partition: PostgreSQL then sends no TRUNCATE of a single partition (its keys would stay cached), and a rule naming a partition never sees its rows. Fix with: ALTER PUBLICATION {} SET (publish_via_partition_root = false); (cacheclear maps partitions to their root's rule itself)",
+                t.qualified,
+                quote_ident(name)
+            )).into());
+    }
+    let missing: Vec<String> = tables
+        .iter()
+        .zip(found)
+        .filter(|(_, f)| !f.published)
+        .map(|(quoted, _)| quoted.clone())
+        .collect();
+    if !missing.is_empty() {
+        if !create {
+            return Err(ConfigError::new(
+                "postgres.publication", format!(
+                "publication `{name}` does not publish rule table(s) {}; fix with: ALTER PUBLICATION {} ADD TABLE {};",
+                missing.join(", "),
+                quote_ident(name),
+                missing.join(", ")
+            )).into());
+        }
+        // Ours to manage (create_publication = true): a rule table that left it (dropped and
+        // re-created, swapped) while we were down is added back, then its keys are evicted in
+        // WAL order: its changes since it left were never streamed.
+        for (table, quoted) in rules.tables().zip(&tables) {
+            if missing.contains(quoted) {
+                republish(client, name, quoted).await?;
+                request_table_eviction(client, table.qualified()).await?;
+                tracing::warn!(
+                    publication = name,
+                    table = table.qualified(),
+                    "rule table was missing from the publication: added it back and evicting its keys"
+                );
+            }
         }
     }
-    if !missing.is_empty() {
-        return Err(ConfigError::new(
-            "postgres.publication", format!(
-            "publication `{name}` does not publish rule table(s) {}; fix with: ALTER PUBLICATION {} ADD TABLE {};",
-            missing.join(", "),
-            quote_ident(name),
-            missing.join(", ")
-        )).into());
-    }
+    Ok(())
+}
+
+/// `ALTER PUBLICATION … ADD TABLE …` for one rule table (`quoted_table` is already quoted).
+///
+/// # Errors
+/// [`SourceError::Query`] when the server refuses (e.g. the user does not own the table).
+pub(crate) async fn republish(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    quoted_table: &str,
+) -> Result<(), SourceError> {
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {quoted_table}",
+            quote_ident(publication)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Asks the pipeline, through the WAL, to evict every key of rule table `qualified`: a
+/// transactional logical message ([`crate::changes::EVICT_TABLE_PREFIX`]) that the reader maps
+/// to a table-wide eviction in commit order, after everything committed before it.
+///
+/// # Errors
+/// [`SourceError::Query`] when the server refuses.
+pub(crate) async fn request_table_eviction(
+    client: &tokio_postgres::Client,
+    qualified: &str,
+) -> Result<(), SourceError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+            &[&crate::changes::EVICT_TABLE_PREFIX, &qualified],
+        )
+        .await?;
     Ok(())
 }
 

@@ -26,6 +26,8 @@ const DEDUP_CAPACITY: usize = 16 * 1024;
 /// Turns a `pgoutput` message stream into [`CommittedTxn`]s. One per replication connection.
 pub(crate) struct ChangeMapper {
     rules: Arc<Rules>,
+    /// Partitions (by OID) of partitioned rule tables → the rule table (schema, table).
+    partition_roots: HashMap<u32, (String, String)>,
     relations: HashMap<u32, RelationState>,
     open: Option<OpenTxn>,
     max_txn_keys: usize,
@@ -36,6 +38,55 @@ struct RelationState {
     relation: Relation,
     /// `schema.table`, shared by every key run of this table.
     qualified: Arc<str>,
+    /// The (schema, table) whose rules map its rows: its own name, or its partition root's.
+    rule: Option<(String, String)>,
+    /// Why this relation's old images no longer carry every column its rules read (its replica
+    /// identity was reset, or a rule column was renamed away), when that is so: every UPDATE and
+    /// DELETE without a full old image then evicts the table's keys.
+    identity_gap: Option<String>,
+    /// When the identity gap was last logged (the log repeats at most every [`GAP_LOG_EVERY`]).
+    gap_logged: Option<std::time::Instant>,
+}
+
+/// How often the identity-gap error repeats while the gap lasts.
+const GAP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The prefix of the transactional logical message (`pg_logical_emit_message(true, …)`) by which
+/// the publication watch asks for a table-wide eviction in WAL order; its content is the rule
+/// table's qualified name (`schema.table`). Emitted after the table is published again, so the
+/// eviction lands after every change that was not streamed.
+pub(crate) const EVICT_TABLE_PREFIX: &str = "cacheclear.evict_table";
+
+/// Why a table's keys were evicted as a whole instead of a row's keys: the `reason` label of
+/// `cacheclear_table_fallbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FallbackReason {
+    /// A row's keys could not be rendered (a rule column missing from the row, unchanged TOAST
+    /// without an old image, a value that is not text).
+    Unrenderable,
+    /// A rendered key is over the key arena's limits.
+    KeyTooLarge,
+    /// The table's replica identity no longer sends the rule's columns in old images.
+    ReplicaIdentity,
+    /// The publication watch asked for it (the table left the publication, was re-created or
+    /// swapped).
+    PublicationDrift,
+}
+
+impl FallbackReason {
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            FallbackReason::Unrenderable => "unrenderable_row",
+            FallbackReason::KeyTooLarge => "key_too_large",
+            FallbackReason::ReplicaIdentity => "replica_identity",
+            FallbackReason::PublicationDrift => "publication_drift",
+        }
+    }
+}
+
+fn count_fallback(reason: FallbackReason) {
+    metrics::counter!(crate::telemetry::TABLE_FALLBACKS, "reason" => reason.label()).increment(1);
 }
 
 struct OpenTxn {
@@ -57,6 +108,9 @@ pub(crate) enum Mapped {
     Committed(CommittedTxn),
     /// A non-transactional logical message (heartbeat) at this LSN, outside any transaction.
     Message(Lsn),
+    /// A `Relation` message replaced a relation's entry (its schema or replica identity may have
+    /// changed: the publication watch re-checks the catalog).
+    Relation,
 }
 
 /// A message the mapper cannot place: a row for a relation it never saw, or a row outside a
@@ -84,11 +138,23 @@ impl ChangeMapper {
     pub(crate) fn new(rules: Arc<Rules>, max_txn_keys: usize) -> ChangeMapper {
         ChangeMapper {
             rules,
+            partition_roots: HashMap::new(),
             relations: HashMap::new(),
             open: None,
             max_txn_keys,
             scratch: Vec::new(),
         }
+    }
+
+    /// Maps partition `oid` to its partitioned rule table (`schema`, `table`): its rows then
+    /// evict that rule's keys. Call before the partition's `Relation` message is handled.
+    pub(crate) fn set_partition_root(&mut self, oid: u32, schema: String, table: String) {
+        self.partition_roots.insert(oid, (schema, table));
+    }
+
+    /// True when a rule names the table `schema.table` itself.
+    pub(crate) fn has_rule(&self, schema: &str, table: &str) -> bool {
+        self.rules.table(schema, table).is_some()
     }
 
     /// True while a transaction is open (between Begin and Commit).
@@ -141,24 +207,51 @@ impl ChangeMapper {
                 Ok(Mapped::Committed(open.txn))
             }
             Message::Relation(relation) => {
-                if let Some(rules) = self.rules.table(&relation.namespace, &relation.name) {
-                    check_relation(rules, &relation);
+                // A rule names the table itself, or the partitioned table it is a partition of.
+                let rule = if self
+                    .rules
+                    .table(&relation.namespace, &relation.name)
+                    .is_some()
+                {
+                    Some((relation.namespace.clone(), relation.name.clone()))
+                } else {
+                    self.partition_roots.get(&relation.oid).cloned()
+                };
+                let identity_gap = rule
+                    .as_ref()
+                    .and_then(|(schema, name)| self.rules.table(schema, name))
+                    .and_then(|rules| check_relation(rules, &relation));
+                let qualified: Arc<str> =
+                    Arc::from(format!("{}.{}", relation.namespace, relation.name));
+                if let Some(gap) = &identity_gap {
+                    tracing::error!(
+                        table = %qualified, error = %gap,
+                        "the table's schema changed under its rule; its UPDATEs and DELETEs evict \
+                         every key of the table until fixed"
+                    );
                 }
-                let qualified = Arc::from(format!("{}.{}", relation.namespace, relation.name));
+                let gap_logged = identity_gap.as_ref().map(|_| std::time::Instant::now());
                 self.relations.insert(
                     relation.oid,
                     RelationState {
                         relation,
                         qualified,
+                        rule,
+                        identity_gap,
+                        gap_logged,
                     },
                 );
-                Ok(Mapped::Nothing)
+                Ok(Mapped::Relation)
             }
             Message::Insert { relation, new } => {
                 self.row(relation, Op::Insert, &[(Image::New, &new, None)])?;
                 Ok(Mapped::Nothing)
             }
             Message::Update { relation, old, new } => {
+                let full_old = matches!(old, Some((OldKind::Full, _)));
+                if !full_old && self.identity_gap_fallback(relation, Op::Update)? {
+                    return Ok(Mapped::Nothing);
+                }
                 match &old {
                     Some((kind, old_tuple)) => self.row(
                         relation,
@@ -176,6 +269,9 @@ impl ChangeMapper {
                 relation,
                 old: (kind, old),
             } => {
+                if kind != OldKind::Full && self.identity_gap_fallback(relation, Op::Delete)? {
+                    return Ok(Mapped::Nothing);
+                }
                 self.row(relation, Op::Delete, &[(Image::Old(kind), &old, None)])?;
                 Ok(Mapped::Nothing)
             }
@@ -190,6 +286,15 @@ impl ChangeMapper {
                 lsn,
                 ..
             } if self.open.is_none() => Ok(Mapped::Message(lsn)),
+            Message::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == EVICT_TABLE_PREFIX => {
+                self.evict_requested(&content)?;
+                Ok(Mapped::Nothing)
+            }
             Message::Message { .. } | Message::Origin { .. } | Message::Type { .. } => {
                 Ok(Mapped::Nothing)
             }
@@ -210,10 +315,7 @@ impl ChangeMapper {
             .open
             .as_mut()
             .ok_or(MapError::NoTransaction("a row change"))?;
-        let Some(rules) = self
-            .rules
-            .table(&state.relation.namespace, &state.relation.name)
-        else {
+        let Some(rules) = rules_of(&self.rules, state) else {
             return Ok(()); // published, but no rule maps it to keys
         };
         if open.whole.contains(&oid) {
@@ -244,7 +346,7 @@ impl ChangeMapper {
                     table = %state.qualified, ?op, error = %e,
                     "cannot compute this row's cache keys; evicting every key of the table instead"
                 );
-                metrics::counter!(crate::telemetry::TABLE_FALLBACKS).increment(1);
+                count_fallback(FallbackReason::Unrenderable);
                 let qualified = Arc::clone(&state.qualified);
                 push_table_eviction(open, oid, &qualified, op, rules);
                 return Ok(());
@@ -265,7 +367,7 @@ impl ChangeMapper {
                     table = %state.qualified, ?op, key_bytes = key.len(),
                     "a cache key is too large to send; evicting every key of the table instead"
                 );
-                metrics::counter!(crate::telemetry::TABLE_FALLBACKS).increment(1);
+                count_fallback(FallbackReason::KeyTooLarge);
                 let qualified = Arc::clone(&state.qualified);
                 push_table_eviction(open, oid, &qualified, op, rules);
                 return Ok(()); // dropping the drain empties the scratch list
@@ -288,11 +390,72 @@ impl ChangeMapper {
                 let Some(st) = self.relations.get(&t) else {
                     continue;
                 };
-                if let Some(r) = self.rules.table(&st.relation.namespace, &st.relation.name) {
+                if let Some(r) = rules_of(&self.rules, st) {
                     push_table_eviction(open, t, &st.qualified, op, r);
                 }
             }
         }
+        Ok(())
+    }
+
+    /// When `oid`'s replica identity no longer carries its rules' columns, evicts the table's keys
+    /// for this UPDATE or DELETE (whose old image cannot give the old keys) and returns `true`.
+    fn identity_gap_fallback(&mut self, oid: u32, op: Op) -> Result<bool, MapError> {
+        let state = self
+            .relations
+            .get_mut(&oid)
+            .ok_or(MapError::UnknownRelation(oid))?;
+        let Some(gap) = &state.identity_gap else {
+            return Ok(false);
+        };
+        let Some(rules) = rules_of(&self.rules, state) else {
+            return Ok(false);
+        };
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(MapError::NoTransaction("a row change"))?;
+        if state
+            .gap_logged
+            .is_none_or(|at| at.elapsed() >= GAP_LOG_EVERY)
+        {
+            state.gap_logged = Some(std::time::Instant::now());
+            tracing::error!(
+                table = %state.qualified, ?op, error = %gap,
+                "old rows no longer carry the rule's columns; evicting every key of the table \
+                 (repeats at most every 60 s while it lasts)"
+            );
+        }
+        count_fallback(FallbackReason::ReplicaIdentity);
+        push_table_eviction(open, oid, &state.qualified, op, rules);
+        Ok(true)
+    }
+
+    /// A table-wide eviction the publication watch requested through the WAL
+    /// ([`EVICT_TABLE_PREFIX`]); `content` is the rule table's `schema.table`.
+    fn evict_requested(&mut self, content: &[u8]) -> Result<(), MapError> {
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(MapError::NoTransaction("a logical message"))?;
+        let Ok(table) = std::str::from_utf8(content) else {
+            tracing::warn!("ignoring a {EVICT_TABLE_PREFIX} message that is not UTF-8");
+            return Ok(());
+        };
+        let Some(rules) = self.rules.tables().find(|t| t.qualified() == table) else {
+            tracing::warn!(
+                table,
+                "ignoring a {EVICT_TABLE_PREFIX} message for a table no rule names"
+            );
+            return Ok(());
+        };
+        count_fallback(FallbackReason::PublicationDrift);
+        tracing::info!(table, "evicting every key of the table (publication watch)");
+        open.txn.tables.push(TableEviction {
+            table: Arc::from(table),
+            op: Op::Truncate,
+            patterns: rules.scan_patterns(),
+        });
         Ok(())
     }
 
@@ -305,10 +468,7 @@ impl ChangeMapper {
             .open
             .as_mut()
             .ok_or(MapError::NoTransaction("Truncate"))?;
-        if let Some(rules) = self
-            .rules
-            .table(&state.relation.namespace, &state.relation.name)
-        {
+        if let Some(rules) = rules_of(&self.rules, state) {
             push_table_eviction(open, oid, &state.qualified, op, rules);
         }
         Ok(())
@@ -325,19 +485,22 @@ fn push_table_eviction(open: &mut OpenTxn, oid: u32, table: &Arc<str>, op: Op, r
     }
 }
 
-/// Logs (at error level) when a relation's schema no longer supports its rule: a renamed or
-/// dropped column, or a replica identity that stopped carrying a rule column in old images. The
-/// rows that follow fall back to table-wide eviction, so nothing is lost meanwhile.
-fn check_relation(rules: &TableRules, relation: &Relation) {
+/// Why a relation's schema no longer supports its rule, when it does not: a renamed or dropped
+/// column, or a replica identity that stopped carrying a rule column in old images. The UPDATEs and
+/// DELETEs that follow fall back to table-wide eviction, so nothing is lost meanwhile.
+fn check_relation(rules: &TableRules, relation: &Relation) -> Option<String> {
     let columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
     let identity = identity_of(relation);
-    if let Err(e) = rules.check_replica_identity(&identity, &columns) {
-        tracing::error!(
-            table = %format!("{}.{}", relation.namespace, relation.name),
-            error = %e,
-            "the table's schema changed under its rule; rows will be evicted table-wide until fixed"
-        );
-    }
+    rules
+        .check_replica_identity(&identity, &columns)
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// The rules that map `state`'s rows (its own, or its partition root's).
+fn rules_of<'r>(rules: &'r Rules, state: &RelationState) -> Option<&'r TableRules> {
+    let (schema, table) = state.rule.as_ref()?;
+    rules.table(schema, table)
 }
 
 /// The replica identity a `Relation` message describes.

@@ -67,6 +67,31 @@ pub struct PostgresConfig {
     /// next start. Default 5000.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// How often the publication watch checks, in ms, that every rule table is still published
+    /// under its name, still the same table (OID) and still sends the rule's columns in old rows
+    /// (one catalog query; every `Relation` message also triggers a check). A rule table that
+    /// left the publication (dropped and re-created, swapped by a migration tool) is added back
+    /// when `create_publication` is set, and its keys are evicted. 0 disables the periodic check.
+    /// Default 5000.
+    #[serde(default = "default_publication_check_ms")]
+    pub publication_check_interval_ms: u64,
+    /// What to do when a rule table is missing from a publication this process does not manage
+    /// (`create_publication = false`): `evict` (default) logs an error with the `ALTER
+    /// PUBLICATION … ADD TABLE` fix and evicts the table's keys on every check while it lasts;
+    /// `stop` stops the pipeline with that error.
+    #[serde(default)]
+    pub on_publication_drift: DriftPolicy,
+}
+
+/// `postgres.on_publication_drift`: see [`PostgresConfig::on_publication_drift`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Keep running; evict the unpublished table's keys on every check.
+    #[default]
+    Evict,
+    /// Stop the pipeline with the error (and its fix).
+    Stop,
 }
 
 fn default_name() -> String {
@@ -96,6 +121,9 @@ fn default_queue() -> usize {
 fn default_shutdown_timeout_ms() -> u64 {
     5_000
 }
+fn default_publication_check_ms() -> u64 {
+    5_000
+}
 
 impl PostgresConfig {
     /// A config with every default and this URL.
@@ -113,6 +141,8 @@ impl PostgresConfig {
             queue_batches: default_queue(),
             max_batches_in_flight: default_in_flight(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            publication_check_interval_ms: default_publication_check_ms(),
+            on_publication_drift: DriftPolicy::default(),
         }
     }
 

@@ -24,6 +24,7 @@
 //! | `barrier.rs` | the visibility barrier stage (`pg_current_snapshot()`) |
 //! | `apply.rs` | the apply stage and the in-order acknowledgement |
 //! | `housekeeping.rs` | heartbeats and the retained-WAL gauge |
+//! | `drift.rs` | the publication watch: rule tables that left the publication, were re-created or lost their replica identity |
 //! | `pipeline.rs` | [`Pipeline`], the lifecycle handle |
 //! | `error.rs`, `status.rs`, `telemetry.rs` | [`SourceError`]; [`SourceStatus`]; the metrics |
 //!
@@ -66,6 +67,7 @@ mod catalog;
 mod changes;
 mod config;
 mod connect;
+mod drift;
 mod error;
 mod housekeeping;
 mod pgoutput;
@@ -74,7 +76,7 @@ mod reader;
 mod status;
 mod telemetry;
 
-pub use config::PostgresConfig;
+pub use config::{DriftPolicy, PostgresConfig};
 pub use error::{Ended, SourceError};
 pub use pipeline::Pipeline;
 pub use status::{BatchObserver, RunOptions, SourceStatus};

@@ -17,7 +17,7 @@ use crate::changes::{ChangeMapper, Mapped};
 use crate::connect::{self, lsn};
 use crate::error::Ended;
 use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
-use crate::{housekeeping, pgoutput, telemetry};
+use crate::{drift, housekeeping, pgoutput, telemetry};
 
 /// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats.
 const POOL_SIZE: usize = 3;
@@ -44,12 +44,21 @@ pub(crate) async fn run<S: Sink>(
 ) -> Result<(), SourceError> {
     cfg.validate()?;
     let pool = connect::pool(&cfg.url, POOL_SIZE)?;
-    let slot_state = {
+    let (slot_state, tables) = {
         let client = pool.get().await?;
-        catalog::check_rules(&client, &rules).await?;
-        catalog::ensure_publication(&client, &cfg.publication, &rules, cfg.create_publication)
-            .await?;
-        catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?
+        let tables = catalog::check_rules(&client, &rules, &cfg.publication).await?;
+        catalog::ensure_publication(
+            &client,
+            &cfg.publication,
+            &rules,
+            &tables,
+            cfg.create_publication,
+        )
+        .await?;
+        (
+            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?,
+            tables,
+        )
     };
     let mut repl = ReplicationClient::connect(connect::replication_config(&cfg)?).await?;
     repl.wait_started().await?;
@@ -75,13 +84,23 @@ pub(crate) async fn run<S: Sink>(
         cfg.max_batches_in_flight,
     ));
     let housekeeping = tokio::spawn(housekeeping::run(pool.clone(), cfg.clone()));
+    let watch_now = Arc::new(tokio::sync::Notify::new());
+    let drift_task = tokio::spawn(drift::watch(
+        pool.clone(),
+        cfg.clone(),
+        Arc::clone(&rules),
+        tables,
+        Arc::clone(&watch_now),
+    ));
     let _guard = AbortOnDrop(vec![
         barrier_task.abort_handle(),
         apply_task.abort_handle(),
         housekeeping.abort_handle(),
+        drift_task.abort_handle(),
     ]);
 
     let mut reader = Reader {
+        pool: pool.clone(),
         mapper: ChangeMapper::new(Arc::clone(&rules), cfg.max_txn_keys),
         repl,
         status: options.status,
@@ -92,6 +111,8 @@ pub(crate) async fn run<S: Sink>(
         ack_rx,
         pending,
         apply_task,
+        drift_task,
+        watch_now,
         streaming,
         live_at: None,
     };
@@ -111,6 +132,8 @@ pub(crate) async fn run<S: Sink>(
 
 /// The reader's state between start-up and the end of the drain.
 struct Reader {
+    /// For partition look-ups ([`Reader::resolve_partition`]).
+    pool: deadpool_postgres::Pool,
     mapper: ChangeMapper,
     repl: ReplicationClient,
     status: Arc<SourceStatus>,
@@ -123,6 +146,10 @@ struct Reader {
     ack_rx: watch::Receiver<Lsn>,
     pending: Arc<AtomicUsize>,
     apply_task: tokio::task::JoinHandle<()>,
+    /// The publication watch; it returns only the error that stops the pipeline.
+    drift_task: tokio::task::JoinHandle<SourceError>,
+    /// Wakes the publication watch (a `Relation` message arrived).
+    watch_now: Arc<tokio::sync::Notify>,
     streaming: watch::Sender<bool>,
     /// A new slot's first eviction: the stream is live once it is acknowledged.
     live_at: Option<Lsn>,
@@ -146,6 +173,12 @@ impl Reader {
                 ended = &mut self.apply_task => {
                     return Err(Ended::Stage { stage: "apply", cause: ended.err() }.into());
                 }
+                stopped = &mut self.drift_task => {
+                    return Err(match stopped {
+                        Ok(e) => e,
+                        Err(e) => Ended::Stage { stage: "publication watch", cause: Some(e) }.into(),
+                    });
+                }
                 Ok(()) = self.ack_rx.changed() => None,
                 permit = self.batch_tx.reserve(), if !self.current.txns.is_empty() => {
                     let Ok(permit) = permit else {
@@ -164,14 +197,14 @@ impl Reader {
                 }
             };
             match event {
-                Some(event) => self.on_event(event)?,
+                Some(event) => self.on_event(event).await?,
                 None => self.on_ack(),
             }
         }
     }
 
     /// Maps one replication event; a committed transaction joins the current batch.
-    fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
+    async fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
         let commit_time = |us: i64| us.saturating_add(pgoutput::PG_EPOCH_OFFSET_US);
         let mapped = match event {
             ReplicationEvent::Begin {
@@ -193,7 +226,11 @@ impl Reader {
                 commit_time_us: commit_time(commit_time_micros),
             })?,
             ReplicationEvent::XLogData { data, .. } => {
-                self.mapper.handle(pgoutput::decode(&data)?)?
+                let message = pgoutput::decode(&data)?;
+                if let pgoutput::Message::Relation(relation) = &message {
+                    self.resolve_partition(relation).await?;
+                }
+                self.mapper.handle(message)?
             }
             ReplicationEvent::Message {
                 transactional,
@@ -224,7 +261,42 @@ impl Reader {
                     self.confirm(at);
                 }
             }
+            Mapped::Relation => self.watch_now.notify_one(),
             Mapped::Nothing => {}
+        }
+        Ok(())
+    }
+
+    /// A relation no rule names may be a partition of a partitioned rule table (partitions are
+    /// published under their own names: `publish_via_partition_root = false`). Looks up its
+    /// partition root once, when its `Relation` message arrives; partitions attached or created
+    /// while running are found the same way.
+    async fn resolve_partition(
+        &mut self,
+        relation: &pgoutput::Relation,
+    ) -> Result<(), SourceError> {
+        if self.mapper.has_rule(&relation.namespace, &relation.name) {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        let root = client
+            .query_opt(
+                "SELECT n.nspname::text, c.relname::text
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.oid = pg_partition_root($1::oid) AND c.oid <> $1::oid",
+                &[&relation.oid],
+            )
+            .await?;
+        if let Some(root) = root {
+            let (schema, table): (String, String) = (root.try_get(0)?, root.try_get(1)?);
+            if self.mapper.has_rule(&schema, &table) {
+                tracing::info!(
+                    partition = %format!("{}.{}", relation.namespace, relation.name),
+                    table = %format!("{schema}.{table}"),
+                    "partition of a rule table: its rows evict the rule's keys"
+                );
+                self.mapper.set_partition_root(relation.oid, schema, table);
+            }
         }
         Ok(())
     }

@@ -22,8 +22,12 @@ pub(crate) const SINK_ERRORS: &str = "cacheclear_sink_errors_total";
 pub(crate) const SINK_RETRIES: &str = "cacheclear_sink_retries_total";
 /// Counter: snapshots re-taken while a committed xid was not yet visible.
 pub(crate) const BARRIER_WAITS: &str = "cacheclear_barrier_waits_total";
-/// Counter: rows whose keys could not be computed (their table was evicted as a whole).
+/// Counter, label `reason` (`unrenderable_row`, `key_too_large`, `replica_identity`,
+/// `publication_drift`): table-wide evictions made instead of a row's keys.
 pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_table_fallbacks_total";
+/// Counter, labels `table` and `reason` (`not_published`, `table_replaced`, `table_missing`,
+/// `replica_identity`): rule tables the publication watch found drifted by a migration.
+pub(crate) const PUBLICATION_DRIFT: &str = "cacheclear_publication_drift_total";
 
 /// Describes every metric of the CDC source to the installed `metrics` recorder (call it after
 /// installing one; without a recorder it does nothing).
@@ -72,6 +76,10 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         TABLE_FALLBACKS,
-        "Rows whose keys could not be computed, so their table was evicted as a whole."
+        "Table-wide evictions made instead of a row's keys, by reason (unrenderable_row, key_too_large, replica_identity, publication_drift)."
+    );
+    describe_counter!(
+        PUBLICATION_DRIFT,
+        "Rule tables found drifted by a migration, by table and reason (not_published, table_replaced, table_missing, replica_identity)."
     );
 }

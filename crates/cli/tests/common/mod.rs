@@ -366,3 +366,52 @@ pub async fn exist_many(
     let found: Vec<i64> = pipe.query_async(conn).await.expect("EXISTS pipeline");
     found.into_iter().map(|n| n == 1).collect()
 }
+
+// ---- The binary's `/metrics` endpoint ----
+
+/// `GET /metrics` over plain HTTP/1.0; `None` while nothing answers.
+pub fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "unexpected response: {head}"
+    );
+    Some(body.to_owned())
+}
+
+/// The value of the sample line `name` (exactly, labels included), e.g.
+/// `cacheclear_sink_errors_total{sink="redis"}`.
+pub fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Scrapes `addr` until sample `name` is at least `min` (60 s at most); returns that scrape.
+pub async fn wait_sample(addr: &str, name: &str, min: f64) -> String {
+    let mut last = String::new();
+    let start = Instant::now();
+    loop {
+        if let Some(body) = scrape(addr) {
+            if sample(&body, name).is_some_and(|v| v >= min) {
+                return body;
+            }
+            last = body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {name} >= {min}; last scrape:\n{last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

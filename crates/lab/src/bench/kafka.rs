@@ -238,18 +238,15 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let inv_cfg = InvalidatorConfig {
-        kafka: KafkaConfig::new(
+    let mut inv_cfg = InvalidatorConfig::new(
+        KafkaConfig::new(
             broker.bootstrap(),
             "cacheclear-bench",
             vec![TOPIC.into()],
             DLQ,
         ),
-        redis: redis_cfg,
-        debezium: Default::default(),
-        rules: vec![],
-    };
-    let mut inv_cfg = inv_cfg;
+        redis_cfg,
+    );
     inv_cfg.kafka.batch_max_wait_ms = args.batch_max_wait_ms;
     inv_cfg.kafka.properties.insert(
         "fetch.wait.max.ms".into(),

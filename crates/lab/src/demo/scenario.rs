@@ -529,10 +529,7 @@ pub(super) async fn run(
             Strategy::Cacheclear => Cache::Cacheclear(
                 cacheclear_client::Client::connect(
                     &settings.redis_url,
-                    cacheclear_client::Config {
-                        ttl_base_ms: settings.ttl_s * 1000,
-                        ..cacheclear_client::Config::default()
-                    },
+                    cacheclear_client::Config::default().with_ttl_base_ms(settings.ttl_s * 1000),
                 )
                 .await?,
             ),
