@@ -36,6 +36,7 @@ mod kafka;
 mod pg;
 mod process;
 mod redis;
+mod server;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
 pub use cluster::{CLUSTER_SLOTS, RedisCluster};
