@@ -26,12 +26,17 @@
 //!
 //! Everything here is synchronous (std::process); async callers use `spawn_blocking` or start
 //! instances before the async work.
+//!
+//! With the feature `fixtures`, the module `fixtures` is the test kit the workspace's
+//! integration tests share (product rules, `wait_for`, Redis helpers for values and fences).
 
 #![warn(missing_docs)]
 
 mod bins;
 mod cluster;
 mod error;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 mod kafka;
 mod pg;
 mod process;
