@@ -4,48 +4,17 @@ mod common;
 
 use std::time::Duration;
 
+use cacheclear_harness::fixtures::cluster_conn;
 use cacheclear_harness::{PgInstance, RedisCluster};
-use cacheclear_protocol::{KeyLayout, Lsn};
+use cacheclear_protocol::KeyLayout;
 use cacheclear_sink_redis::RedisConfig;
 use cacheclear_source_postgres::PostgresConfig;
-use common::{SCHEMA, current_lsn, product_rules, spawn_pipeline, streaming, wait_for};
-use redis::cluster_async::ClusterConnection;
+use common::{
+    MOVE_5_KEYS, SCHEMA, current_lsn, exists, fence, get, product_rules, set, spawn_pipeline,
+    streaming, wait_for,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn exists(conn: &ClusterConnection, key: &str) -> bool {
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query_async::<i64>(&mut conn.clone())
-        .await
-        .expect("EXISTS")
-        == 1
-}
-
-async fn get(conn: &ClusterConnection, key: &str) -> Option<String> {
-    redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut conn.clone())
-        .await
-        .expect("GET")
-}
-
-async fn set(conn: &ClusterConnection, key: &str) {
-    redis::cmd("SET")
-        .arg(key)
-        .arg("cached")
-        .arg("PX")
-        .arg(600_000)
-        .query_async::<()>(&mut conn.clone())
-        .await
-        .expect("SET");
-}
-
-async fn fence(conn: &ClusterConnection, key: &str) -> Option<Lsn> {
-    get(conn, &format!("{{{key}}}:fence"))
-        .await
-        .map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
@@ -61,11 +30,7 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
         .await
         .expect("connect PostgreSQL");
     tokio::spawn(connection);
-    let r = redis::cluster::ClusterClient::new(cluster.seeds())
-        .expect("cluster client")
-        .get_async_connection()
-        .await
-        .expect("connect to the cluster");
+    let mut r = cluster_conn(&cluster).await;
 
     let mut pg_cfg = PostgresConfig::new(pg.url());
     pg_cfg.status_interval_ms = 100;
@@ -78,13 +43,8 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
 
     // One row: product 5 moves from category 6 to 9; its key and both listings are evicted,
     // wherever their slots live.
-    for k in [
-        "{product:5}",
-        "{category:6:products}",
-        "{category:9:products}",
-        "{product:6}",
-    ] {
-        set(&r, k).await;
+    for k in MOVE_5_KEYS {
+        set(&mut r, k, "cached").await;
     }
     let before = current_lsn(&client).await;
     client
@@ -93,22 +53,22 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
         .expect("UPDATE");
     let after = current_lsn(&client).await;
     wait_for("product:5 to be evicted", WAIT, || {
-        let r = r.clone();
-        async move { !exists(&r, "{product:5}").await }
+        let mut r = r.clone();
+        async move { !exists(&mut r, "{product:5}").await }
     })
     .await;
     for key in ["product:5", "category:6:products", "category:9:products"] {
         assert!(
-            !exists(&r, &format!("{{{key}}}")).await,
+            !exists(&mut r, &format!("{{{key}}}")).await,
             "{key} still cached"
         );
-        let f = fence(&r, key).await.expect("fence written");
+        let f = fence(&mut r, key).await.expect("fence written");
         assert!(
             f > before && f <= after,
             "{key}: fence {f} outside ({before}, {after}]"
         );
     }
-    assert_eq!(get(&r, "{product:6}").await.as_deref(), Some("cached"));
+    assert_eq!(get(&mut r, "{product:6}").await.as_deref(), Some("cached"));
 
     // Every product: keys over every master's slots, in one transaction.
     let slots: std::collections::BTreeSet<u16> = (1..=100)
@@ -116,17 +76,17 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
         .collect();
     assert!(slots.len() > 90);
     for i in 1..=100 {
-        set(&r, &format!("{{product:{i}}}")).await;
+        set(&mut r, &format!("{{product:{i}}}"), "cached").await;
     }
     client
         .batch_execute("UPDATE product SET price_cents = price_cents + 1")
         .await
         .expect("UPDATE all");
     wait_for("every product to be evicted", WAIT, || {
-        let r = r.clone();
+        let mut r = r.clone();
         async move {
             for i in 1..=100 {
-                if exists(&r, &format!("{{product:{i}}}")).await {
+                if exists(&mut r, &format!("{{product:{i}}}")).await {
                     return false;
                 }
             }
@@ -135,7 +95,7 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
     })
     .await;
     for i in 1..=100 {
-        assert!(fence(&r, &format!("product:{i}")).await.is_some());
+        assert!(fence(&mut r, &format!("product:{i}")).await.is_some());
     }
 
     // A failover: the pipeline keeps evicting on the new master.
@@ -147,7 +107,7 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
     .await
     .expect("join");
     for i in 1..=100 {
-        set(&r, &format!("{{product:{i}}}")).await;
+        set(&mut r, &format!("{{product:{i}}}"), "cached").await;
     }
     client
         .batch_execute("UPDATE product SET price_cents = price_cents + 1 WHERE id <= 50")
@@ -157,10 +117,10 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
         "products 1-50 to be evicted after the failover",
         WAIT,
         || {
-            let r = r.clone();
+            let mut r = r.clone();
             async move {
                 for i in 1..=50 {
-                    if exists(&r, &format!("{{product:{i}}}")).await {
+                    if exists(&mut r, &format!("{{product:{i}}}")).await {
                         return false;
                     }
                 }
@@ -169,24 +129,25 @@ async fn updates_and_truncate_evict_their_keys_in_a_redis_cluster() {
         },
     )
     .await;
-    assert!(exists(&r, "{product:51}").await);
+    assert!(exists(&mut r, "{product:51}").await);
 
     // TRUNCATE: every key of the table on every master, leases included.
-    set(&r, "{product:77}:lease").await;
-    set(&r, "{category:3:products}").await;
+    set(&mut r, "{product:77}:lease", "cached").await;
+    set(&mut r, "{category:3:products}", "cached").await;
     client
         .batch_execute("TRUNCATE product")
         .await
         .expect("TRUNCATE");
     wait_for("TRUNCATE to evict the table on every master", WAIT, || {
-        let r = r.clone();
+        let mut r = r.clone();
         async move {
             for i in 51..=100 {
-                if exists(&r, &format!("{{product:{i}}}")).await {
+                if exists(&mut r, &format!("{{product:{i}}}")).await {
                     return false;
                 }
             }
-            !exists(&r, "{product:77}:lease").await && !exists(&r, "{category:3:products}").await
+            !exists(&mut r, "{product:77}:lease").await
+                && !exists(&mut r, "{category:3:products}").await
         }
     })
     .await;

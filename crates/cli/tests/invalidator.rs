@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cacheclear_harness::fixtures::{fences, redis_conn};
 use cacheclear_harness::{KafkaBroker, RedisInstance};
 use cacheclear_protocol::{BusRecord, Lsn, Op};
 use rdkafka::ClientConfig;
@@ -147,11 +148,7 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     kafka.create_topic(TOPIC, 4).unwrap();
     kafka.create_topic("cacheclear.dlq", 1).unwrap();
     let redis = RedisInstance::start().unwrap();
-    let mut c = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut c = redis_conn(&redis).await;
 
     // 40,000 records over 4,000 keys, LSNs increasing.
     let mut expected: HashMap<String, Lsn> = HashMap::new();
@@ -269,19 +266,9 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
 
     // Every key carries its final fence: nothing lost across the kill.
     let keys: Vec<&String> = expected.keys().collect();
-    for chunk in keys.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for k in chunk {
-            pipe.cmd("GET").arg(format!("{{{k}}}:fence"));
-        }
-        let got: Vec<Option<String>> = pipe.query_async(&mut c).await.unwrap();
-        for (k, f) in chunk.iter().zip(got) {
-            assert_eq!(
-                f.as_deref(),
-                Some(expected[*k].to_fixed_hex().as_str()),
-                "{k} has its final fence"
-            );
-        }
+    let got = fences(&mut c, &keys).await;
+    for (k, f) in keys.iter().zip(got) {
+        assert_eq!(f, Some(expected[*k]), "{k} has its final fence");
     }
 }
 

@@ -16,13 +16,8 @@ async fn update_evicts_old_and_new_keys_and_sets_fences() {
     let mut r = env.redis().await;
     let running = start_pipeline(&env).await;
 
-    // Product 5 sits in category 6 (1 + 5 % 10). Cache its value and both listings.
-    for k in [
-        "{product:5}",
-        "{category:6:products}",
-        "{category:9:products}",
-        "{product:6}",
-    ] {
+    // Product 5 sits in category 6. Cache its value, both listings and product 6.
+    for k in MOVE_5_KEYS {
         set(&mut r, k, "cached").await;
     }
     let before = current_lsn(&pg).await;

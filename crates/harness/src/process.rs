@@ -1,4 +1,4 @@
-//! Process and port plumbing shared by the PostgreSQL and Redis instances.
+//! Process and port plumbing shared by the servers (see `server.rs` for their lifecycle).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};

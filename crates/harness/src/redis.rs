@@ -1,25 +1,31 @@
 //! Throwaway Redis instances.
 
-use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-use tempfile::TempDir;
 
 use crate::HarnessError;
 use crate::bins::RedisBinaries;
-use crate::process::{
-    self, PortReservation, file_len, free_port, kill_on_parent_exit, spawn_error,
-    spawn_tied_to_process, status_text, tail,
-};
+use crate::process::{self, free_port, spawn_error};
+use crate::server::{Launch, Server, ServerProcess, ServerSpec};
 
-const SERVER: &str = "Redis";
 const HOST: &str = "127.0.0.1";
-const LOG_TAIL_LINES: usize = 30;
+
+static SPEC: ServerSpec = ServerSpec {
+    name: "Redis",
+    temp_prefix: "cacheclear-redis-",
+    temp_for: "Redis",
+    log_file: "redis.log",
+    kill_signal: libc::SIGKILL,
+    kill_grace: Duration::ZERO,
+    port_in_use: &["Address already in use"],
+    first_pause: Duration::from_millis(2),
+    max_pause: Duration::from_millis(50),
+    restart_hint: "Another process took the port while the instance was stopped; start a new \
+                   instance instead.",
+};
 
 /// Options for [`RedisInstance::start_with`]. `RedisOptions::default()` is what
 /// [`RedisInstance::start`] uses.
@@ -65,17 +71,10 @@ impl RedisOptions {
 #[derive(Debug)]
 pub struct RedisInstance {
     bins: RedisBinaries,
-    root: PathBuf,
-    log_path: PathBuf,
-    port: u16,
     opts: RedisOptions,
-    server: Option<Child>,
-    reservation: Option<PortReservation>,
-    /// Cluster nodes only: the cluster bus port (`--cluster-port`), and its reservation while
-    /// the server is stopped.
-    bus_port: Option<u16>,
-    bus_reservation: Option<PortReservation>,
-    dir: Option<TempDir>,
+    /// The server process and its temp dir; a cluster node's bus port (`--cluster-port`) is
+    /// its extra port.
+    process: ServerProcess,
 }
 
 impl RedisInstance {
@@ -109,35 +108,14 @@ impl RedisInstance {
 
     fn start_inner(opts: RedisOptions, cluster: bool) -> Result<RedisInstance, HarnessError> {
         let bins = RedisBinaries::discover()?;
-        let dir = tempfile::Builder::new()
-            .prefix("cacheclear-redis-")
-            .tempdir()
-            .map_err(|e| {
-                HarnessError::io(
-                    format!(
-                        "could not create a temporary directory in {} for Redis (set TMPDIR to a \
-                         writable directory)",
-                        std::env::temp_dir().display()
-                    ),
-                    e,
-                )
-            })?;
-        let root = dir.path().to_path_buf();
         let mut redis = RedisInstance {
             bins,
-            log_path: root.join("redis.log"),
-            root,
-            port: 0,
+            process: ServerProcess::new(&SPEC, opts.startup_timeout)?,
             opts,
-            server: None,
-            reservation: None,
-            bus_port: None,
-            bus_reservation: None,
-            dir: Some(dir),
         };
         process::launch_retrying_port(None, |port| {
             if cluster {
-                redis.bus_port = Some(free_port()?);
+                redis.process.set_extra_port(free_port()?);
             }
             redis.launch(port)
         })?;
@@ -147,7 +125,7 @@ impl RedisInstance {
     /// TCP port the server listens on (on 127.0.0.1). Stays the same across
     /// [`RedisInstance::stop`]/[`RedisInstance::start_again`].
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port()
     }
 
     /// Host to connect to: always `"127.0.0.1"`.
@@ -157,29 +135,29 @@ impl RedisInstance {
 
     /// Connection URL for the `redis` crate: `"redis://127.0.0.1:N/"`.
     pub fn url(&self) -> String {
-        format!("redis://{HOST}:{}/", self.port)
+        format!("redis://{HOST}:{}/", self.port())
     }
 
     /// The cluster bus port (`--cluster-port`) of a Redis Cluster node started by
     /// [`crate::RedisCluster`]; `None` for a standalone server. Stays the same across
     /// [`RedisInstance::stop`]/[`RedisInstance::start_again`].
     pub fn cluster_bus_port(&self) -> Option<u16> {
-        self.bus_port
+        self.process.extra_port()
     }
 
     /// The instance's temp dir (working directory of the server; deleted on drop).
     pub fn dir(&self) -> &Path {
-        &self.root
+        self.process.root()
     }
 
     /// The server log (stdout/stderr of `redis-server`, appended across restarts).
     pub fn log_path(&self) -> &Path {
-        &self.log_path
+        self.process.log_path()
     }
 
     /// The last `lines` lines of the server log, for diagnostics in failing tests.
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log_path, 0, lines)
+        self.process.log_tail(lines)
     }
 
     /// The binaries this instance uses.
@@ -189,12 +167,12 @@ impl RedisInstance {
 
     /// Process id of the server, `None` while stopped.
     pub fn pid(&self) -> Option<u32> {
-        self.server.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// True while the server process is running.
     pub fn is_running(&mut self) -> bool {
-        matches!(self.server.as_mut().map(Child::try_wait), Some(Ok(None)))
+        self.process.is_running()
     }
 
     /// Kills the server (SIGKILL: "Redis goes down", nothing is saved) and waits for it. The
@@ -205,22 +183,7 @@ impl RedisInstance {
     /// # Errors
     /// [`HarnessError::StopTimeout`] if the process does not exit even after SIGKILL.
     pub fn stop(&mut self) -> Result<(), HarnessError> {
-        let Some(mut child) = self.server.take() else {
-            return Ok(());
-        };
-        let pid = child.id();
-        let result = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
-        self.reservation = PortReservation::new(self.port);
-        self.bus_reservation = self.bus_port.and_then(PortReservation::new);
-        result.map_err(|waited| {
-            self.server = Some(child);
-            HarnessError::StopTimeout {
-                server: SERVER,
-                port: self.port,
-                pid,
-                timeout: waited,
-            }
-        })
+        self.process.kill()
     }
 
     /// Starts the server again on the same port (stopping it first if it runs). The data set
@@ -232,16 +195,7 @@ impl RedisInstance {
     /// meanwhile (the port cannot change: clients hold it).
     pub fn start_again(&mut self) -> Result<(), HarnessError> {
         self.stop()?;
-        let restart = (
-            self.port,
-            "Another process took the port while the instance was stopped; \
-             start a new instance instead.",
-        );
-        process::launch_retrying_port(Some(restart), |port| {
-            self.reservation = None;
-            self.bus_reservation = None;
-            self.launch(port)
-        })
+        self.relaunch()
     }
 
     /// Runs `redis-cli -e -h 127.0.0.1 -p N <args...>` and returns its stdout without the
@@ -256,7 +210,7 @@ impl RedisInstance {
         let cli = self.bins.require_cli()?;
         let out = Command::new(cli)
             .stdin(Stdio::null())
-            .args(["-e", "-h", HOST, "-p", &self.port.to_string()])
+            .args(["-e", "-h", HOST, "-p", &self.port().to_string()])
             .args(args)
             .env_remove("REDISCLI_AUTH")
             .output()
@@ -268,13 +222,13 @@ impl RedisInstance {
         if out.status.success() && !stderr.starts_with("Could not connect") {
             return Ok(stdout.to_string());
         }
-        let hint = if self.server.is_none() {
+        let hint = if self.process.is_stopped() {
             " (this instance is stopped: call start_again() first)".to_string()
         } else {
             String::new()
         };
         Err(HarnessError::RedisCli {
-            port: self.port,
+            port: self.port(),
             args: args.join(" "),
             stderr: if stderr.is_empty() {
                 stdout.trim().to_string()
@@ -284,29 +238,23 @@ impl RedisInstance {
             hint,
         })
     }
+}
 
-    fn launch(&mut self, port: u16) -> Result<(), HarnessError> {
-        let log_start = file_len(&self.log_path);
-        let open_log = || {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log_path)
-                .map_err(|e| {
-                    HarnessError::io(format!("could not open {}", self.log_path.display()), e)
-                })
-        };
-        let (out, err) = (open_log()?, open_log()?);
+impl Server for RedisInstance {
+    fn process(&mut self) -> &mut ServerProcess {
+        &mut self.process
+    }
+
+    fn command(&self, port: u16) -> Command {
+        let root = self.process.root();
         let mut cmd = Command::new(&self.bins.server);
-        cmd.current_dir(&self.root)
+        cmd.current_dir(root)
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
             .args(["--port", &port.to_string(), "--bind", HOST])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
-            .arg(&self.root);
-        if let Some(bus_port) = self.bus_port {
+            .arg(root);
+        if let Some(bus_port) = self.process.extra_port() {
             // Relative to --dir: every node keeps its own nodes.conf in its own temp dir.
             cmd.args([
                 "--cluster-enabled",
@@ -316,104 +264,21 @@ impl RedisInstance {
             ])
             .args(["--cluster-port", &bus_port.to_string()]);
         }
-        cmd.args(&self.opts.extra_args).process_group(0);
-        kill_on_parent_exit(&mut cmd, libc::SIGKILL);
-        let child =
-            spawn_tied_to_process(cmd).map_err(|e| spawn_error(&self.bins.server, e, None))?;
-        self.port = port;
-        self.server = Some(child);
-        match self.wait_ready(port, log_start) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if let Some(mut child) = self.server.take() {
-                    let _ = process::terminate(&mut child, libc::SIGKILL, Duration::ZERO);
-                }
-                Err(e)
-            }
-        }
+        cmd.args(&self.opts.extra_args);
+        cmd
     }
 
-    fn wait_ready(&mut self, port: u16, log_start: u64) -> Result<(), HarnessError> {
-        let timeout = self.opts.startup_timeout;
-        let deadline = Instant::now() + timeout;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let (exited, pid) = match self.server.as_mut() {
-                Some(child) => match child.try_wait() {
-                    Ok(None) => (None, child.id()),
-                    Ok(Some(status)) => (Some(Some(status)), child.id()),
-                    Err(_) => (Some(None), child.id()),
-                },
-                None => (Some(None), 0),
-            };
-            if let Some(status) = exited {
-                let since = process::read_from(&self.log_path, log_start);
-                let log_tail = tail(&self.log_path, log_start, LOG_TAIL_LINES);
-                if since.contains("Address already in use") {
-                    return Err(HarnessError::PortInUse {
-                        server: SERVER,
-                        port,
-                        attempts: 1,
-                        hint: "Parallel tests or other programs keep taking the free ports we \
-                               pick; retry, or run fewer tests at once.",
-                        log_tail,
-                    });
-                }
-                return Err(HarnessError::ServerExited {
-                    server: SERVER,
-                    port,
-                    status: status_text(status),
-                    log_tail,
-                });
-            }
-            let mut still_ours =
-                || matches!(self.server.as_mut().map(Child::try_wait), Some(Ok(None)));
-            match server_pid(addr, &mut still_ours) {
-                Ok(Some(answering)) if answering == pid => return Ok(()),
-                Ok(Some(_)) => {
-                    // Another Redis answers on this port; ours will fail to bind.
-                    return Err(HarnessError::PortInUse {
-                        server: SERVER,
-                        port,
-                        attempts: 1,
-                        hint: "Another Redis server answers on this port.",
-                        log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
-                    });
-                }
-                // Not listening yet, or still loading: keep waiting.
-                Ok(None) | Err(_) => {}
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::StartTimeout {
-                    server: SERVER,
-                    port,
-                    timeout,
-                    log_tail: tail(&self.log_path, log_start, LOG_TAIL_LINES),
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for RedisInstance {
-    /// Kills the server, waits for it, then deletes the temp dir. Errors are reported on stderr.
-    fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("cacheclear-harness: {e}");
-        }
-        self.reservation = None;
-        self.bus_reservation = None;
-        if let Some(dir) = self.dir.take() {
-            let path = dir.path().to_path_buf();
-            if let Err(e) = dir.close() {
-                eprintln!(
-                    "cacheclear-harness: could not remove {}: {e}; delete it by hand",
-                    path.display()
-                );
-            }
+    fn probe(&mut self, launch: &Launch) -> Result<bool, HarnessError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, launch.port));
+        let mut still_ours = || self.process.is_running();
+        match server_pid(addr, &mut still_ours) {
+            Ok(Some(answering)) if answering == launch.pid => Ok(true),
+            // Another Redis answers on this port; ours will fail to bind.
+            Ok(Some(_)) => Err(self
+                .process
+                .port_in_use(launch, "Another Redis server answers on this port.")),
+            // Not listening yet, or still loading: keep waiting.
+            Ok(None) | Err(_) => Ok(false),
         }
     }
 }
@@ -509,7 +374,7 @@ mod tests {
         let port = redis.port();
         redis.stop().expect("stop");
         // Simulate another process grabbing the port while we were down.
-        redis.reservation = None;
+        redis.process.release_ports();
         let squatter = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("squat");
         let err = redis.start_again().expect_err("port is taken");
         assert!(err.is_port_in_use(), "{err:?}");

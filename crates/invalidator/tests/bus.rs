@@ -54,16 +54,12 @@ async fn records_reach_redis_with_their_fences_and_offsets_are_committed() {
     kafka.create_topic(TOPIC, 4).unwrap();
     kafka.create_topic(DLQ, 1).unwrap();
     let redis = redis();
-    let mut c = conn(&redis).await;
+    let mut c = redis_conn(&redis).await;
     let (records, expected) = stream(3000, 500, 0x1_0000_0000);
     let keys: Vec<String> = expected.keys().cloned().collect();
-    fill_values(&mut c, &keys).await;
+    fill_values(&mut c, &keys, "stale").await;
     // A table-wide record evicts what its pattern matches, with its LSN.
-    fill_values(
-        &mut c,
-        &["listing:1".into(), "listing:2".into(), "other:1".into()],
-    )
-    .await;
+    fill_values(&mut c, &["listing:1", "listing:2", "other:1"], "stale").await;
     let p = producer(&kafka);
     let mut ends = produce_all(&p, TOPIC, &records).await;
     let table_wide = cacheclear_protocol::BusRecord {
@@ -91,11 +87,7 @@ async fn records_reach_redis_with_their_fences_and_offsets_are_committed() {
     })
     .await;
     assert_all_fenced(&mut c, &expected).await;
-    let listing = fences(
-        &mut c,
-        &["listing:1".into(), "listing:2".into(), "other:1".into()],
-    )
-    .await;
+    let listing = fences(&mut c, &["listing:1", "listing:2", "other:1"]).await;
     assert_eq!(
         listing,
         [Some(Lsn(0x2_0000_0000)), Some(Lsn(0x2_0000_0000)), None]
@@ -112,11 +104,11 @@ async fn two_groups_fan_out_to_two_redis_deployments() {
     kafka.create_topic(TOPIC, 2).unwrap();
     kafka.create_topic(DLQ, 1).unwrap();
     let (eu, us) = (redis(), redis());
-    let (mut ceu, mut cus) = (conn(&eu).await, conn(&us).await);
+    let (mut ceu, mut cus) = (redis_conn(&eu).await, redis_conn(&us).await);
     let (records, expected) = stream(1000, 300, 0x10);
     let keys: Vec<String> = expected.keys().cloned().collect();
-    fill_values(&mut ceu, &keys).await;
-    fill_values(&mut cus, &keys).await;
+    fill_values(&mut ceu, &keys, "stale").await;
+    fill_values(&mut cus, &keys, "stale").await;
     let a = Member::start(config(&kafka, &eu, "region-eu", &[TOPIC]));
     let b = Member::start(config(&kafka, &us, "region-us", &[TOPIC]));
     produce_all(&producer(&kafka), TOPIC, &records).await;
@@ -139,10 +131,10 @@ async fn a_rebalance_mid_stream_loses_nothing_and_leaves_nothing_stale() {
     kafka.create_topic(TOPIC, 4).unwrap();
     kafka.create_topic(DLQ, 1).unwrap();
     let redis = redis();
-    let mut c = conn(&redis).await;
+    let mut c = redis_conn(&redis).await;
     let (records, expected) = stream(12_000, 1000, 0x100);
     let keys: Vec<String> = expected.keys().cloned().collect();
-    fill_values(&mut c, &keys).await;
+    fill_values(&mut c, &keys, "stale").await;
     let mut cfg = config(&kafka, &redis, "g", &[TOPIC]);
     cfg.kafka.batch_max_records = 200;
     let a = Member::start(cfg.clone());
@@ -213,7 +205,7 @@ async fn commits_are_rate_limited_and_an_idle_stream_still_commits() {
     kafka.create_topic(TOPIC_I, 4).unwrap();
     kafka.create_topic(DLQ, 1).unwrap();
     let redis = redis();
-    let mut c = conn(&redis).await;
+    let mut c = redis_conn(&redis).await;
     let (records, expected) = stream(3000, 300, 0x3_0000_0000);
     let ends = produce_all(&producer(&kafka), TOPIC_I, &records).await;
 

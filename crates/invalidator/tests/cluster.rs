@@ -12,22 +12,8 @@ use cacheclear_protocol::{BusRecord, Lsn, Op};
 use cacheclear_sink_redis::RedisConfig;
 use common::*;
 use redis::AsyncCommands;
-use redis::cluster_async::ClusterConnection;
 
 const TOPIC: &str = "cacheclear.invalidations";
-
-async fn cluster_conn(cluster: &RedisCluster) -> ClusterConnection {
-    redis::cluster::ClusterClient::new(cluster.seeds())
-        .expect("cluster client")
-        .get_async_connection()
-        .await
-        .expect("connect to the cluster")
-}
-
-async fn fence(c: &mut ClusterConnection, key: &str) -> Option<Lsn> {
-    let f: Option<String> = c.get(format!("{{{key}}}:fence")).await.expect("GET fence");
-    f.map(|s| Lsn::from_fixed_hex(&s).expect("fixed hex"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_reach_a_redis_cluster_and_a_restart_loses_nothing() {

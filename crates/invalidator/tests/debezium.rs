@@ -106,7 +106,7 @@ async fn debezium_events_evict_exactly_their_keys() {
     kafka.create_topic(TOPIC, 1).unwrap();
     kafka.create_topic(DLQ, 1).unwrap();
     let redis = redis();
-    let mut c = conn(&redis).await;
+    let mut c = redis_conn(&redis).await;
     let cached: Vec<String> = [
         "product:1",
         "product:2",
@@ -120,7 +120,7 @@ async fn debezium_events_evict_exactly_their_keys() {
     .map(|s| s.to_string())
     .chain((1..=9).map(|i| format!("category:{i}:products")))
     .collect();
-    fill_values(&mut c, &cached).await;
+    fill_values(&mut c, &cached, "stale").await;
     let mut f = Fixture { c };
 
     let mut cfg = config(&kafka, &redis, "dbz", &[]);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cacheclear_harness::RedisCluster;
+use cacheclear_harness::fixtures::{cluster_conn, fill_pipeline};
 use cacheclear_protocol::{KeyLayout, Lsn};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
 use futures::StreamExt;
@@ -16,14 +17,6 @@ async fn start(masters: usize, replicas: usize) -> RedisCluster {
         .await
         .expect("join")
         .expect("start the Redis Cluster")
-}
-
-async fn client(cluster: &RedisCluster) -> ClusterConnection {
-    redis::cluster::ClusterClient::new(cluster.seeds())
-        .expect("cluster client")
-        .get_async_connection()
-        .await
-        .expect("connect to the cluster")
 }
 
 fn sink(cluster: &RedisCluster) -> RedisSink {
@@ -46,22 +39,10 @@ async fn fill(conn: &ClusterConnection, keys: &[String]) {
     futures::stream::iter(groups.into_values().map(|keys| {
         let mut conn = conn.clone();
         async move {
-            let mut pipe = redis::pipe();
-            for k in keys {
-                pipe.cmd("SET")
-                    .arg(format!("{{{k}}}"))
-                    .arg("cached")
-                    .arg("PX")
-                    .arg(600_000)
-                    .ignore();
-                pipe.cmd("SET")
-                    .arg(format!("{{{k}}}:lease"))
-                    .arg("token")
-                    .arg("PX")
-                    .arg(600_000)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut conn).await.expect("fill");
+            fill_pipeline(&keys, "cached", true)
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("fill");
         }
     }))
     .buffer_unordered(64)
@@ -133,7 +114,7 @@ async fn assert_applied(conn: &ClusterConnection, keys: &[String], want: impl Fn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidates_keys_of_every_slot_with_one_slot_per_call() {
     let cluster = start(3, 0).await;
-    let conn = client(&cluster).await;
+    let conn = cluster_conn(&cluster).await;
     let keys: Vec<String> = (0..10_000).map(|i| format!("product:{i}")).collect();
     let slots = by_slot(&keys).len();
     assert!(slots > 7_000, "keys cover only {slots} slots");
@@ -217,7 +198,7 @@ async fn invalidates_keys_of_every_slot_with_one_slot_per_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_wide_eviction_scans_every_master() {
     let cluster = start(3, 0).await;
-    let conn = client(&cluster).await;
+    let conn = cluster_conn(&cluster).await;
     let products: Vec<String> = (0..3_000).map(|i| format!("product:{i}")).collect();
     let others: Vec<String> = (0..500).map(|i| format!("order:{i}")).collect();
     fill(&conn, &products).await;
@@ -248,7 +229,7 @@ async fn table_wide_eviction_scans_every_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_during_invalidation_lose_nothing() {
     let cluster = Arc::new(start(3, 1).await);
-    let conn = client(&cluster).await;
+    let conn = cluster_conn(&cluster).await;
     let sink = sink(&cluster);
     // One long invalidation (200k keys) while every shard fails over in turn, then batches that
     // keep coming during and after it.
@@ -324,7 +305,7 @@ async fn failovers_during_invalidation_lose_nothing() {
     // Everything is on the new masters, fenced at its LSN.
     let conn = {
         drop(conn);
-        client(&cluster).await
+        cluster_conn(&cluster).await
     };
     assert_applied(&conn, &big, |_| big_lsn).await;
     for (keys, lsn) in &batches {
@@ -389,7 +370,7 @@ async fn an_unreachable_cluster_fails_the_batch_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_node_cluster_works_too() {
     let cluster = start(1, 0).await;
-    let conn = client(&cluster).await;
+    let conn = cluster_conn(&cluster).await;
     let keys: Vec<String> = (0..1_000).map(|i| format!("p:{i}")).collect();
     fill(&conn, &keys).await;
     let sink = sink(&cluster);

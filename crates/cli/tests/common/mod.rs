@@ -1,11 +1,16 @@
 //! Shared fixtures of the pipeline tests: private PostgreSQL + Redis, the catalog schema, and an
-//! in-process pipeline.
+//! in-process pipeline; the workspace's shared test kit (`cacheclear_harness::fixtures`: rules,
+//! `wait_for`, Redis helpers) is re-exported.
 #![allow(dead_code)]
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// The shared test kit; not every test uses all of it.
+#[allow(unused_imports)]
+pub use cacheclear_harness::fixtures::{
+    exist_many, exists, fence, get, product_rules, redis_conn, set, wait_for,
+};
 use cacheclear_harness::{PgInstance, PgOptions, RedisInstance};
 use cacheclear_protocol::Lsn;
 use cacheclear_rules::{RuleConfig, Rules};
@@ -28,15 +33,14 @@ INSERT INTO product SELECT g, 1 + g % 10, 'product ' || g, 'product-' || g, 1000
   FROM generate_series(1, 100) g;
 ";
 
-pub fn product_rules() -> Vec<RuleConfig> {
-    vec![RuleConfig {
-        table: "public.product".into(),
-        keys: vec![
-            "product:{id}".into(),
-            "category:{category_id}:products".into(),
-        ],
-    }]
-}
+/// The cached keys of the "product 5 moves from category 6 to 9" scenario: its value, both
+/// listings (product 5 sits in category 6: 1 + 5 % 10) and its neighbour product 6, which stays.
+pub const MOVE_5_KEYS: [&str; 4] = [
+    "{product:5}",
+    "{category:6:products}",
+    "{category:9:products}",
+    "{product:6}",
+];
 
 pub struct Env {
     pub pg: PgInstance,
@@ -64,11 +68,7 @@ impl Env {
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis.url())
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect Redis")
+        redis_conn(&self.redis).await
     }
 
     pub fn pg_config(&self) -> PostgresConfig {
@@ -104,55 +104,6 @@ pub async fn start_pipeline(env: &Env) -> Pipeline {
     let mut pipeline = spawn_pipeline(env.pg_config(), env.redis_config(), product_rules());
     streaming(&mut pipeline).await;
     pipeline
-}
-
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub async fn exists(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> bool {
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query_async::<i64>(conn)
-        .await
-        .expect("EXISTS")
-        == 1
-}
-
-pub async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
-    redis::cmd("GET")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .expect("GET")
-}
-
-pub async fn set(conn: &mut redis::aio::MultiplexedConnection, key: &str, value: &str) {
-    redis::cmd("SET")
-        .arg(key)
-        .arg(value)
-        .arg("PX")
-        .arg(600_000)
-        .query_async::<()>(conn)
-        .await
-        .expect("SET");
-}
-
-pub async fn fence(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Lsn> {
-    get(conn, &format!("{{{key}}}:fence"))
-        .await
-        .map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))
 }
 
 pub async fn current_lsn(pg: &tokio_postgres::Client) -> Lsn {
@@ -352,19 +303,6 @@ pub async fn wait_streaming(pg: &tokio_postgres::Client, timeout: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// `EXISTS` of many keys in one round trip.
-pub async fn exist_many(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &[String],
-) -> Vec<bool> {
-    let mut pipe = redis::pipe();
-    for k in keys {
-        pipe.cmd("EXISTS").arg(k);
-    }
-    let found: Vec<i64> = pipe.query_async(conn).await.expect("EXISTS pipeline");
-    found.into_iter().map(|n| n == 1).collect()
 }
 
 // ---- The binary's `/metrics` endpoint ----

@@ -1,33 +1,28 @@
 //! Fixtures of the invalidator tests: a real Kafka-protocol broker (tansu), real Redis, a
-//! producer, an in-process invalidator and Redis assertions.
+//! producer and an in-process invalidator; the workspace's shared test kit
+//! (`cacheclear_harness::fixtures`: rules, `wait_for`, Redis helpers) is re-exported.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+// The shared test kit; not every test uses all of it.
+#[allow(unused_imports)]
+pub use cacheclear_harness::fixtures::{
+    cluster_conn, fence, fences, fill_values, product_rules, redis_conn, values_exist, wait_for,
+};
 use cacheclear_harness::{KafkaBroker, RedisInstance};
 use cacheclear_invalidator::{
-    DebeziumConfig, InvalidatorConfig, InvalidatorError, InvalidatorStatus, KafkaConfig, RunOptions,
+    InvalidatorConfig, InvalidatorError, InvalidatorStatus, KafkaConfig, RunOptions,
 };
 use cacheclear_protocol::{BusRecord, Lsn, Op};
-use cacheclear_rules::{RuleConfig, Rules};
+use cacheclear_rules::Rules;
 use cacheclear_sink_redis::RedisConfig;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 pub const DLQ: &str = "cacheclear.dlq";
-
-pub fn product_rules() -> Vec<RuleConfig> {
-    vec![RuleConfig {
-        table: "public.product".into(),
-        keys: vec![
-            "product:{id}".into(),
-            "category:{category_id}:products".into(),
-        ],
-    }]
-}
 
 pub fn broker() -> KafkaBroker {
     KafkaBroker::start().expect("start the Kafka broker (tansu)")
@@ -54,12 +49,7 @@ pub fn config(
         .insert("session.timeout.ms".into(), "6000".into());
     k.properties
         .insert("heartbeat.interval.ms".into(), "500".into());
-    InvalidatorConfig {
-        kafka: k,
-        redis: RedisConfig::new(redis.url()),
-        debezium: DebeziumConfig::default(),
-        rules: product_rules(),
-    }
+    InvalidatorConfig::new(k, RedisConfig::new(redis.url())).with_rules(product_rules())
 }
 
 /// A producer sending every record as its own record batch. tansu 0.6.0 serves a fetch that
@@ -192,82 +182,6 @@ impl Drop for Member {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-    }
-}
-
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub async fn conn(redis: &RedisInstance) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect Redis")
-}
-
-/// `{K}:fence` of each key, parsed (`None` when absent).
-pub async fn fences(
-    c: &mut redis::aio::MultiplexedConnection,
-    keys: &[String],
-) -> Vec<Option<Lsn>> {
-    let mut out = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for k in chunk {
-            pipe.cmd("GET").arg(format!("{{{k}}}:fence"));
-        }
-        let got: Vec<Option<String>> = pipe.query_async(c).await.expect("GET fences");
-        out.extend(
-            got.into_iter()
-                .map(|f| f.map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))),
-        );
-    }
-    out
-}
-
-/// Whether each key's value `{K}` exists.
-pub async fn values_exist(c: &mut redis::aio::MultiplexedConnection, keys: &[String]) -> Vec<bool> {
-    let mut out = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for k in chunk {
-            pipe.cmd("EXISTS").arg(format!("{{{k}}}"));
-        }
-        let got: Vec<i64> = pipe.query_async(c).await.expect("EXISTS");
-        out.extend(got.into_iter().map(|n| n == 1));
-    }
-    out
-}
-
-/// Caches a (stale) value for each key.
-pub async fn fill_values(c: &mut redis::aio::MultiplexedConnection, keys: &[String]) {
-    for chunk in keys.chunks(1000) {
-        let mut pipe = redis::pipe();
-        for k in chunk {
-            pipe.cmd("SET")
-                .arg(format!("{{{k}}}"))
-                .arg("stale")
-                .arg("EX")
-                .arg(600)
-                .ignore();
-        }
-        let () = pipe.query_async(c).await.expect("SET values");
     }
 }
 

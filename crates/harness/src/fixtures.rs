@@ -1,0 +1,232 @@
+//! The test kit of the workspace's integration tests (feature `fixtures`): the product rules
+//! they all use, polling with a deadline, connections to the private Redis servers, and Redis
+//! readers and writers for cached values and fences.
+//!
+//! Every helper panics with a message saying what failed: they are for tests, where a panic is
+//! the failure report. The Redis helpers take any async connection
+//! ([`redis::aio::ConnectionLike`]): a standalone server's
+//! [`MultiplexedConnection`] or a cluster's [`ClusterConnection`]; the pipelined ones
+//! ([`fences`], [`exist_many`], [`values_exist`], [`fill_values`]) send one pipeline per 1000
+//! keys, which a Redis Cluster only accepts when the keys share a slot.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use cacheclear_harness::RedisInstance;
+//! use cacheclear_harness::fixtures::{fence, redis_conn, set, wait_for};
+//! # async fn demo() {
+//! let redis = RedisInstance::start().expect("start Redis");
+//! let mut conn = redis_conn(&redis).await;
+//! set(&mut conn, "{product:1}", "cached").await;
+//! wait_for("product:1 to be fenced", Duration::from_secs(30), || {
+//!     let mut conn = conn.clone();
+//!     async move { fence(&mut conn, "product:1").await.is_some() }
+//! })
+//! .await;
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use cacheclear_protocol::Lsn;
+use cacheclear_rules::RuleConfig;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+
+use crate::{RedisCluster, RedisInstance};
+
+/// How long the cached values written by [`set`] and [`fill_values`] live, in milliseconds.
+pub const VALUE_TTL_MS: u64 = 600_000;
+
+/// Keys per pipeline of the pipelined helpers.
+const PIPELINE_KEYS: usize = 1000;
+
+/// The rules of the tests' catalog: `public.product` rows map to `product:{id}` and
+/// `category:{category_id}:products`.
+pub fn product_rules() -> Vec<RuleConfig> {
+    vec![RuleConfig {
+        table: "public.product".into(),
+        keys: vec![
+            "product:{id}".into(),
+            "category:{category_id}:products".into(),
+        ],
+    }]
+}
+
+/// Polls `check` every 20 ms until it returns true.
+///
+/// # Panics
+/// When `timeout` passes first: "timed out after {timeout} waiting for {what}".
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection to the private Redis server `redis`.
+///
+/// # Panics
+/// When Redis cannot be reached.
+pub async fn redis_conn(redis: &RedisInstance) -> MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect Redis")
+}
+
+/// A cluster connection to the private Redis Cluster `cluster` (every node as a seed).
+///
+/// # Panics
+/// When the cluster cannot be reached.
+pub async fn cluster_conn(cluster: &RedisCluster) -> ClusterConnection {
+    redis::cluster::ClusterClient::new(cluster.seeds())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("connect to the cluster")
+}
+
+/// Whether `key` exists (the key as given: a cached value is `{K}`).
+///
+/// # Panics
+/// When Redis fails the command.
+pub async fn exists(conn: &mut impl ConnectionLike, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(conn)
+        .await
+        .expect("EXISTS")
+        == 1
+}
+
+/// The string at `key` (the key as given), `None` when absent.
+///
+/// # Panics
+/// When Redis fails the command or the value is not a string.
+pub async fn get(conn: &mut impl ConnectionLike, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
+}
+
+/// Sets `key` (the key as given) to `value` for [`VALUE_TTL_MS`].
+///
+/// # Panics
+/// When Redis fails the command.
+pub async fn set(conn: &mut impl ConnectionLike, key: &str, value: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(VALUE_TTL_MS)
+        .query_async::<()>(conn)
+        .await
+        .expect("SET");
+}
+
+/// The fence of cache key `key` (`{key}:fence`), parsed; `None` when absent.
+///
+/// # Panics
+/// When Redis fails the command or the fence is not fixed hex.
+pub async fn fence(conn: &mut impl ConnectionLike, key: &str) -> Option<Lsn> {
+    get(conn, &format!("{{{key}}}:fence"))
+        .await
+        .map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))
+}
+
+/// The fence of every cache key in `keys`, in order, pipelined (see the module docs).
+///
+/// # Panics
+/// As [`fence`].
+pub async fn fences(conn: &mut impl ConnectionLike, keys: &[impl AsRef<str>]) -> Vec<Option<Lsn>> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(PIPELINE_KEYS) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("GET").arg(format!("{{{}}}:fence", k.as_ref()));
+        }
+        let got: Vec<Option<String>> = pipe.query_async(conn).await.expect("GET fences");
+        out.extend(
+            got.into_iter()
+                .map(|f| f.map(|s| Lsn::from_fixed_hex(&s).expect("fence is fixed hex"))),
+        );
+    }
+    out
+}
+
+/// `EXISTS` of every key in `keys` (the keys as given), in order, pipelined (see the module
+/// docs).
+///
+/// # Panics
+/// When Redis fails a command.
+pub async fn exist_many(conn: &mut impl ConnectionLike, keys: &[impl AsRef<str>]) -> Vec<bool> {
+    let mut out = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(PIPELINE_KEYS) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("EXISTS").arg(k.as_ref());
+        }
+        let got: Vec<i64> = pipe.query_async(conn).await.expect("EXISTS pipeline");
+        out.extend(got.into_iter().map(|n| n == 1));
+    }
+    out
+}
+
+/// Whether the cached value `{K}` of every cache key `K` in `keys` exists, in order.
+///
+/// # Panics
+/// As [`exist_many`].
+pub async fn values_exist(conn: &mut impl ConnectionLike, keys: &[impl AsRef<str>]) -> Vec<bool> {
+    let values: Vec<String> = keys.iter().map(|k| format!("{{{}}}", k.as_ref())).collect();
+    exist_many(conn, &values).await
+}
+
+/// A pipeline caching `value` at `{K}` for every cache key `K` in `keys` (and, with `lease`, a
+/// lease `{K}:lease`), each for [`VALUE_TTL_MS`], replies ignored.
+pub fn fill_pipeline(keys: &[impl AsRef<str>], value: &str, lease: bool) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        let k = k.as_ref();
+        pipe.cmd("SET")
+            .arg(format!("{{{k}}}"))
+            .arg(value)
+            .arg("PX")
+            .arg(VALUE_TTL_MS)
+            .ignore();
+        if lease {
+            pipe.cmd("SET")
+                .arg(format!("{{{k}}}:lease"))
+                .arg("token")
+                .arg("PX")
+                .arg(VALUE_TTL_MS)
+                .ignore();
+        }
+    }
+    pipe
+}
+
+/// Caches `value` at `{K}` for every cache key `K` in `keys` ([`fill_pipeline`], no leases),
+/// pipelined (see the module docs).
+///
+/// # Panics
+/// When Redis fails a command.
+pub async fn fill_values(conn: &mut impl ConnectionLike, keys: &[impl AsRef<str>], value: &str) {
+    for chunk in keys.chunks(PIPELINE_KEYS) {
+        fill_pipeline(chunk, value, false)
+            .query_async::<()>(conn)
+            .await
+            .expect("SET values");
+    }
+}
