@@ -44,16 +44,6 @@ async fn start(env: &Env) -> cacheclear_source_postgres::Pipeline {
     pipeline
 }
 
-async fn gone(r: &mut redis::aio::MultiplexedConnection, key: &str, what: &str) {
-    let value = format!("{{{key}}}");
-    wait_for(what, WAIT, || {
-        let value = value.clone();
-        let mut r = r.clone();
-        async move { !exists(&mut r, &value).await }
-    })
-    .await;
-}
-
 /// After the migration `sql`: the value cached before it is evicted (the table's changes since
 /// it left the publication were never streamed), and an UPDATE after the detection is streamed.
 async fn migration_is_followed(env: &Env, sql: &str) {
@@ -66,6 +56,7 @@ async fn migration_is_followed(env: &Env, sql: &str) {
         .expect("update");
     gone(
         &mut r,
+        WAIT,
         "item:1",
         "the value cached before the migration to go",
     )
@@ -76,7 +67,13 @@ async fn migration_is_followed(env: &Env, sql: &str) {
     pg.batch_execute("UPDATE item SET price = 2 WHERE id = 2")
         .await
         .expect("update");
-    gone(&mut r, "item:2", "an UPDATE after the migration to evict").await;
+    gone(
+        &mut r,
+        WAIT,
+        "item:2",
+        "an UPDATE after the migration to evict",
+    )
+    .await;
     let published: i64 = pg
         .query_one(
             "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'cacheclear' AND tablename = 'item'",
@@ -135,7 +132,7 @@ async fn a_replica_identity_reset_evicts_the_old_rows_keys() {
     pg.batch_execute("UPDATE prod SET cat = 4 WHERE id = 2")
         .await
         .expect("update");
-    gone(&mut r, "cat:2", "the old category's key to go").await;
+    gone(&mut r, WAIT, "cat:2", "the old category's key to go").await;
     assert!(
         !exists(&mut r, "{cat:9}").await,
         "the fallback evicts the whole table's keys"
@@ -150,7 +147,7 @@ async fn a_replica_identity_reset_evicts_the_old_rows_keys() {
     pg.batch_execute("UPDATE prod SET cat = 5 WHERE id = 3")
         .await
         .expect("update");
-    gone(&mut r, "cat:3", "the old category's key to go").await;
+    gone(&mut r, WAIT, "cat:3", "the old category's key to go").await;
     assert!(
         exists(&mut r, "{cat:7}").await,
         "with FULL again only the row's keys are evicted"
@@ -207,7 +204,13 @@ async fn a_rule_table_renamed_away_is_logged_and_counted() {
     )
     .await;
     assert!(body.contains("cacheclear_table_fallbacks_total"), "{body}");
-    gone(&mut r, "item:1", "the renamed table's keys to be evicted").await;
+    gone(
+        &mut r,
+        WAIT,
+        "item:1",
+        "the renamed table's keys to be evicted",
+    )
+    .await;
     wait_for("the error in the log", WAIT, || async {
         _run.log_text()
             .contains("rule table no longer exists under this name")
@@ -255,6 +258,7 @@ async fn a_user_managed_publication_gets_the_fix() {
     set(&mut r, "{item:1}", "cached while unpublished").await;
     gone(
         &mut r,
+        WAIT,
         "item:1",
         "the unpublished table's keys to be evicted",
     )

@@ -29,16 +29,6 @@ fn rules() -> Vec<RuleConfig> {
     }]
 }
 
-async fn gone(r: &mut redis::aio::MultiplexedConnection, key: &str, what: &str) {
-    let value = format!("{{{key}}}");
-    wait_for(what, WAIT, || {
-        let value = value.clone();
-        let mut r = r.clone();
-        async move { !exists(&mut r, &value).await }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_on_the_parent_covers_every_partition() {
     let env = Env::start();
@@ -54,17 +44,17 @@ async fn a_rule_on_the_parent_covers_every_partition() {
     pg.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 1")
         .await
         .expect("update");
-    gone(&mut r, "order:1", "UPDATE in a partition to evict").await;
+    gone(&mut r, WAIT, "order:1", "UPDATE in a partition to evict").await;
     set(&mut r, "{order:30}", "negative cache").await;
     pg.batch_execute("INSERT INTO orders VALUES (30, '2026-12-05', 'new')")
         .await
         .expect("insert");
-    gone(&mut r, "order:30", "INSERT in a partition to evict").await;
+    gone(&mut r, WAIT, "order:30", "INSERT in a partition to evict").await;
     set(&mut r, "{order:2}", "cached").await;
     pg.batch_execute("DELETE FROM orders WHERE id = 2")
         .await
         .expect("delete");
-    gone(&mut r, "order:2", "DELETE in a partition to evict").await;
+    gone(&mut r, WAIT, "order:2", "DELETE in a partition to evict").await;
     assert!(
         exists(&mut r, "{order:5}").await,
         "row changes evict their own keys only"
@@ -78,12 +68,14 @@ async fn a_rule_on_the_parent_covers_every_partition() {
         .expect("move");
     gone(
         &mut r,
+        WAIT,
         "orders:2026-11-03",
         "the new partition's key (INSERT)",
     )
     .await;
     gone(
         &mut r,
+        WAIT,
         "orders:2026-12-02",
         "the old partition's key (DELETE)",
     )
@@ -101,7 +93,13 @@ async fn a_rule_on_the_parent_covers_every_partition() {
     pg.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 40")
         .await
         .expect("update");
-    gone(&mut r, "order:40", "UPDATE in a new partition to evict").await;
+    gone(
+        &mut r,
+        WAIT,
+        "order:40",
+        "UPDATE in a new partition to evict",
+    )
+    .await;
 
     // A partition attached while running.
     pg.batch_execute(
@@ -118,6 +116,7 @@ async fn a_rule_on_the_parent_covers_every_partition() {
         .expect("update");
     gone(
         &mut r,
+        WAIT,
         "order:50",
         "UPDATE in an attached partition to evict",
     )
@@ -129,7 +128,7 @@ async fn a_rule_on_the_parent_covers_every_partition() {
     pg.batch_execute("TRUNCATE orders_2026_11")
         .await
         .expect("truncate");
-    gone(&mut r, "order:11", "TRUNCATE of a partition to evict").await;
+    gone(&mut r, WAIT, "order:11", "TRUNCATE of a partition to evict").await;
     assert!(
         !exists(&mut r, "{order:6}").await,
         "a partition's TRUNCATE evicts the whole rule table's keys"

@@ -353,3 +353,20 @@ pub async fn wait_sample(addr: &str, name: &str, min: f64) -> String {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Waits (`timeout` at most) until the value of cache key `key` (`{key}` in Redis) is gone;
+/// `what` names the wait in the failure message.
+pub async fn gone(
+    r: &mut redis::aio::MultiplexedConnection,
+    timeout: Duration,
+    key: &str,
+    what: &str,
+) {
+    let value = format!("{{{key}}}");
+    wait_for(what, timeout, || {
+        let value = value.clone();
+        let mut r = r.clone();
+        async move { !exists(&mut r, &value).await }
+    })
+    .await;
+}
