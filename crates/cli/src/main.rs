@@ -1,12 +1,14 @@
 //! `cacheclear`: keeps a Redis cache consistent with PostgreSQL through logical replication.
 //!
 //! Commands: `run` (the pipeline: PostgreSQL → Redis or Kafka), `invalidate` (Kafka → Redis),
+//! `doctor` (checks a deployment from either's config),
 //! and, with the default feature `lab`, `demo` (the flash sale, end to end) and `bench` (measured
 //! figures). `cacheclear <command> --help` documents each. This crate only parses arguments,
 //! loads configuration and runs the long-running commands; the components live in their own
 //! crates (docs/architecture.md), the demo and the benchmarks in `cacheclear-lab`.
 
 mod config;
+mod doctor;
 mod invalidate;
 mod run;
 mod serve;
@@ -36,6 +38,21 @@ enum Command {
         /// The TOML config file; environment variables CACHECLEAR__<SECTION>__<FIELD> override it.
         #[arg(short, long, default_value = "cacheclear.toml")]
         config: PathBuf,
+    },
+    /// Check a deployment from the config `run` or `invalidate` uses: PostgreSQL (wal_level,
+    /// role, publication, replica identity, slot), Redis (maxmemory-policy, scripting, cluster)
+    /// and Kafka (topics, group lag); one line per check with the fix.
+    ///
+    /// Exits 0 when nothing failed, 1 otherwise. An invalidator config is recognised by its
+    /// `kafka.group_id`.
+    Doctor {
+        /// The TOML config file (`run`'s or `invalidate`'s); environment variables
+        /// CACHECLEAR__<SECTION>__<FIELD> override it.
+        #[arg(short, long, default_value = "cacheclear.toml")]
+        config: PathBuf,
+        /// Print `{"checks": [{"id", "status", "found", "fix"}]}` instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure the pipeline and print its figures (each with the command that produced it).
     #[cfg(feature = "lab")]
@@ -97,6 +114,7 @@ fn real_main() -> anyhow::Result<()> {
     init_logs(match cli.command {
         #[cfg(feature = "lab")]
         Command::Demo(_) => "warn",
+        Command::Doctor { .. } => "warn",
         _ => "info",
     });
     let runtime = tokio::runtime::Runtime::new()?;
@@ -107,5 +125,12 @@ fn real_main() -> anyhow::Result<()> {
         #[cfg(feature = "lab")]
         Command::Demo(args) => runtime.block_on(cacheclear_lab::demo::demo(args)),
         Command::Invalidate { config } => runtime.block_on(invalidate::invalidate(&config)),
+        Command::Doctor { config, json } => {
+            if runtime.block_on(doctor::doctor(&config, json))? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
     }
 }

@@ -24,6 +24,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 pub mod batch;
+mod check;
 mod config;
 mod invalidation;
 mod layout;
@@ -33,6 +34,7 @@ pub mod scripts;
 pub mod sink;
 
 pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction, now_us};
+pub use check::{Check, Status};
 pub use config::{ConfigError, redact_url};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};

@@ -35,6 +35,7 @@
 #![allow(clippy::result_large_err)]
 
 mod config;
+pub mod doctor;
 mod telemetry;
 
 use std::time::Duration;

@@ -35,6 +35,7 @@
 
 mod cluster;
 mod config;
+pub mod doctor;
 mod telemetry;
 
 use std::sync::Arc;

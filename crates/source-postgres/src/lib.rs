@@ -67,6 +67,7 @@ mod catalog;
 mod changes;
 mod config;
 mod connect;
+pub mod doctor;
 mod drift;
 mod error;
 mod housekeeping;
