@@ -23,6 +23,17 @@ pub async fn doctor(path: &Path, json: bool) -> anyhow::Result<bool> {
     let checks = if is_invalidator_config(path) {
         let (cfg, _, _) = InvalidateFile::load(path)?;
         let mut checks = cacheclear_sink_redis::doctor::diagnose(&cfg.redis).await;
+        checks.push(match &cfg.kafka.instance_id {
+            Some(id) => Check::ok(
+                "kafka.instance_id",
+                format!("static group membership as `{id}`"),
+            ),
+            None => Check::warn(
+                "kafka.instance_id",
+                "no kafka.instance_id: dynamic group membership",
+                "give each member a stable, unique kafka.instance_id (the pod name; %H-%i in systemd): a restarted member then reclaims its partitions at once, and brokers that never reassign a dead member's partitions (tansu 0.6.0) do not leave them unowned",
+            ),
+        });
         let mut topics: Vec<(String, TopicRole)> = cfg
             .kafka
             .topics

@@ -233,3 +233,56 @@ async fn set_no_ttl(r: &mut redis::aio::MultiplexedConnection, key: &str) {
         .await
         .expect("SET");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidator_config_gets_its_kafka_checks() {
+    let kafka = cacheclear_harness::KafkaBroker::start().expect("tansu");
+    kafka.create_topic("bus", 2).expect("topic");
+    let redis = cacheclear_harness::RedisInstance::start().expect("Redis");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |instance: &str, dlq: &str| {
+        format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"bus\"]\ndead_letter_topic = \"{dlq}\"\n{instance}\n\n[redis]\nurl = \"{}\"\n\n[metrics]\nlisten = \"\"\n",
+            kafka.bootstrap(),
+            redis.url()
+        )
+    };
+    // No instance id, a dead-letter topic that does not exist, no member running.
+    let (ok, checks) = doctor(dir.path(), &config("", "missing.dlq"));
+    assert!(!ok, "{:?}", statuses(&checks));
+    assert_eq!(with_id(&checks, "kafka.connect")[0]["status"], "ok");
+    assert_eq!(with_id(&checks, "kafka.instance_id")[0]["status"], "warn");
+    let topics = with_id(&checks, "kafka.topic");
+    let dlq = topics
+        .iter()
+        .find(|c| c["found"].as_str().unwrap_or("").contains("missing.dlq"))
+        .expect("the dead-letter topic's check");
+    assert_eq!(dlq["status"], "fail", "{dlq}");
+    assert_eq!(with_id(&checks, "kafka.group_owners")[0]["status"], "warn");
+
+    // tansu 0.6.0 does not describe consumer groups: the owner check says it cannot tell.
+    // A running member with an instance id owns both partitions.
+    kafka.create_topic("cacheclear.dlq", 1).expect("topic");
+    let text = config("instance_id = \"m1\"", "cacheclear.dlq");
+    let path = write_file(dir.path(), "member.toml", &text);
+    let log = dir.path().join("member.log");
+    let member = Process::invalidate(&path, &log);
+    wait_for(
+        "the member's assignment",
+        Duration::from_secs(60),
+        || async { member.log_text().contains("partitions assigned") },
+    )
+    .await;
+    let (ok, checks) = doctor(dir.path(), &text);
+    assert!(ok, "{:?}", statuses(&checks));
+    let owners = with_id(&checks, "kafka.group_owners")[0];
+    assert_eq!(owners["status"], "warn", "{owners}");
+    assert!(
+        owners["found"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not describe group"),
+        "{owners}"
+    );
+    assert_eq!(with_id(&checks, "kafka.instance_id")[0]["status"], "ok");
+}

@@ -195,6 +195,13 @@ pub async fn run(
         .set("group.id", &cfg.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    if let Some(id) = &cfg.kafka.instance_id {
+        // Static membership (KIP-345): a restarted member reclaims its partitions.
+        client.set("group.instance.id", id);
+        if !cfg.kafka.properties.contains_key("session.timeout.ms") {
+            client.set("session.timeout.ms", "30000");
+        }
+    }
     let consumer: StreamConsumer<GroupContext> = client.create_with_context(GroupContext {
         ownership: Arc::clone(&ownership),
         status: Arc::clone(&status),

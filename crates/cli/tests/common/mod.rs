@@ -185,12 +185,22 @@ pub struct Process {
 
 impl Process {
     pub fn run(config: &std::path::Path, log: &std::path::Path) -> Process {
+        Process::start("run", config, log)
+    }
+
+    /// `cacheclear invalidate --config <config>`, its stderr appended to `log`.
+    pub fn invalidate(config: &std::path::Path, log: &std::path::Path) -> Process {
+        Process::start("invalidate", config, log)
+    }
+
+    /// `cacheclear <subcommand> --config <config>`, its stderr appended to `log`.
+    pub fn start(subcommand: &str, config: &std::path::Path, log: &std::path::Path) -> Process {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .expect("log file");
-        let mut cmd = command(&["run".as_ref(), "--config".as_ref(), config.as_os_str()]);
+        let mut cmd = command(&[subcommand.as_ref(), "--config".as_ref(), config.as_os_str()]);
         cmd.env("CACHECLEAR_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().expect("log file"))
