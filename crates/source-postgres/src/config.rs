@@ -151,7 +151,11 @@ impl PostgresConfig {
     /// # Errors
     /// [`ConfigError`] naming the first invalid field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.url.parse::<tokio_postgres::Config>().map_err(|e| {
+        let (rest, _) = crate::tls::split_url(&self.url).map_err(|e| match e {
+            crate::SourceError::Config(c) => c,
+            other => ConfigError::new("postgres.url", other.to_string()),
+        })?;
+        rest.parse::<tokio_postgres::Config>().map_err(|e| {
             ConfigError::new(
                 "postgres.url",
                 format!("not a PostgreSQL connection string: {e}"),

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use cacheclear_protocol::{ConfigError, Lsn};
-use pgwire_replication::{ReplicationConfig, TlsConfig};
+use pgwire_replication::ReplicationConfig;
 
-use crate::{PostgresConfig, SourceError};
+use crate::{PostgresConfig, SourceError, tls};
 
 /// Replication events buffered between the replication worker and the reader.
 const REPLICATION_BUFFER_EVENTS: usize = 1024;
@@ -14,9 +14,19 @@ const REPLICATION_BUFFER_EVENTS: usize = 1024;
 /// Largest replication message accepted, in bytes (a row image of a wide table).
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
-    url.parse()
-        .map_err(|e: tokio_postgres::Error| ConfigError::new("postgres.url", e.to_string()).into())
+/// `url` parsed by `tokio-postgres`, with the TLS parameters it does not know (`sslrootcert`,
+/// `sslcert`, `sslkey`, and the verifying `sslmode`s) taken out first (see `tls.rs`).
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, tls::PgTls), SourceError> {
+    let (rest, tls) = tls::split_url(url)?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
+        SourceError::from(ConfigError::new("postgres.url", e.to_string()))
+    })?;
+    config.ssl_mode(match tls.mode {
+        tls::SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok((config, tls))
 }
 
 /// A deadpool pool of at most `size` connections to `url`.
@@ -24,7 +34,9 @@ fn parse_url(url: &str) -> Result<tokio_postgres::Config, SourceError> {
 /// # Errors
 /// [`SourceError::Config`] (`postgres.url`) when `url` does not parse.
 pub(crate) fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, SourceError> {
-    let manager = deadpool_postgres::Manager::new(parse_url(url)?, tokio_postgres::NoTls);
+    let (config, tls) = parse_url(url)?;
+    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(&tls)?);
+    let manager = deadpool_postgres::Manager::new(config, connector);
     deadpool_postgres::Pool::builder(manager)
         .max_size(size)
         .build()
@@ -38,7 +50,7 @@ pub(crate) fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, So
 /// [`SourceError::Config`] (`postgres.url`) when the URL does not parse or names no user.
 pub(crate) fn replication_config(cfg: &PostgresConfig) -> Result<ReplicationConfig, SourceError> {
     use tokio_postgres::config::Host;
-    let pg = parse_url(&cfg.url)?;
+    let (pg, tls) = parse_url(&cfg.url)?;
     let host = match pg.get_hosts().first() {
         Some(Host::Tcp(h)) => h.clone(),
         Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
@@ -63,7 +75,7 @@ pub(crate) fn replication_config(cfg: &PostgresConfig) -> Result<ReplicationConf
         cfg.publication.clone(),
     )
     .with_port(port)
-    .with_tls(TlsConfig::disabled())
+    .with_tls(tls::replication_tls(&tls))
     .with_start_lsn(pgwire_replication::Lsn::ZERO)
     .with_status_interval(cfg.status_interval())
     .with_wakeup_interval(Duration::from_secs(1))

@@ -45,9 +45,28 @@ pub enum SourceError {
 }
 
 impl SourceError {
-    /// True for errors a restart cannot fix (configuration, rules).
+    /// True for errors a restart cannot fix: configuration and rules, and what retrying a
+    /// connection cannot change — a refused password or authentication method, a certificate
+    /// that fails verification, a database that does not exist, a role without the privilege
+    /// (SQLSTATE classes 28 and 3D, 42501). A refused or reset connection stays retryable.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, SourceError::Config(_) | SourceError::Rule(_))
+        match self {
+            SourceError::Config(_) | SourceError::Rule(_) => true,
+            SourceError::Query(e) => pg_error_is_fatal(e),
+            SourceError::Pool(deadpool_postgres::PoolError::Backend(e)) => pg_error_is_fatal(e),
+            SourceError::Replication(pgwire_replication::PgWireError::Auth(_)) => true,
+            SourceError::Replication(pgwire_replication::PgWireError::Tls(m)) => {
+                // Verification failures, not a handshake cut short by the network.
+                let m = m.to_ascii_lowercase();
+                m.contains("certificate") || m.contains("config error")
+            }
+            SourceError::Replication(pgwire_replication::PgWireError::Server(m)) => {
+                ["28P01", "28000", "3D000", "42501"]
+                    .iter()
+                    .any(|code| m.contains(code))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -112,4 +131,32 @@ pub(crate) fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
         deadpool_postgres::PoolError::Backend(pg) => describe_pg(pg),
         other => other.to_string(),
     }
+}
+
+/// A query-connection error no retry can fix (see [`SourceError::is_fatal`]).
+fn pg_error_is_fatal(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if let Some(code) = e.code() {
+        return code.code().starts_with("28")
+            || *code == SqlState::INVALID_CATALOG_NAME
+            || *code == SqlState::INSUFFICIENT_PRIVILEGE;
+    }
+    // A TLS verification failure: a rustls error somewhere in the chain (directly, or inside
+    // the io::Error the handshake returned).
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            rustls_err,
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        ) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }

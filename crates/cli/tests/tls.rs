@@ -1,0 +1,194 @@
+//! PostgreSQL over TLS only (`ssl = on`, `hostssl`-only `pg_hba.conf`, certificates made here):
+//! `sslmode=verify-full` with the right CA streams and evicts; a wrong CA, a wrong host name and
+//! a plaintext connection stop `cacheclear run` at once with the reason, instead of retrying.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cacheclear_harness::PgOptions;
+use common::*;
+
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// A CA, a server certificate for `localhost` signed by it, and an unrelated second CA.
+    fn make() -> Certs {
+        let dir = tempfile::Builder::new()
+            .prefix("cacheclear-tls")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cacheclear test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let server_key = rcgen::KeyPair::generate().expect("key");
+        let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("server certificate");
+        let other_key = rcgen::KeyPair::generate().expect("key");
+        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let other = other_params.self_signed(&other_key).expect("other CA");
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.path().join(name), text).expect("write certificate");
+        };
+        write("ca.crt", ca.pem());
+        write("other-ca.crt", other.pem());
+        write("server.crt", server.pem());
+        write("server.key", server_key.serialize_pem());
+        // PostgreSQL reads the key as its own user and refuses a key others can read.
+        let key = dir.path().join("server.key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        if let Some((uid, gid)) = postgres_user() {
+            for f in ["server.key", "server.crt"] {
+                std::os::unix::fs::chown(dir.path().join(f), Some(uid), Some(gid))
+                    .expect("chown to postgres");
+            }
+        }
+        Certs { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+/// As root the harness runs PostgreSQL as `postgres`: its uid and gid.
+fn postgres_user() -> Option<(u32, u32)> {
+    let id = |args: &[&str]| -> Option<u32> {
+        let out = std::process::Command::new("id").args(args).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id(&["-u"])? != 0 {
+        return None;
+    }
+    Some((id(&["-u", "postgres"])?, id(&["-g", "postgres"])?))
+}
+
+/// A TLS-only PostgreSQL: `ssl = on` with the test certificates, `hostssl` lines only.
+fn tls_only_env(certs: &Certs) -> Env {
+    let env = Env::start_with(
+        PgOptions::default()
+            .conf("ssl = on")
+            .conf(format!("ssl_cert_file = '{}'", certs.path("server.crt")))
+            .conf(format!("ssl_key_file = '{}'", certs.path("server.key"))),
+    );
+    std::fs::write(
+        env.pg.data_dir().join("pg_hba.conf"),
+        "local   all         all                trust\n\
+         local   replication all                trust\n\
+         hostssl all         all  127.0.0.1/32  trust\n\
+         hostssl replication all  127.0.0.1/32  trust\n",
+    )
+    .expect("pg_hba.conf");
+    env.pg.psql("SELECT pg_reload_conf()").expect("reload");
+    env
+}
+
+fn url(env: &Env, host: &str, params: &str) -> String {
+    format!(
+        "postgres://postgres@{host}:{}/postgres?{params}",
+        env.pg.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_streams_over_tls() {
+    let certs = Certs::make();
+    let env = tls_only_env(&certs);
+    let mut pg = env.pg_config();
+    pg.url = url(
+        &env,
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.crt")),
+    );
+    let mut pipeline = spawn_pipeline(pg, env.redis_config(), product_rules());
+    streaming(&mut pipeline).await;
+    let mut r = env.redis().await;
+    set(&mut r, "{product:7}", "cached").await;
+    // The test's own connection over TLS too (plaintext is refused by pg_hba.conf).
+    env.pg
+        .psql("UPDATE product SET price_cents = 1 WHERE id = 7")
+        .expect("update");
+    gone(
+        &mut r,
+        Duration::from_secs(30),
+        "product:7",
+        "the eviction over TLS",
+    )
+    .await;
+    let ssl: String = env
+        .pg
+        .psql("SELECT bool_and(ssl)::text FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name = 'cacheclear' OR backend_type = 'walsender'")
+        .expect("pg_stat_ssl");
+    assert!(
+        ssl.contains("true"),
+        "the pipeline's connections use TLS: {ssl}"
+    );
+    pipeline.stop().await.expect("stop");
+}
+
+/// `cacheclear run` with `params` exits (does not retry forever) and prints `expect`.
+fn run_refused(env: &Env, certs: &Certs, host: &str, params: &str, expect: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = config_toml(env, "", "", "").replace(
+        &format!("url = \"{}\"", env.pg.url()),
+        &format!("url = \"{}\"", url(env, host, params)),
+    );
+    let path = write_file(dir.path(), "c.toml", &text);
+    let (status, _out, err) = run_to_end(
+        command(&["run".as_ref(), "--config".as_ref(), path.as_os_str()]),
+        Duration::from_secs(60),
+    );
+    let status = status.unwrap_or_else(|| panic!("`run` still retrying after 60 s: {err}"));
+    assert!(!status.success(), "{err}");
+    for e in expect {
+        assert!(err.to_lowercase().contains(e), "`{e}` in: {err}");
+    }
+    let _ = certs;
+}
+
+#[test]
+fn a_wrong_ca_a_wrong_host_name_and_plaintext_stop_at_once() {
+    let certs = Certs::make();
+    let env = tls_only_env(&certs);
+    run_refused(
+        &env,
+        &certs,
+        "localhost",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            certs.path("other-ca.crt")
+        ),
+        &["certificate"],
+    );
+    run_refused(
+        &env,
+        &certs,
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.crt")),
+        &["certificate"],
+    );
+    run_refused(
+        &env,
+        &certs,
+        "localhost",
+        "sslmode=disable",
+        &["pg_hba.conf"],
+    );
+    assert!(Path::new(&certs.path("ca.crt")).exists());
+}
