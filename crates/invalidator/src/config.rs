@@ -279,7 +279,8 @@ pub enum DecimalHandlingMode {
     #[default]
     Precise,
     /// A JSON double. Only exact for `numeric(p,s)` with p ≤ 15 (the scale must be known: the
-    /// invalidator refuses to start without the columns' types).
+    /// invalidator refuses to start without the columns' types; an unconstrained `numeric` key
+    /// column is refused).
     Double,
     /// A JSON string, `BigDecimal.toPlainString()`: PostgreSQL's text.
     String,
@@ -307,7 +308,8 @@ pub enum BinaryHandlingMode {
     /// Kafka Connect `bytes`, which the JSON converter writes as standard base64. The default.
     #[default]
     Bytes,
-    /// A standard base64 string.
+    /// A standard base64 string. Like the two below, the schema says only `string`: the
+    /// invalidator refuses to start without the columns' types.
     Base64,
     /// A URL-safe base64 string (`base64-url-safe`).
     #[serde(rename = "base64-url-safe")]
@@ -523,6 +525,8 @@ impl DebeziumConfig {
             )
         } else if self.time_precision_mode == TimePrecisionMode::Connect {
             Some("debezium.time_precision_mode = \"connect\" (milliseconds only)")
+        } else if self.binary_handling_mode != BinaryHandlingMode::Bytes {
+            Some("debezium.binary_handling_mode other than \"bytes\" (a bytea looks like a string)")
         } else {
             None
         }

@@ -355,7 +355,7 @@ impl Decoder {
         let pg = self.types.get(table.qualified(), column);
         let at = || format!("table {}, `{image}.{column}`", table.qualified());
         let encoding = match schema.get(image, column) {
-            Some(f) => Encoding::from_schema(f, pg),
+            Some(f) => Encoding::from_schema(f, pg, &self.debezium.modes()),
             None => match pg {
                 Some(t) => Encoding::from_type(t, &self.debezium.modes()).map_err(|r| {
                     ImageError::Malformed(malformed(format!(

@@ -169,7 +169,7 @@ impl Encoding {
     /// The encoding of a column from its Kafka Connect schema field (`{"type":…, "name":…,
     /// "parameters":…}`), refined by the column's PostgreSQL type when known (a `float64` of a
     /// `numeric` column in `decimal.handling.mode = double`).
-    pub(crate) fn from_schema(field: &Value, pg: Option<&PgType>) -> Encoding {
+    pub(crate) fn from_schema(field: &Value, pg: Option<&PgType>, modes: &Modes) -> Encoding {
         let ty = field.get("type").and_then(Value::as_str).unwrap_or("");
         let name = field.get("name").and_then(Value::as_str);
         match (name, ty) {
@@ -212,14 +212,19 @@ impl Encoding {
             (Some(other), _) => Encoding::Unsupported(format!("{ty} ({other})")),
             (None, "int8" | "int16" | "int32" | "int64") => Encoding::Int,
             (None, "boolean") => Encoding::Bool,
-            (None, "string") => match pg {
-                Some(PgType::Bytea) => Encoding::Unsupported(
-                    "bytea as a string: set debezium.binary_handling_mode (the schema does not say)".into(),
+            // bytea in binary.handling.mode base64/base64-url-safe/hex: the schema only says
+            // "string"; the column's type tells it from text.
+            (None, "string") => match (pg, modes.binary) {
+                (Some(PgType::Bytea), BinaryHandlingMode::Bytes) => Encoding::Unsupported(
+                    "string for a bytea column: set debezium.binary_handling_mode to the connector's"
+                        .into(),
                 ),
+                (Some(PgType::Bytea), mode) => Encoding::Bytes(mode),
                 _ => Encoding::Text,
             },
-            (None, "float32") => Encoding::Float32,
-            (None, "float64") => match pg {
+            // The JSON converter names them `float` and `double` (Connect's FLOAT32/FLOAT64).
+            (None, "float" | "float32") => Encoding::Float32,
+            (None, "double" | "float64") => match pg {
                 Some(PgType::Numeric(Some(s))) => Encoding::DecimalAsDouble(*s),
                 _ => Encoding::Float64,
             },
