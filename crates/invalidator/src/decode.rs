@@ -365,7 +365,10 @@ impl Decoder {
                 })?,
                 None => {
                     return Err(ImageError::Malformed(malformed(format!(
-                        "Debezium change event: {}: the event carries no schema and the column's                          PostgreSQL type is unknown, so its value cannot be rendered as PostgreSQL                          prints it; set [postgres] url, or declare [rules.types] {column} =                          \"<type>\" (and debezium.schemas_enable = false to check this at start)",
+                        "Debezium change event: {}: the event carries no schema and the column's \
+                         PostgreSQL type is unknown, so its value cannot be rendered as PostgreSQL \
+                         prints it; set [postgres] url, or declare [rules.types] {column} = \
+                         \"<type>\" (and debezium.schemas_enable = false to check this at start)",
                         at()
                     ))));
                 }

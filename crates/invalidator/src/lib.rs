@@ -59,13 +59,21 @@
 //! evicted. A column holding the unavailable-value placeholder (unchanged TOAST) is never a key
 //! value: the old image's value is used when it has one, else the table is evicted whole.
 //!
-//! Values are rendered the way PostgreSQL prints them for integer, text-like (text, varchar,
-//! char, uuid, enum) and boolean (`t`/`f`) columns. **Limits**: other types are not in
-//! PostgreSQL's text form in Debezium JSON (dates as day counts, timestamps as µs, `numeric` as
-//! base64 bytes, floats, bytea as base64, json, arrays). When the value carries its schema
-//! (`value.converter.schemas.enable=true`), template columns of such types count as unknown and
-//! their table is evicted whole; **without the schema they cannot be recognised**, so template
-//! columns must then be of the supported types. Debezium's `source.lsn` is the LSN of the change,
+//! Values are rendered the way PostgreSQL prints them (pgoutput's text, so keys equal those of
+//! cacheclear's own source): every Debezium encoding of integers, booleans (`t`/`f`), text,
+//! uuid, json, enums, numeric (`decimal.handling.mode` precise / double / string), real and
+//! double precision (shortest round-trip), date, time, timestamp, timestamptz, timetz
+//! (`time.precision.mode` adaptive / adaptive_time_microseconds / connect) and bytea
+//! (`binary.handling.mode`), under the `DateStyle` and `TimeZone` set in [`DebeziumConfig`].
+//! Encodings come from the event's schema, or, without one, from the column types declared in
+//! the rule ([`InvalidatorRule::types`]) or read from `[postgres]` ([`PostgresConfig`]); when a
+//! needed type is unknown the invalidator refuses to start ([`InvalidatorConfig::validate`],
+//! [`Decoder::for_config`]). A value whose JSON type does not fit its column is dead-lettered;
+//! only keys that truly cannot be computed evict the table (counted in
+//! `cacheclear_invalidator_table_fallbacks_total{reason}`). README, "Debezium key values", has
+//! the table of types.
+//!
+//! Debezium's `source.lsn` is the LSN of the change,
 //! not of the end of its commit record: fences are exact against primary readers (the lease
 //! protects them) but a read-replica reader whose version falls between a change and its commit
 //! can still refill an old value; use the bus (cacheclear's own source) where replica readers

@@ -478,3 +478,254 @@ async fn debezium_keys_equal_postgres_text_keys_for_every_type() {
     // 5 styles × 3 ways × 3 rows × (22 + 22 + 19 + 22 columns).
     assert_eq!(checked, 5 * 3 * 3 * (22 + 22 + 19 + 22));
 }
+
+/// The issue's table: `sale(sku uuid, day date, at timestamptz, price numeric(10,2))` with
+/// `keys = ["sale:{sku}:{day}:{at}:{price}"]`; Debezium 3.x JSON (precise, adaptive) written
+/// from the connector's documentation, with and without the schema.
+fn sale_rule(types: bool) -> InvalidatorRule {
+    let r = InvalidatorRule::new("public.sale", vec!["sale:{sku}:{day}:{at}:{price}".into()]);
+    if types {
+        r.with_type("sku", "uuid")
+            .with_type("day", "date")
+            .with_type("at", "timestamptz")
+            .with_type("price", "numeric(10,2)")
+    } else {
+        r
+    }
+}
+
+fn sale_config(debezium: DebeziumConfig, rule: InvalidatorRule) -> InvalidatorConfig {
+    let mut k = KafkaConfig::new("127.0.0.1:1", "g", vec![], "dlq");
+    k.debezium_topics = vec!["shop.public.sale".into()];
+    InvalidatorConfig::new(k, RedisConfig::new("redis://127.0.0.1:1/"))
+        .with_debezium(debezium)
+        .with_rules([rule])
+}
+
+fn sale_event(op: &str, before: Value, after: Value, schema: bool) -> Vec<u8> {
+    let payload = json!({
+        "before": before, "after": after, "op": op, "ts_ms": 1_764_445_200_100i64,
+        "source": {"connector": "postgresql", "schema": "public", "table": "sale",
+                   "lsn": 24_023_128u64, "ts_ms": 1_764_445_200_000i64}
+    });
+    let v = if schema {
+        let row = |field: &str| {
+            json!({"type": "struct", "optional": true, "field": field, "fields": [
+                {"type": "string", "optional": false, "name": "io.debezium.data.Uuid", "version": 1, "field": "sku"},
+                {"type": "int32", "optional": false, "name": "io.debezium.time.Date", "version": 1, "field": "day"},
+                {"type": "string", "optional": true, "name": "io.debezium.time.ZonedTimestamp", "version": 1, "field": "at"},
+                {"type": "bytes", "optional": true, "name": "org.apache.kafka.connect.data.Decimal", "version": 1,
+                 "parameters": {"scale": "2", "connect.decimal.precision": "10"}, "field": "price"}]})
+        };
+        json!({"schema": {"type": "struct", "fields": [row("before"), row("after")]},
+               "payload": payload})
+    } else {
+        payload
+    };
+    serde_json::to_vec(&v).unwrap()
+}
+
+async fn decoder(cfg: &InvalidatorConfig) -> Decoder {
+    let rules = Arc::new(cfg.validate().expect("valid"));
+    Decoder::for_config(cfg, rules).await.expect("decoder")
+}
+
+#[tokio::test]
+async fn composite_key_with_date_timestamptz_and_numeric_schema_on_and_off() {
+    let row = |day: i64, price: &str| {
+        json!({"sku": "6f1c0000-0000-4000-8000-000000000001", "day": day,
+               "at": "2026-12-02T10:15:30.5Z", "price": price, "note": "x"})
+    };
+    // 20789 = 2026-12-02; "A+c=" = 0x03E7 = 999 → 9.99; "Jw8=" = 0x270F = 9999 → 99.99.
+    let want_old = "sale:6f1c0000-0000-4000-8000-000000000001:2026-12-02:2026-12-02%2010%3A15%3A30.5%2B00:9.99";
+    let want_new = "sale:6f1c0000-0000-4000-8000-000000000001:2026-12-01:2026-12-02%2010%3A15%3A30.5%2B00:99.99";
+    let on = decoder(&sale_config(DebeziumConfig::new(), sale_rule(false))).await;
+    let off = decoder(&sale_config(
+        DebeziumConfig::new().with_schemas_enable(false),
+        sale_rule(true),
+    ))
+    .await;
+    for (d, schema) in [(&on, true), (&off, false)] {
+        let ev = sale_event("u", row(20789, "A+c="), row(20788, "Jw8="), schema);
+        let mut got = keys(
+            d.decode(Format::Debezium, None, Some(&ev)).unwrap(),
+            "sale update",
+        );
+        got.sort();
+        assert_eq!(got, [want_new, want_old], "schema {schema}");
+    }
+    // Schema on, types not declared, but the event lacks its schema: dead-lettered with the
+    // reason, never rendered as `…:20789:…`.
+    let ev = sale_event("c", Value::Null, row(20789, "A+c="), false);
+    let err = on.decode(Format::Debezium, None, Some(&ev)).unwrap_err().0;
+    assert!(
+        err.contains("public.sale") && err.contains("`after.at`") && err.contains("no schema"),
+        "{err}"
+    );
+    // A value of the wrong JSON type for its column: dead-lettered, never rendered.
+    let ev = sale_event("c", Value::Null, row(20789, "A+c="), false);
+    let mut bad: Value = serde_json::from_slice(&ev).unwrap();
+    bad["after"]["day"] = "2026-12-02".into();
+    let err = off
+        .decode(
+            Format::Debezium,
+            None,
+            Some(&serde_json::to_vec(&bad).unwrap()),
+        )
+        .unwrap_err()
+        .0;
+    assert!(
+        err.contains("`after.day`")
+            && err.contains("days since 1970-01-01")
+            && err.contains("\"2026-12-02\""),
+        "{err}"
+    );
+    // The unavailable-value placeholder without an old image: the only table-wide case.
+    let mut toast = row(20789, "A+c=");
+    toast["price"] = "__debezium_unavailable_value".into();
+    let ev = sale_event("u", Value::Null, toast.clone(), true);
+    match off
+        .decode(Format::Debezium, Some(br#"{"sku":"x","day":1}"#), Some(&ev))
+        .unwrap()
+    {
+        Decoded::Evict(e) => assert_eq!(
+            (e.keys.len(), e.patterns),
+            (0, vec!["{sale:*:*:*:*}*".to_owned()])
+        ),
+        other => panic!("{other:?}"),
+    }
+    // With an old image the placeholder takes the old value.
+    let ev = sale_event("u", row(20789, "A+c="), toast, true);
+    let got = keys(
+        on.decode(Format::Debezium, None, Some(&ev)).unwrap(),
+        "toast",
+    );
+    assert_eq!(got, [want_old]);
+}
+
+#[test]
+fn refuses_to_start_without_column_types() {
+    let cfg = sale_config(
+        DebeziumConfig::new().with_schemas_enable(false),
+        sale_rule(false),
+    );
+    let e = cfg.validate().unwrap_err();
+    let msg = e.to_string();
+    for part in [
+        "rules[0]",
+        "public.sale",
+        "`sale:{sku}:{day}:{at}:{price}`",
+        "column `sku`",
+        "[postgres] url",
+        "[rules.types] sku =",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing from: {msg}");
+    }
+    // Declared: starts.
+    sale_config(
+        DebeziumConfig::new().with_schemas_enable(false),
+        sale_rule(true),
+    )
+    .validate()
+    .unwrap();
+    // Modes that lose what PostgreSQL prints are refused with the reason.
+    let mut r = sale_rule(true);
+    r.types.insert("price".into(), "numeric".into());
+    let msg = sale_config(
+        DebeziumConfig::new().with_decimal_handling_mode(DecimalHandlingMode::Double),
+        r,
+    )
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("unconstrained numeric") && msg.contains("price"),
+        "{msg}"
+    );
+    let mut r = sale_rule(true);
+    r.types.insert("day".into(), "timestamp(6)".into());
+    let msg = sale_config(
+        DebeziumConfig::new().with_time_precision_mode(TimePrecisionMode::Connect),
+        r,
+    )
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("connect") && msg.contains("day"), "{msg}");
+    let mut r = sale_rule(true);
+    r.types.insert("day".into(), "interval".into());
+    let msg = sale_config(DebeziumConfig::new(), r)
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("rules[0].types.day") && msg.contains("interval"),
+        "{msg}"
+    );
+    let msg = sale_config(
+        DebeziumConfig::new().with_time_zone("Europe/Berlin"),
+        sale_rule(true),
+    )
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("debezium.time_zone"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_url_reads_types_and_checks_the_replica_identity() {
+    let pg = PgInstance::start().expect("start PostgreSQL");
+    pg.psql(
+        "CREATE TABLE sale (sku uuid, day date, at timestamptz, price numeric(10,2), \
+         PRIMARY KEY (sku, day))",
+    )
+    .unwrap();
+    let cfg = sale_config(
+        DebeziumConfig::new().with_schemas_enable(false),
+        sale_rule(false),
+    )
+    .with_postgres(PostgresConfig::new(pg.conn_string()));
+    let rules = Arc::new(cfg.validate().unwrap());
+    // REPLICA IDENTITY DEFAULT: `before` lacks `at` and `price`: the same refusal `run` gives.
+    let msg = Decoder::for_config(&cfg, Arc::clone(&rules))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("ALTER TABLE public.sale REPLICA IDENTITY FULL;"),
+        "{msg}"
+    );
+    pg.psql("ALTER TABLE sale REPLICA IDENTITY FULL").unwrap();
+    let d = Decoder::for_config(&cfg, rules).await.unwrap();
+    let ev = sale_event(
+        "c",
+        Value::Null,
+        json!({"sku": "6f1c0000-0000-4000-8000-000000000001", "day": 20789,
+               "at": "2026-12-02T10:15:30.5Z", "price": "A+c="}),
+        false,
+    );
+    assert_eq!(
+        keys(
+            d.decode(Format::Debezium, None, Some(&ev)).unwrap(),
+            "catalog"
+        ),
+        [
+            "sale:6f1c0000-0000-4000-8000-000000000001:2026-12-02:2026-12-02%2010%3A15%3A30.5%2B00:9.99"
+        ]
+    );
+    // A rule table missing from the database: named.
+    let cfg = sale_config(
+        DebeziumConfig::new().with_schemas_enable(false),
+        InvalidatorRule::new("public.nope", vec!["n:{id}".into()]),
+    )
+    .with_postgres(PostgresConfig::new(pg.conn_string()));
+    let rules = Arc::new(cfg.validate().unwrap());
+    let msg = Decoder::for_config(&cfg, rules)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("postgres.url") && msg.contains("public.nope"),
+        "{msg}"
+    );
+}
