@@ -20,6 +20,15 @@
 //! # before_images = "full"                   # "default" for REPLICA IDENTITY DEFAULT tables
 //! # unavailable_value_placeholder = "__debezium_unavailable_value"
 //! # evict_on_snapshot = true
+//! # schemas_enable = true                    # the connector's value.converter.schemas.enable
+//! # decimal_handling_mode = "precise"        # | "double" | "string"
+//! # time_precision_mode = "adaptive"         # | "adaptive_time_microseconds" | "connect"
+//! # binary_handling_mode = "bytes"           # | "base64" | "base64-url-safe" | "hex"
+//! # date_style = "ISO, MDY"                  # DateStyle the application's keys use
+//! # time_zone = "UTC"                        # TimeZone the application's keys use
+//!
+//! # [postgres]                               # optional: column types read at start
+//! # url = "postgres://reader@db:5432/shop"
 //!
 //! [metrics]
 //! listen = "127.0.0.1:9188"                  # default; empty disables
@@ -27,6 +36,9 @@
 //! [[rules]]                                  # only for debezium_topics
 //! table = "public.product"
 //! keys = ["product:{id}", "category:{category_id}:products"]
+//! # [rules.types]                            # needed without schemas unless [postgres] is set
+//! # id = "integer"
+//! # category_id = "integer"
 //! ```
 //!
 //! Environment variables `CACHECLEAR__<SECTION>__<FIELD>` override the file, as for `run`
@@ -36,8 +48,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cacheclear_invalidator::{DebeziumConfig, InvalidatorConfig, KafkaConfig, RunOptions};
-use cacheclear_rules::{RuleConfig, Rules};
+use cacheclear_invalidator::{
+    DebeziumConfig, InvalidatorConfig, InvalidatorRule, KafkaConfig, PostgresConfig, RunOptions,
+};
+use cacheclear_rules::Rules;
 use cacheclear_sink_redis::RedisConfig;
 
 use crate::serve::{serve_metrics, shutdown_signal};
@@ -56,9 +70,12 @@ pub struct InvalidateFile {
     /// `[metrics]`.
     #[serde(default)]
     pub metrics: InvalidateMetrics,
-    /// `[[rules]]`.
+    /// `[postgres]` (optional): where the rule tables' column types are read at start.
     #[serde(default)]
-    pub rules: Vec<RuleConfig>,
+    pub postgres: Option<PostgresConfig>,
+    /// `[[rules]]` (with optional `[rules.types]`).
+    #[serde(default)]
+    pub rules: Vec<InvalidatorRule>,
 }
 
 /// `[metrics]` of the invalidator: `listen`, default `127.0.0.1:9188` (next to `run`'s 9187).
@@ -94,9 +111,12 @@ impl InvalidateFile {
             std::env::vars(),
             "README.md, section Scale out (invalidator.toml)",
         )?;
-        let cfg = InvalidatorConfig::new(file.kafka, file.redis)
+        let mut cfg = InvalidatorConfig::new(file.kafka, file.redis)
             .with_debezium(file.debezium)
             .with_rules(file.rules);
+        if let Some(pg) = file.postgres {
+            cfg = cfg.with_postgres(pg);
+        }
         let rules = cfg
             .validate()
             .map_err(anyhow::Error::msg)

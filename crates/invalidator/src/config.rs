@@ -301,6 +301,55 @@ pub enum BeforeImages {
     Default,
 }
 
+/// The connector's `decimal.handling.mode`: how `numeric`/`decimal` values are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecimalHandlingMode {
+    /// `org.apache.kafka.connect.data.Decimal` (base64 of the big-endian two's-complement
+    /// unscaled value; the scale is the column's) or, for an unconstrained `numeric`,
+    /// `io.debezium.data.VariableScaleDecimal`. The connector's default.
+    #[default]
+    Precise,
+    /// A JSON double. Only exact for `numeric(p,s)` with p ≤ 15 (the scale must be known: the
+    /// invalidator refuses to start without the columns' types; an unconstrained `numeric` key
+    /// column is refused).
+    Double,
+    /// A JSON string, `BigDecimal.toPlainString()`: PostgreSQL's text.
+    String,
+}
+
+/// The connector's `time.precision.mode`: how `date`, `time` and `timestamp` values are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimePrecisionMode {
+    /// `time(0..3)`/`timestamp(0..3)` in ms (`io.debezium.time.Time`/`Timestamp`), precision
+    /// 4..6 in µs (`MicroTime`/`MicroTimestamp`). The connector's default.
+    #[default]
+    Adaptive,
+    /// As `adaptive`, but every `time` in µs (`MicroTime`).
+    AdaptiveTimeMicroseconds,
+    /// Kafka Connect's `Date`/`Time`/`Timestamp`, always ms: a `time(p)`/`timestamp(p)` with
+    /// p > 3 loses digits PostgreSQL prints, so such key columns are refused at start.
+    Connect,
+}
+
+/// The connector's `binary.handling.mode`: how `bytea` values are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BinaryHandlingMode {
+    /// Kafka Connect `bytes`, which the JSON converter writes as standard base64. The default.
+    #[default]
+    Bytes,
+    /// A standard base64 string. Like the two below, the schema says only `string`: the
+    /// invalidator refuses to start without the columns' types.
+    Base64,
+    /// A URL-safe base64 string (`base64-url-safe`).
+    #[serde(rename = "base64-url-safe")]
+    Base64UrlSafe,
+    /// A hexadecimal string.
+    Hex,
+}
+
 /// `[debezium]`: how Debezium change events are read. Every field has a default.
 ///
 /// ```toml
@@ -308,7 +357,18 @@ pub enum BeforeImages {
 /// before_images = "full"          # or "default": see BeforeImages
 /// unavailable_value_placeholder = "__debezium_unavailable_value"
 /// evict_on_snapshot = true
+/// schemas_enable = true           # the connector's value.converter.schemas.enable
+/// decimal_handling_mode = "precise"
+/// time_precision_mode = "adaptive"
+/// binary_handling_mode = "bytes"
+/// date_style = "ISO, MDY"         # PostgreSQL DateStyle the application's keys use
+/// time_zone = "UTC"               # PostgreSQL TimeZone the application's keys use
 /// ```
+///
+/// Key values are rendered the way PostgreSQL prints them (`col::text`, what cacheclear's own
+/// pgoutput source uses). `date`, `timestamp` and `timestamptz` text depends on the session's
+/// `DateStyle` and `TimeZone`: `date_style` and `time_zone` must be the ones the application
+/// renders its keys with (the source's replication session prints with the server's defaults).
 ///
 /// In code, start from [`DebeziumConfig::default`] (or [`DebeziumConfig::new`]) and chain the
 /// `with_*` methods. Struct literals are not available outside this crate
@@ -331,6 +391,38 @@ pub struct DebeziumConfig {
     /// gap. `false` for deployments that know their cache started empty.
     #[serde(default = "default_true")]
     pub evict_on_snapshot: bool,
+    /// The connector's `value.converter.schemas.enable`: whether events carry the
+    /// `{"schema":…,"payload":…}` wrapper. Default `true`. With `false` the invalidator must know
+    /// the type of every template column (`[postgres] url` or the rules' `types`) and refuses to
+    /// start otherwise. An event without a schema whose column types are unknown is
+    /// dead-lettered, never rendered.
+    #[serde(default = "default_true")]
+    pub schemas_enable: bool,
+    /// The connector's `decimal.handling.mode`. Default `precise`.
+    #[serde(default)]
+    pub decimal_handling_mode: DecimalHandlingMode,
+    /// The connector's `time.precision.mode`. Default `adaptive`.
+    #[serde(default)]
+    pub time_precision_mode: TimePrecisionMode,
+    /// The connector's `binary.handling.mode`. Default `bytes`.
+    #[serde(default)]
+    pub binary_handling_mode: BinaryHandlingMode,
+    /// PostgreSQL `DateStyle` keys are rendered in (`ISO`, `SQL`, `Postgres`, `German`, with
+    /// `MDY`/`DMY`/`YMD`). Default `ISO, MDY` (PostgreSQL's default).
+    #[serde(default = "default_date_style")]
+    pub date_style: String,
+    /// PostgreSQL `TimeZone` `timestamptz` keys are rendered in: `UTC` or a fixed offset east
+    /// of UTC (`+05:30`; PostgreSQL: `SET TIME ZONE INTERVAL '+05:30' HOUR TO MINUTE`). Named
+    /// zones with daylight saving time are refused. Default `UTC`.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+fn default_date_style() -> String {
+    "ISO, MDY".into()
+}
+fn default_time_zone() -> String {
+    "UTC".into()
 }
 
 fn default_placeholder() -> String {
@@ -346,6 +438,12 @@ impl Default for DebeziumConfig {
             before_images: BeforeImages::default(),
             unavailable_value_placeholder: default_placeholder(),
             evict_on_snapshot: true,
+            schemas_enable: true,
+            decimal_handling_mode: DecimalHandlingMode::default(),
+            time_precision_mode: TimePrecisionMode::default(),
+            binary_handling_mode: BinaryHandlingMode::default(),
+            date_style: default_date_style(),
+            time_zone: default_time_zone(),
         }
     }
 }
@@ -377,6 +475,93 @@ impl DebeziumConfig {
     pub fn with_evict_on_snapshot(mut self, evict_on_snapshot: bool) -> Self {
         self.evict_on_snapshot = evict_on_snapshot;
         self
+    }
+
+    /// Sets [`DebeziumConfig::schemas_enable`] (the connector's
+    /// `value.converter.schemas.enable`). Default **`true`**.
+    #[must_use]
+    pub fn with_schemas_enable(mut self, schemas_enable: bool) -> Self {
+        self.schemas_enable = schemas_enable;
+        self
+    }
+
+    /// Sets [`DebeziumConfig::decimal_handling_mode`]. Default [`DecimalHandlingMode::Precise`].
+    #[must_use]
+    pub fn with_decimal_handling_mode(mut self, mode: DecimalHandlingMode) -> Self {
+        self.decimal_handling_mode = mode;
+        self
+    }
+
+    /// Sets [`DebeziumConfig::time_precision_mode`]. Default [`TimePrecisionMode::Adaptive`].
+    #[must_use]
+    pub fn with_time_precision_mode(mut self, mode: TimePrecisionMode) -> Self {
+        self.time_precision_mode = mode;
+        self
+    }
+
+    /// Sets [`DebeziumConfig::binary_handling_mode`]. Default [`BinaryHandlingMode::Bytes`].
+    #[must_use]
+    pub fn with_binary_handling_mode(mut self, mode: BinaryHandlingMode) -> Self {
+        self.binary_handling_mode = mode;
+        self
+    }
+
+    /// Sets [`DebeziumConfig::date_style`] (PostgreSQL `DateStyle` syntax). Default
+    /// **`ISO, MDY`**.
+    #[must_use]
+    pub fn with_date_style(mut self, date_style: impl Into<String>) -> Self {
+        self.date_style = date_style.into();
+        self
+    }
+
+    /// Sets [`DebeziumConfig::time_zone`] (`UTC` or `+HH:MM`). Default **`UTC`**.
+    #[must_use]
+    pub fn with_time_zone(mut self, time_zone: impl Into<String>) -> Self {
+        self.time_zone = time_zone.into();
+        self
+    }
+
+    /// The parsed `date_style` and `time_zone`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `debezium.date_style` or `debezium.time_zone` and the accepted
+    /// forms.
+    pub(crate) fn style(&self) -> Result<crate::pgtext::Style, ConfigError> {
+        Ok(crate::pgtext::Style {
+            date_style: crate::pgtext::DateStyle::parse(&self.date_style)
+                .map_err(|r| ConfigError::new("debezium.date_style", r))?,
+            time_zone: crate::pgtext::TimeZone::parse(&self.time_zone)
+                .map_err(|r| ConfigError::new("debezium.time_zone", r))?,
+        })
+    }
+
+    /// The connector modes that shape values in events without a schema.
+    pub(crate) fn modes(&self) -> crate::pgtext::Modes {
+        crate::pgtext::Modes {
+            decimal: self.decimal_handling_mode,
+            time: self.time_precision_mode,
+            binary: self.binary_handling_mode,
+        }
+    }
+
+    /// Whether every template column's PostgreSQL type must be known before starting: events
+    /// without schemas, or modes whose values cannot be read without the column's type
+    /// (`decimal.handling.mode = double` needs the scale; `time.precision.mode = connect` drops
+    /// µs).
+    pub(crate) fn needs_column_types(&self) -> Option<&'static str> {
+        if !self.schemas_enable {
+            Some("debezium.schemas_enable = false (events carry no schema)")
+        } else if self.decimal_handling_mode == DecimalHandlingMode::Double {
+            Some(
+                "debezium.decimal_handling_mode = \"double\" (a double does not say a numeric's scale)",
+            )
+        } else if self.time_precision_mode == TimePrecisionMode::Connect {
+            Some("debezium.time_precision_mode = \"connect\" (milliseconds only)")
+        } else if self.binary_handling_mode != BinaryHandlingMode::Bytes {
+            Some("debezium.binary_handling_mode other than \"bytes\" (a bytea looks like a string)")
+        } else {
+            None
+        }
     }
 }
 

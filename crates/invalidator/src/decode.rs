@@ -5,11 +5,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cacheclear_protocol::{BusRecord, KeyLayout, Lsn};
-use cacheclear_rules::{Column, MapRow, RowImage, Rules, TableRules};
+use cacheclear_protocol::{BusRecord, ConfigError, KeyLayout, Lsn};
+use cacheclear_rules::{Column, KeyBuildError, MapRow, RowImage, Rules, TableRules};
 use serde_json::{Map, Value};
 
 use crate::config::{BeforeImages, DebeziumConfig};
+use crate::pgtext::{self, Encoding, RenderError, Style};
+use crate::telemetry;
+use crate::types::ColumnTypes;
 
 /// The input format of a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,16 +58,65 @@ fn malformed(msg: impl Into<String>) -> Malformed {
 }
 
 /// Maps records to evictions. Cheap to clone; `Send + Sync`.
+///
+/// Debezium values of template columns are rendered in PostgreSQL's text output form
+/// (`crate::pgtext`): from the event's Kafka Connect schema when it carries one, else from the
+/// column's PostgreSQL type (declared in the rule or read from `[postgres] url`) and the
+/// connector's modes in [`DebeziumConfig`].
 #[derive(Debug, Clone)]
 pub struct Decoder {
     rules: Arc<Rules>,
     debezium: DebeziumConfig,
+    style: Style,
+    types: Arc<ColumnTypes>,
 }
 
 impl Decoder {
-    /// A decoder mapping Debezium rows through `rules` (bus records carry their keys already).
-    pub fn new(rules: Arc<Rules>, debezium: DebeziumConfig) -> Decoder {
-        Decoder { rules, debezium }
+    /// A decoder mapping Debezium rows through `rules` (bus records carry their keys already),
+    /// knowing no column types beyond what the events' schemas say.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] when `debezium.date_style` or `debezium.time_zone` is invalid.
+    pub fn new(rules: Arc<Rules>, debezium: DebeziumConfig) -> Result<Decoder, ConfigError> {
+        Decoder::with_types(rules, debezium, ColumnTypes::default())
+    }
+
+    pub(crate) fn with_types(
+        rules: Arc<Rules>,
+        debezium: DebeziumConfig,
+        types: ColumnTypes,
+    ) -> Result<Decoder, ConfigError> {
+        Ok(Decoder {
+            style: debezium.style()?,
+            rules,
+            debezium,
+            types: Arc::new(types),
+        })
+    }
+
+    /// The decoder of a configuration: column types from the rules' `types` and, when
+    /// `[postgres] url` is set, from PostgreSQL's catalog (read once, now; the replica
+    /// identities are checked as `cacheclear run` checks them).
+    ///
+    /// # Errors
+    /// A [`ConfigError`]: PostgreSQL cannot be reached or lacks a rule table (`postgres.url`), a
+    /// replica identity does not carry a template column under `before_images = "full"`, or a
+    /// template column's type is needed and unknown or cannot be rendered (names the table,
+    /// template and column, and both fixes).
+    pub async fn for_config(
+        cfg: &crate::InvalidatorConfig,
+        rules: Arc<Rules>,
+    ) -> Result<Decoder, ConfigError> {
+        let catalog = match (&cfg.postgres, cfg.kafka.debezium_topics.is_empty()) {
+            (Some(pg), false) => Some(crate::types::read_catalog(&pg.url, &rules).await?),
+            _ => None,
+        };
+        let types = if cfg.kafka.debezium_topics.is_empty() {
+            ColumnTypes::default()
+        } else {
+            crate::types::resolve(&cfg.rules, &rules, &cfg.debezium, catalog.as_ref())?
+        };
+        Decoder::with_types(rules, cfg.debezium.clone(), types)
     }
 
     /// Decodes one record of a topic in `format`. `key` and `value` are the Kafka record's key
@@ -152,26 +204,42 @@ impl Decoder {
                 "snapshot read (debezium.evict_on_snapshot = false)".into(),
             ));
         }
-        let types = FieldTypes::from_schema(schema);
+        let schema_fields = SchemaFields::from_schema(schema);
         let key_columns = key.and_then(message_key_columns);
-        let image = |field: &str, fallback: Option<&MapRow>| -> Result<Option<MapRow>, Malformed> {
-            match payload.get(field) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Object(obj)) => Ok(Some(self.row_image(
-                    table,
-                    obj,
-                    &types,
-                    field == "before",
-                    key_columns.as_ref(),
-                    fallback,
-                ))),
-                Some(_) => Err(malformed(format!(
-                    "Debezium change event: `{field}` is neither an object nor null"
-                ))),
-            }
+        let image =
+            |field: &str, fallback: Option<&MapRow>| -> Result<Option<MapRow>, ImageError> {
+                match payload.get(field) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(Value::Object(obj)) => self
+                        .row_image(
+                            table,
+                            obj,
+                            &schema_fields,
+                            field == "before",
+                            key_columns.as_ref(),
+                            fallback,
+                        )
+                        .map(Some),
+                    Some(_) => Err(ImageError::Malformed(malformed(format!(
+                        "Debezium change event: `{field}` is neither an object nor null"
+                    )))),
+                }
+            };
+        let fallback = |reason: &'static str, why: &str| {
+            metrics::counter!(telemetry::TABLE_FALLBACKS, "reason" => reason).increment(1);
+            tracing::debug!(table = %table.qualified(), reason, why, "Debezium event: keys unknown, evicting the table whole");
+            Ok(table_wide())
         };
-        let before = image("before", None)?;
-        let after = image("after", before.as_ref())?;
+        let images = (|| {
+            let before = image("before", None)?;
+            let after = image("after", before.as_ref())?;
+            Ok((before, after))
+        })();
+        let (before, after) = match images {
+            Ok(images) => images,
+            Err(ImageError::Malformed(m)) => return Err(m),
+            Err(ImageError::TableWide(reason, why)) => return fallback(reason, &why),
+        };
         let images: Vec<&MapRow> = match op {
             // Create and snapshot read: the new row's keys.
             "c" | "r" => vec![after.as_ref().ok_or_else(|| {
@@ -182,7 +250,7 @@ impl Decoder {
             // Delete: the old row's keys. Without a `before` the keys are unknown.
             "d" => match &before {
                 Some(b) => vec![b],
-                None => return Ok(table_wide()),
+                None => return fallback("no_before_image", "delete without `before`"),
             },
             // Update: the old and the new row's keys.
             _ => {
@@ -199,7 +267,10 @@ impl Decoder {
                             table.columns().iter().all(|c| k.iter().any(|kc| kc == c))
                         });
                         if !key_only {
-                            return Ok(table_wide());
+                            return fallback(
+                                "no_before_image",
+                                "update without `before`, a template uses non-key columns",
+                            );
                         }
                         vec![after]
                     }
@@ -208,11 +279,15 @@ impl Decoder {
         };
         let mut keys = Vec::new();
         for img in images {
-            if table.keys_for(img, &mut keys).is_err() {
-                // A template column without a usable value (unchanged TOAST placeholder, a type
-                // we cannot print like PostgreSQL, a column the image lacks): the keys are
-                // unknown, so every key of the table goes.
-                return Ok(table_wide());
+            if let Err(e) = table.keys_for(img, &mut keys) {
+                // A template column without a usable value: the unavailable-value placeholder
+                // without an old image, or a column the image does not carry (REPLICA IDENTITY
+                // DEFAULT `before`). The keys are unknown, so every key of the table goes.
+                let reason = match e {
+                    KeyBuildError::UnchangedToast { .. } => "unavailable_value",
+                    _ => "column_absent",
+                };
+                return fallback(reason, &e.to_string());
             }
         }
         keys.sort_unstable();
@@ -225,25 +300,23 @@ impl Decoder {
         }))
     }
 
-    /// The row image of one `before`/`after` object, restricted to the template columns.
+    /// The row image of one `before`/`after` object, restricted to the template columns, each
+    /// value rendered in PostgreSQL's text form.
     fn row_image(
         &self,
         table: &TableRules,
         obj: &Map<String, Value>,
-        types: &FieldTypes,
+        schema: &SchemaFields,
         is_before: bool,
         key_columns: Option<&Vec<String>>,
         toast_fallback: Option<&MapRow>,
-    ) -> MapRow {
+    ) -> Result<MapRow, ImageError> {
         let mut row = MapRow::new();
         let field = if is_before { "before" } else { "after" };
         for column in table.columns() {
             let Some(v) = obj.get(column) else {
                 continue; // Absent
             };
-            if !types.printable(field, column) {
-                continue; // a type whose JSON form is not PostgreSQL's text form: Absent
-            }
             let is_key = key_columns.is_some_and(|k| k.iter().any(|c| c == column));
             row = match v {
                 Value::Null => {
@@ -261,16 +334,65 @@ impl Decoder {
                         _ => row.unchanged_toast(column),
                     }
                 }
-                Value::String(s) => row.text(column, s.as_str()),
-                Value::Bool(b) => row.text(column, if *b { "t" } else { "f" }),
-                Value::Number(n) if n.is_i64() || n.is_u64() => row.text(column, n.to_string()),
-                // Floats (PostgreSQL's shortest round-trip text differs from JSON's), structs,
-                // arrays: not printable exactly as PostgreSQL would; Absent.
-                _ => continue,
+                v => {
+                    let text = self.render(table, field, column, v, schema)?;
+                    row.text(column, text)
+                }
             };
         }
-        row
+        Ok(row)
     }
+
+    /// One template column's value in PostgreSQL's text form.
+    fn render(
+        &self,
+        table: &TableRules,
+        image: &str,
+        column: &str,
+        v: &Value,
+        schema: &SchemaFields,
+    ) -> Result<String, ImageError> {
+        let pg = self.types.get(table.qualified(), column);
+        let at = || format!("table {}, `{image}.{column}`", table.qualified());
+        let encoding = match schema.get(image, column) {
+            Some(f) => Encoding::from_schema(f, pg, &self.debezium.modes()),
+            None => match pg {
+                Some(t) => Encoding::from_type(t, &self.debezium.modes()).map_err(|r| {
+                    ImageError::Malformed(malformed(format!(
+                        "Debezium change event: {}: {r}",
+                        at()
+                    )))
+                })?,
+                None => {
+                    return Err(ImageError::Malformed(malformed(format!(
+                        "Debezium change event: {}: the event carries no schema and the column's \
+                         PostgreSQL type is unknown, so its value cannot be rendered as PostgreSQL \
+                         prints it; set [postgres] url, or declare [rules.types] {column} = \
+                         \"<type>\" (and debezium.schemas_enable = false to check this at start)",
+                        at()
+                    ))));
+                }
+            },
+        };
+        pgtext::render(v, &encoding, &self.style).map_err(|e| match e {
+            RenderError::Mismatch(r) => ImageError::Malformed(malformed(format!(
+                "Debezium change event: {}: {r} (the column's type says so; a value of another \
+                 JSON type is never rendered)",
+                at()
+            ))),
+            RenderError::Unrenderable(reason, why) => {
+                ImageError::TableWide(reason, format!("{}: {why}", at()))
+            }
+        })
+    }
+}
+
+/// Why a row image could not be built.
+enum ImageError {
+    /// Dead-letter the record.
+    Malformed(Malformed),
+    /// Evict the table whole; the reason label and the detail.
+    TableWide(&'static str, String),
 }
 
 /// A bus record: its key or patterns, as published by cacheclear's Kafka sink.
@@ -346,21 +468,20 @@ fn message_key_columns(key: &[u8]) -> Option<Vec<String>> {
     Some(obj.keys().cloned().collect())
 }
 
-/// Per `before`/`after` column: whether its JSON value is PostgreSQL's text form, read from the
-/// Kafka Connect schema when the value carries one.
+/// The Kafka Connect schema of each `before`/`after` column, when the value carries one.
 #[derive(Debug, Default)]
-struct FieldTypes {
-    /// (`before`|`after`, column) → printable.
-    printable: HashMap<(String, String), bool>,
+struct SchemaFields {
+    /// (`before`|`after`, column) → the column's schema field.
+    fields: HashMap<(String, String), Value>,
 }
 
-impl FieldTypes {
-    fn from_schema(schema: Option<&Value>) -> FieldTypes {
-        let mut printable = HashMap::new();
-        let fields = schema
+impl SchemaFields {
+    fn from_schema(schema: Option<&Value>) -> SchemaFields {
+        let mut fields = HashMap::new();
+        let images = schema
             .and_then(|s| s.get("fields"))
             .and_then(Value::as_array);
-        for image in fields.into_iter().flatten() {
+        for image in images.into_iter().flatten() {
             let Some(image_name) = image.get("field").and_then(Value::as_str) else {
                 continue;
             };
@@ -372,38 +493,15 @@ impl FieldTypes {
                 let Some(name) = col.get("field").and_then(Value::as_str) else {
                     continue;
                 };
-                let ty = col.get("type").and_then(Value::as_str).unwrap_or("");
-                let logical = col.get("name").and_then(Value::as_str);
-                printable.insert(
-                    (image_name.to_owned(), name.to_owned()),
-                    printable_type(ty, logical),
-                );
+                fields.insert((image_name.to_owned(), name.to_owned()), col.clone());
             }
         }
-        FieldTypes { printable }
+        SchemaFields { fields }
     }
 
-    fn printable(&self, image: &str, column: &str) -> bool {
-        self.printable
-            .get(&(image.to_owned(), column.to_owned()))
-            .copied()
-            .unwrap_or(true)
+    fn get(&self, image: &str, column: &str) -> Option<&Value> {
+        self.fields.get(&(image.to_owned(), column.to_owned()))
     }
-}
-
-/// Kafka Connect types whose Debezium JSON value prints like PostgreSQL's text output.
-fn printable_type(ty: &str, logical: Option<&str>) -> bool {
-    let plain = matches!(
-        ty,
-        "int8" | "int16" | "int32" | "int64" | "string" | "boolean"
-    );
-    // Logical types (dates as day counts, timestamps as µs, decimals as bytes, json, …) are
-    // encodings of the value, not its text; uuid and enum are the text itself.
-    let logical_ok = match logical {
-        None => true,
-        Some(n) => matches!(n, "io.debezium.data.Uuid" | "io.debezium.data.Enum"),
-    };
-    plain && logical_ok
 }
 
 #[cfg(test)]
@@ -412,21 +510,30 @@ mod tests {
     use cacheclear_rules::RuleConfig;
 
     fn decoder(before: BeforeImages) -> Decoder {
-        let rules = Rules::compile(&[RuleConfig {
-            table: "public.product".into(),
-            keys: vec![
-                "product:{id}".into(),
-                "category:{category_id}:products".into(),
-            ],
-        }])
-        .unwrap();
-        Decoder::new(
-            Arc::new(rules),
-            DebeziumConfig {
-                before_images: before,
-                ..DebeziumConfig::default()
-            },
-        )
+        decoder_typed(before, "integer")
+    }
+
+    /// The product rules with `id integer` and `category_id` of `category_type` declared.
+    fn decoder_typed(before: BeforeImages, category_type: &str) -> Decoder {
+        let cfg = vec![
+            crate::InvalidatorRule::new(
+                "public.product",
+                vec![
+                    "product:{id}".into(),
+                    "category:{category_id}:products".into(),
+                ],
+            )
+            .with_type("id", "integer")
+            .with_type("category_id", category_type),
+        ];
+        let configs: Vec<RuleConfig> = cfg.iter().map(|r| r.rule_config()).collect();
+        let rules = Rules::compile(&configs).unwrap();
+        let debezium = DebeziumConfig {
+            before_images: before,
+            ..DebeziumConfig::default()
+        };
+        let types = crate::types::resolve(&cfg, &rules, &debezium, None).unwrap();
+        Decoder::with_types(Arc::new(rules), debezium, types).unwrap()
     }
 
     fn event(op: &str, before: Value, after: Value) -> Vec<u8> {
@@ -493,7 +600,7 @@ mod tests {
             serde_json::json!({"id": 5, "category_id": 19000}),
         ))
         .unwrap();
-        // With the schema: category_id is a date (days since epoch): not its text form.
+        // With the schema: category_id is a date (days since epoch), rendered as PostgreSQL prints it.
         let wrapped = serde_json::json!({
             "schema": {"type": "struct", "fields": [
                 {"field": "after", "type": "struct", "fields": [
@@ -509,13 +616,13 @@ mod tests {
             )
             .unwrap(),
         );
-        assert!(k.is_empty());
-        assert_eq!(p.len(), 2);
+        assert_eq!(k, ["category:2022-01-08:products", "product:5"]);
+        assert!(p.is_empty());
     }
 
     #[test]
     fn toast_placeholder_never_becomes_a_key() {
-        let d = decoder(BeforeImages::Full);
+        let d = decoder_typed(BeforeImages::Full, "text");
         let ph = "__debezium_unavailable_value";
         // Old image has the value: it is used for the unchanged column.
         let (k, _) = keys(

@@ -59,13 +59,21 @@
 //! evicted. A column holding the unavailable-value placeholder (unchanged TOAST) is never a key
 //! value: the old image's value is used when it has one, else the table is evicted whole.
 //!
-//! Values are rendered the way PostgreSQL prints them for integer, text-like (text, varchar,
-//! char, uuid, enum) and boolean (`t`/`f`) columns. **Limits**: other types are not in
-//! PostgreSQL's text form in Debezium JSON (dates as day counts, timestamps as µs, `numeric` as
-//! base64 bytes, floats, bytea as base64, json, arrays). When the value carries its schema
-//! (`value.converter.schemas.enable=true`), template columns of such types count as unknown and
-//! their table is evicted whole; **without the schema they cannot be recognised**, so template
-//! columns must then be of the supported types. Debezium's `source.lsn` is the LSN of the change,
+//! Values are rendered the way PostgreSQL prints them (pgoutput's text, so keys equal those of
+//! cacheclear's own source): every Debezium encoding of integers, booleans (`t`/`f`), text,
+//! uuid, json, enums, numeric (`decimal.handling.mode` precise / double / string), real and
+//! double precision (shortest round-trip), date, time, timestamp, timestamptz, timetz
+//! (`time.precision.mode` adaptive / adaptive_time_microseconds / connect) and bytea
+//! (`binary.handling.mode`), under the `DateStyle` and `TimeZone` set in [`DebeziumConfig`].
+//! Encodings come from the event's schema, or, without one, from the column types declared in
+//! the rule ([`InvalidatorRule::types`]) or read from `[postgres]` ([`PostgresConfig`]); when a
+//! needed type is unknown the invalidator refuses to start ([`InvalidatorConfig::validate`],
+//! [`Decoder::for_config`]). A value whose JSON type does not fit its column is dead-lettered;
+//! only keys that truly cannot be computed evict the table (counted in
+//! `cacheclear_invalidator_table_fallbacks_total{reason}`). README, "Debezium key values", has
+//! the table of types.
+//!
+//! Debezium's `source.lsn` is the LSN of the change,
 //! not of the end of its commit record: fences are exact against primary readers (the lease
 //! protects them) but a read-replica reader whose version falls between a change and its commit
 //! can still refill an old value; use the bus (cacheclear's own source) where replica readers
@@ -91,8 +99,10 @@
 mod config;
 mod decode;
 mod offsets;
+mod pgtext;
 mod run;
 mod telemetry;
+mod types;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,11 +111,15 @@ use cacheclear_protocol::ConfigError;
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::RedisConfig;
 
-pub use config::{BeforeImages, DebeziumConfig, KafkaConfig};
+pub use config::{
+    BeforeImages, BinaryHandlingMode, DebeziumConfig, DecimalHandlingMode, KafkaConfig,
+    TimePrecisionMode,
+};
 pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
 pub use offsets::{OffsetTracker, Ownership, Tp};
 pub use run::{InvalidatorError, run};
 pub use telemetry::describe_metrics;
+pub use types::{InvalidatorRule, PostgresConfig};
 
 /// The invalidator's configuration (`invalidator.toml` without the CLI's `[metrics]`).
 ///
@@ -123,9 +137,14 @@ pub struct InvalidatorConfig {
     /// `[debezium]`: how Debezium events are read (defaults suit REPLICA IDENTITY FULL tables).
     #[serde(default)]
     pub debezium: DebeziumConfig,
-    /// `[[rules]]`: table → key templates, needed for Debezium topics (bus records carry keys).
+    /// `[postgres]` (optional): the database Debezium reads, from which the rule tables' column
+    /// types and replica identities are read at start (see [`PostgresConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresConfig>,
+    /// `[[rules]]`: table → key templates (and optional column types), needed for Debezium
+    /// topics (bus records carry keys).
     #[serde(default)]
-    pub rules: Vec<RuleConfig>,
+    pub rules: Vec<InvalidatorRule>,
 }
 
 impl InvalidatorConfig {
@@ -136,6 +155,7 @@ impl InvalidatorConfig {
             kafka,
             redis,
             debezium: DebeziumConfig::default(),
+            postgres: None,
             rules: Vec::new(),
         }
     }
@@ -147,28 +167,65 @@ impl InvalidatorConfig {
         self
     }
 
-    /// Sets [`InvalidatorConfig::rules`] (replacing the list). Default empty; Debezium topics
-    /// need at least one rule.
+    /// Sets [`InvalidatorConfig::rules`] (replacing the list): [`InvalidatorRule`]s, or the
+    /// pipeline's [`RuleConfig`]s (no declared types). Default empty; Debezium topics need at
+    /// least one rule.
     #[must_use]
-    pub fn with_rules(mut self, rules: Vec<RuleConfig>) -> Self {
-        self.rules = rules;
+    pub fn with_rules<R: Into<InvalidatorRule>>(
+        mut self,
+        rules: impl IntoIterator<Item = R>,
+    ) -> Self {
+        self.rules = rules.into_iter().map(Into::into).collect();
         self
     }
 
-    /// Validates every section and compiles the rules.
+    /// Sets [`InvalidatorConfig::postgres`]: read the rule tables' column types from this
+    /// database at start. Default none.
+    #[must_use]
+    pub fn with_postgres(mut self, postgres: PostgresConfig) -> Self {
+        self.postgres = Some(postgres);
+        self
+    }
+
+    /// Validates every section and compiles the rules. Without `[postgres]`, also checks that
+    /// every template column whose type is needed (see [`DebeziumConfig::schemas_enable`]) is
+    /// declared; with it, that check runs when [`run`] starts, after reading the catalog.
     ///
     /// # Errors
-    /// A [`ConfigError`] naming the field and the reason (`kafka.group_id: empty`, `rules: …`).
+    /// A [`ConfigError`] naming the field and the reason (`kafka.group_id: empty`, `rules: …`,
+    /// `rules[0]: table public.sale, key template `sale:{sku}:{day}`, column `day`: its
+    /// PostgreSQL type is unknown …`).
     pub fn validate(&self) -> Result<Rules, ConfigError> {
         self.kafka.validate()?;
         self.redis.validate()?;
+        self.debezium.style()?;
         if !self.kafka.debezium_topics.is_empty() && self.rules.is_empty() {
             return Err(ConfigError::new(
                 "rules",
                 "Debezium topics need at least one [[rules]] entry (a table and its key templates)",
             ));
         }
-        Rules::compile(&self.rules).map_err(|e| ConfigError::new("rules", e.to_string()))
+        if self
+            .postgres
+            .as_ref()
+            .is_some_and(|pg| pg.url.trim().is_empty())
+        {
+            return Err(ConfigError::new(
+                "postgres.url",
+                "empty (omit [postgres] instead)",
+            ));
+        }
+        let configs: Vec<RuleConfig> = self
+            .rules
+            .iter()
+            .map(InvalidatorRule::rule_config)
+            .collect();
+        let rules =
+            Rules::compile(&configs).map_err(|e| ConfigError::new("rules", e.to_string()))?;
+        if self.postgres.is_none() && !self.kafka.debezium_topics.is_empty() {
+            types::resolve(&self.rules, &rules, &self.debezium, None)?;
+        }
+        Ok(rules)
     }
 }
 

@@ -141,7 +141,7 @@ pub async fn run(
 ) -> Result<(), InvalidatorError> {
     cfg.kafka.validate().map_err(InvalidatorError::Config)?;
     let sink = RedisSink::connect(cfg.redis.clone())?;
-    let decoder = Decoder::new(rules, cfg.debezium.clone());
+    let decoder = Decoder::for_config(cfg, rules).await?;
     let formats: HashMap<String, Format> = cfg
         .kafka
         .topics

@@ -17,6 +17,14 @@ pub(crate) const COMMIT_ERRORS: &str = "cacheclear_invalidator_commit_errors_tot
 pub(crate) const KAFKA_ERRORS: &str = "cacheclear_invalidator_kafka_errors_total";
 /// Counter, label `kind` (`assign`, `revoke`): rebalance callbacks.
 pub(crate) const REBALANCES: &str = "cacheclear_invalidator_rebalances_total";
+/// Counter, label `reason`: Debezium events whose keys could not be computed, answered by
+/// evicting their table whole: `unavailable_value` (the unavailable-value placeholder without an
+/// old image), `no_before_image` (a delete, or an update of non-key template columns, without
+/// `before`), `column_absent` (`before` lacks a template column: REPLICA IDENTITY DEFAULT),
+/// `unsupported_type` (a schema type without a known PostgreSQL text form), `out_of_range`
+/// (a date/timestamp outside PostgreSQL's range, such as an infinity sent as a number). Counted
+/// when the record is decoded (a replay counts again).
+pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_invalidator_table_fallbacks_total";
 /// Gauge: partitions this process owns.
 pub(crate) const ASSIGNED_PARTITIONS: &str = "cacheclear_invalidator_assigned_partitions";
 
@@ -50,5 +58,9 @@ pub fn describe_metrics() {
         "Consumer errors reported by librdkafka (retried by it)."
     );
     describe_counter!(REBALANCES, "Rebalance callbacks by kind (assign, revoke).");
+    describe_counter!(
+        TABLE_FALLBACKS,
+        "Debezium events answered by evicting their table whole because their keys could not be computed, by reason: unavailable_value, no_before_image, column_absent, unsupported_type, out_of_range."
+    );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this process.");
 }

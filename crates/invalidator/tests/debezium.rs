@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use cacheclear_invalidator::InvalidatorStatus;
+use cacheclear_invalidator::{InvalidatorRule, InvalidatorStatus};
 use cacheclear_protocol::Lsn;
 use common::*;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -126,6 +126,18 @@ async fn debezium_events_evict_exactly_their_keys() {
     let mut cfg = config(&kafka, &redis, "dbz", &[]);
     cfg.kafka.topics.clear();
     cfg.kafka.debezium_topics = vec![TOPIC.into()];
+    // Some events come without their schema: the template columns' types are declared.
+    cfg.rules = vec![
+        InvalidatorRule::new(
+            "public.product",
+            vec![
+                "product:{id}".into(),
+                "category:{category_id}:products".into(),
+            ],
+        )
+        .with_type("id", "integer")
+        .with_type("category_id", "integer"),
+    ];
     let member = Member::start(cfg);
     let s = member.status.clone();
     let p = producer(&kafka);
