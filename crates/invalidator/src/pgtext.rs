@@ -211,7 +211,15 @@ impl Encoding {
             ) => Encoding::Text,
             (Some(other), _) => Encoding::Unsupported(format!("{ty} ({other})")),
             (None, "int8" | "int16" | "int32" | "int64") => Encoding::Int,
-            (None, "boolean") => Encoding::Bool,
+            // The connector sends both `boolean` and `bit(1)` as a Connect boolean, and
+            // PostgreSQL prints them differently (`t` and `1`): only the column's type tells.
+            (None, "boolean") => match pg {
+                Some(PgType::Bool) => Encoding::Bool,
+                _ => Encoding::Unsupported(
+                    "a Connect boolean without a known column type (PostgreSQL boolean prints                      `t`, bit(1) prints `1`): declare it in [rules.types] or set [postgres] url"
+                        .into(),
+                ),
+            },
             // bytea in binary.handling.mode base64/base64-url-safe/hex: the schema only says
             // "string"; the column's type tells it from text.
             (None, "string") => match (pg, modes.binary) {
@@ -954,6 +962,25 @@ mod tests {
             date_style: DateStyle::Iso,
             time_zone: TimeZone::parse("UTC").unwrap(),
         }
+    }
+
+    #[test]
+    fn a_connect_boolean_needs_its_column_type() {
+        let modes = Modes {
+            decimal: DecimalHandlingMode::Precise,
+            time: TimePrecisionMode::Adaptive,
+            binary: BinaryHandlingMode::Bytes,
+        };
+        let field = json!({"type": "boolean", "field": "on_sale"});
+        // boolean and bit(1) both arrive as a Connect boolean; they print `t` and `1`.
+        assert!(matches!(
+            Encoding::from_schema(&field, None, &modes),
+            Encoding::Unsupported(_)
+        ));
+        assert_eq!(
+            Encoding::from_schema(&field, Some(&PgType::Bool), &modes),
+            Encoding::Bool
+        );
     }
 
     #[test]
