@@ -90,6 +90,7 @@
 
 mod config;
 mod decode;
+mod dlq;
 mod offsets;
 mod run;
 mod telemetry;
@@ -103,6 +104,10 @@ use cacheclear_sink_redis::RedisConfig;
 
 pub use config::{BeforeImages, DebeziumConfig, KafkaConfig};
 pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
+pub use dlq::{
+    BOUNDED_COPY_KEY_BYTES, BOUNDED_COPY_VALUE_BYTES, DeadLetterCheckError, DeadLetterTopic,
+    MAX_REASON_BYTES, check_dead_letter_topic,
+};
 pub use offsets::{OffsetTracker, Ownership, Tp};
 pub use run::{InvalidatorError, run};
 pub use telemetry::describe_metrics;
@@ -178,6 +183,8 @@ pub struct InvalidatorStatus {
     records_applied: AtomicU64,
     records_skipped: AtomicU64,
     records_dead_lettered: AtomicU64,
+    records_dead_letter_refused: AtomicU64,
+    dead_letter_bounded_copies: AtomicU64,
     records_dropped: AtomicU64,
     keys_evicted: AtomicU64,
     batches: AtomicU64,
@@ -194,9 +201,19 @@ impl InvalidatorStatus {
     pub fn records_skipped(&self) -> u64 {
         self.records_skipped.load(Ordering::Acquire)
     }
-    /// Malformed records the dead-letter topic acknowledged.
+    /// Malformed records the dead-letter topic acknowledged (as they were, or as a bounded copy).
     pub fn records_dead_lettered(&self) -> u64 {
         self.records_dead_lettered.load(Ordering::Acquire)
+    }
+    /// Of [`InvalidatorStatus::records_dead_lettered`], those dead-lettered as a bounded copy
+    /// (the full record was refused for its size).
+    pub fn dead_letter_bounded_copies(&self) -> u64 {
+        self.dead_letter_bounded_copies.load(Ordering::Acquire)
+    }
+    /// Malformed records the dead-letter topic refused permanently, even as a bounded copy:
+    /// logged with their coordinates and skipped (their offsets committed).
+    pub fn records_dead_letter_refused(&self) -> u64 {
+        self.records_dead_letter_refused.load(Ordering::Acquire)
     }
     /// Records dropped uncommitted because their partition was revoked.
     pub fn records_dropped(&self) -> u64 {
