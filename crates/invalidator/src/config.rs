@@ -51,7 +51,8 @@ pub struct KafkaConfig {
     pub debezium_topics: Vec<String>,
     /// Where malformed records go, with the reason in header `cacheclear.dlq.reason` (see the crate
     /// docs). Required: a record that cannot be applied is never dropped silently. The topic must
-    /// exist unless the brokers auto-create topics.
+    /// exist (checked at start by [`crate::check_dead_letter_topic`]; the invalidator never
+    /// creates it).
     pub dead_letter_topic: String,
     /// `bootstrap.servers` of the cluster holding `dead_letter_topic`, when that is not
     /// `brokers` (a dead-letter topic kept in another cluster). `properties` apply to it too.

@@ -13,8 +13,9 @@
 //! # Delivery
 //! - Offsets are committed manually (`enable.auto.commit=false`). Per partition the committed
 //!   offset is the highest contiguous offset whose record was acknowledged by Redis (or, for a
-//!   malformed record, by the dead-letter topic), plus one ([`OffsetTracker`]). A crash replays
-//!   from there; replays are harmless (the script is idempotent and fences only move forward).
+//!   malformed record, by the dead-letter topic, or refused by it permanently), plus one
+//!   ([`OffsetTracker`]). A crash replays from there; replays are harmless (the script is
+//!   idempotent and fences only move forward).
 //! - Batching: the first record plus whatever librdkafka has already fetched (up to
 //!   `batch_max_records`, at most `batch_max_wait_ms` of collecting; no waiting when nothing more
 //!   is ready) are applied together (keys de-duplicated, highest LSN kept), then their offsets
@@ -34,9 +35,23 @@
 //! # Malformed records
 //! A record that is not a valid bus record / Debezium event is logged with its topic, partition
 //! and offset and produced to `dead_letter_topic` with the original key and value and headers
-//! `cacheclear.dlq.reason` (why), `cacheclear.dlq.topic`, `cacheclear.dlq.partition`,
-//! `cacheclear.dlq.offset`. Its offset is committed only after the dead-letter produce is
-//! acknowledged (`acks=all`); failures are retried with backoff.
+//! `cacheclear.dlq.reason` (why, cut to [`MAX_REASON_BYTES`]), `cacheclear.dlq.topic`,
+//! `cacheclear.dlq.partition`, `cacheclear.dlq.offset`, from a task of its own (`acks=all`).
+//! - Its offset is committed only after the dead-letter topic acknowledged it; meanwhile the
+//!   loop keeps applying and committing every other partition, and applies (without committing
+//!   past it) the later records of its own partition, which is paused past 100,000 held records.
+//! - Refused for its size: a bounded copy is produced instead (the first
+//!   [`BOUNDED_COPY_VALUE_BYTES`] of the value and [`BOUNDED_COPY_KEY_BYTES`] of the key, headers
+//!   `cacheclear.dlq.truncated`, `.truncated_because`, `.original_size`, `.sha256`,
+//!   `.original_key_size`, `.key_sha256`).
+//! - Refused permanently (the bounded copy too, invalid record, authorization, unknown topic or
+//!   partition, invalid topic, policy violation): logged at ERROR with its coordinates, size and
+//!   SHA-256, counted ([`InvalidatorStatus::records_dead_letter_refused`]) and committed. Never
+//!   retried, so one record can never stall invalidation.
+//! - Transient failures (broker down, timeouts) are retried with backoff (100 ms doubling to 5 s).
+//!
+//! At start [`run`] checks the topic with [`check_dead_letter_topic`] and returns
+//! [`InvalidatorError::DeadLetterTopic`] (with the fix) when it is missing or not accessible.
 //!
 //! # Debezium mapping
 //! Reference: Debezium connector for PostgreSQL, "Data change events"

@@ -74,9 +74,11 @@ async fn produce_to(p: &rdkafka::producer::FutureProducer, partition: i32, key: 
 async fn a_dead_letter_being_retried_holds_back_only_its_partition() {
     let kafka = broker();
     kafka.create_topic(TOPIC, 4).unwrap();
-    // The dead-letter topic lives on a broker of its own, which goes down mid-stream: its
-    // produce then fails transiently (retried) while the input broker works.
-    let mut dlq_kafka = broker();
+    // The dead-letter topic lives on a broker of its own, which stops answering mid-stream
+    // (SIGSTOP: killing and restarting it would re-create the topic under the running producer,
+    // which librdkafka 2.10 can crash on, see README "Not done yet"): its produce then waits and
+    // fails transiently (retried) while the input broker works.
+    let dlq_kafka = broker();
     dlq_kafka.create_topic(DLQ, 1).unwrap();
     let redis = redis();
     let mut c = redis_conn(&redis).await;
@@ -91,7 +93,15 @@ async fn a_dead_letter_being_retried_holds_back_only_its_partition() {
         status.assigned_partitions() == 4
     })
     .await;
-    dlq_kafka.stop().unwrap();
+    let dlq_pid = dlq_kafka.pid().expect("running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &dlq_pid])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig} {dlq_pid}");
+    };
+    signal("-STOP");
 
     // Partition 0: 10 valid records, one malformed (offset 10), 50 valid; partitions 1-3: 60
     // valid records each.
@@ -142,13 +152,13 @@ async fn a_dead_letter_being_retried_holds_back_only_its_partition() {
     );
     assert_eq!(status.records_dead_lettered(), 0);
     eprintln!(
-        "dead-letter broker down: 240 valid records on 4 partitions applied, partitions 1-3 committed to their ends ({:?} after the last produce), partition 0 held at offset {}",
+        "dead-letter broker stopped: 240 valid records on 4 partitions applied, partitions 1-3 committed to their ends ({:?} after the last produce), partition 0 held at offset {}",
         applied_while_stuck, held[0]
     );
 
-    // The dead-letter broker comes back: the dead letter lands and partition 0 is committed.
+    // The dead-letter broker answers again: the dead letter lands and partition 0 is committed.
     let back = Instant::now();
-    dlq_kafka.start_again().unwrap();
+    signal("-CONT");
     wait_for("the dead letter lands", Duration::from_secs(90), || async {
         status.records_dead_lettered() == 1
     })
