@@ -244,6 +244,12 @@ pub async fn run(
             biased;
             () = &mut shutdown => break 'outer,
             Some(done) = dead_letters.join_next(), if !dead_letters.is_empty() => {
+                if let Err(e) = &done {
+                    // Only a panic gets here (tasks are aborted only when the loop ends): its
+                    // partition stays uncommitted from that record on, and is replayed by its
+                    // next owner.
+                    tracing::error!(error = %e, "a dead-letter task failed; its partition is not committed past its record until the next rebalance or restart");
+                }
                 if let Ok((dl, outcome)) = done {
                     dead_letter_done(&dl, outcome, &mut tracker, &status);
                     if paused.get(&dl.tp) == Some(&dl.generation)
@@ -267,14 +273,24 @@ pub async fn run(
             },
         };
         batch.extend(received(first, &formats, &decoder, &ownership));
+        // Malformed records in this batch: with the dead letters under way, at most
+        // MAX_DEAD_LETTERS_IN_FLIGHT (each holds a copy of its record).
+        let mut malformed = batch.iter().filter(|r| r.outcome.is_err()).count();
         // Then whatever librdkafka has already fetched, without waiting for more: the batch
         // ends when it is full, when nothing more is ready (an idle stream is not delayed), or
         // after `batch_max_wait_ms` of collecting (a busy stream is not starved of commits).
         let deadline = std::time::Instant::now() + max_wait;
-        while batch.len() < max_records && std::time::Instant::now() < deadline {
+        while batch.len() < max_records
+            && std::time::Instant::now() < deadline
+            && dead_letters.len() + malformed < MAX_DEAD_LETTERS_IN_FLIGHT
+        {
             match messages.next().now_or_never() {
                 Some(None) => break 'outer,
-                Some(Some(m)) => batch.extend(received(m, &formats, &decoder, &ownership)),
+                Some(Some(m)) => {
+                    let r = received(m, &formats, &decoder, &ownership);
+                    malformed += usize::from(r.as_ref().is_some_and(|r| r.outcome.is_err()));
+                    batch.extend(r);
+                }
                 None => break,
             }
         }
@@ -324,7 +340,9 @@ pub async fn run(
         }
         // A partition piling up records behind a dead letter being retried is paused.
         for r in &batch {
-            if !paused.contains_key(&r.tp) && tracker.held(&r.tp) > MAX_HELD_PER_PARTITION {
+            if paused.get(&r.tp) != Some(&r.generation)
+                && tracker.held(&r.tp) > MAX_HELD_PER_PARTITION
+            {
                 let mut list = TopicPartitionList::new();
                 list.add_partition(&r.tp.topic, r.tp.partition);
                 match consumer.pause(&list) {
