@@ -51,8 +51,14 @@ pub struct KafkaConfig {
     pub debezium_topics: Vec<String>,
     /// Where malformed records go, with the reason in header `cacheclear.dlq.reason` (see the crate
     /// docs). Required: a record that cannot be applied is never dropped silently. The topic must
-    /// exist unless the brokers auto-create topics.
+    /// exist (checked at start by [`crate::check_dead_letter_topic`]; the invalidator never
+    /// creates it).
     pub dead_letter_topic: String,
+    /// `bootstrap.servers` of the cluster holding `dead_letter_topic`, when that is not
+    /// `brokers` (a dead-letter topic kept in another cluster). `properties` apply to it too.
+    /// Default: none, the dead-letter topic is on `brokers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_brokers: Option<String>,
     /// Most records applied as one batch (one Redis round of pipelines, one offset commit).
     /// Default 10000.
     #[serde(default = "default_batch_max_records")]
@@ -124,6 +130,7 @@ impl KafkaConfig {
             topics,
             debezium_topics: Vec::new(),
             dead_letter_topic: dead_letter_topic.into(),
+            dead_letter_brokers: None,
             batch_max_records: default_batch_max_records(),
             batch_max_wait_ms: default_batch_max_wait_ms(),
             commit_interval_ms: default_commit_interval_ms(),
@@ -186,6 +193,21 @@ impl KafkaConfig {
     pub fn with_commit_interval_ms(mut self, commit_interval_ms: u64) -> Self {
         self.commit_interval_ms = commit_interval_ms;
         self
+    }
+
+    /// Sets [`KafkaConfig::dead_letter_brokers`]: the `host:port[,host:port…]` list of the
+    /// cluster holding the dead-letter topic. Default: the dead-letter topic is on
+    /// [`KafkaConfig::brokers`].
+    #[must_use]
+    pub fn with_dead_letter_brokers(mut self, brokers: impl Into<String>) -> Self {
+        self.dead_letter_brokers = Some(brokers.into());
+        self
+    }
+
+    /// `bootstrap.servers` of the dead-letter producer: [`KafkaConfig::dead_letter_brokers`],
+    /// else [`KafkaConfig::brokers`].
+    pub fn dead_letter_bootstrap(&self) -> &str {
+        self.dead_letter_brokers.as_deref().unwrap_or(&self.brokers)
     }
 
     /// Replaces [`KafkaConfig::properties`], the extra librdkafka properties. Default empty.
@@ -252,6 +274,16 @@ impl KafkaConfig {
         }
         if self.dead_letter_topic.trim().is_empty() {
             return Err(ConfigError::new("kafka.dead_letter_topic", "empty"));
+        }
+        if self
+            .dead_letter_brokers
+            .as_ref()
+            .is_some_and(|b| b.trim().is_empty())
+        {
+            return Err(ConfigError::new(
+                "kafka.dead_letter_brokers",
+                "empty (expected host:port[,host:port…], or leave it out to use kafka.brokers)",
+            ));
         }
         if self.batch_max_records == 0 {
             return Err(ConfigError::new(

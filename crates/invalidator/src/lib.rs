@@ -13,8 +13,9 @@
 //! # Delivery
 //! - Offsets are committed manually (`enable.auto.commit=false`). Per partition the committed
 //!   offset is the highest contiguous offset whose record was acknowledged by Redis (or, for a
-//!   malformed record, by the dead-letter topic), plus one ([`OffsetTracker`]). A crash replays
-//!   from there; replays are harmless (the script is idempotent and fences only move forward).
+//!   malformed record, by the dead-letter topic, or refused by it permanently), plus one
+//!   ([`OffsetTracker`]). A crash replays from there; replays are harmless (the script is
+//!   idempotent and fences only move forward).
 //! - Batching: the first record plus whatever librdkafka has already fetched (up to
 //!   `batch_max_records`, at most `batch_max_wait_ms` of collecting; no waiting when nothing more
 //!   is ready) are applied together (keys de-duplicated, highest LSN kept), then their offsets
@@ -34,9 +35,23 @@
 //! # Malformed records
 //! A record that is not a valid bus record / Debezium event is logged with its topic, partition
 //! and offset and produced to `dead_letter_topic` with the original key and value and headers
-//! `cacheclear.dlq.reason` (why), `cacheclear.dlq.topic`, `cacheclear.dlq.partition`,
-//! `cacheclear.dlq.offset`. Its offset is committed only after the dead-letter produce is
-//! acknowledged (`acks=all`); failures are retried with backoff.
+//! `cacheclear.dlq.reason` (why, cut to [`MAX_REASON_BYTES`]), `cacheclear.dlq.topic`,
+//! `cacheclear.dlq.partition`, `cacheclear.dlq.offset`, from a task of its own (`acks=all`).
+//! - Its offset is committed only after the dead-letter topic acknowledged it; meanwhile the
+//!   loop keeps applying and committing every other partition, and applies (without committing
+//!   past it) the later records of its own partition, which is paused past 100,000 held records.
+//! - Refused for its size: a bounded copy is produced instead (the first
+//!   [`BOUNDED_COPY_VALUE_BYTES`] of the value and [`BOUNDED_COPY_KEY_BYTES`] of the key, headers
+//!   `cacheclear.dlq.truncated`, `.truncated_because`, `.original_size`, `.sha256`,
+//!   `.original_key_size`, `.key_sha256`).
+//! - Refused permanently (the bounded copy too, invalid record, authorization, unknown topic or
+//!   partition, invalid topic, policy violation): logged at ERROR with its coordinates, size and
+//!   SHA-256, counted ([`InvalidatorStatus::records_dead_letter_refused`]) and committed. Never
+//!   retried, so one record can never stall invalidation.
+//! - Transient failures (broker down, timeouts) are retried with backoff (100 ms doubling to 5 s).
+//!
+//! At start [`run`] checks the topic with [`check_dead_letter_topic`] and returns
+//! [`InvalidatorError::DeadLetterTopic`] (with the fix) when it is missing or not accessible.
 //!
 //! # Debezium mapping
 //! Reference: Debezium connector for PostgreSQL, "Data change events"
@@ -95,11 +110,16 @@
 //! ```
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
+// Without `kafka` (the fuzz targets' build) the consume loop and what only it uses are left out.
+#![cfg_attr(not(feature = "kafka"), allow(dead_code))]
 
 mod config;
 mod decode;
+#[cfg(feature = "kafka")]
+mod dlq;
 mod offsets;
 mod pgtext;
+#[cfg(feature = "kafka")]
 mod run;
 mod telemetry;
 mod types;
@@ -116,7 +136,13 @@ pub use config::{
     TimePrecisionMode,
 };
 pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
+#[cfg(feature = "kafka")]
+pub use dlq::{
+    BOUNDED_COPY_KEY_BYTES, BOUNDED_COPY_VALUE_BYTES, DeadLetterCheckError, DeadLetterTopic,
+    MAX_REASON_BYTES, check_dead_letter_topic,
+};
 pub use offsets::{OffsetTracker, Ownership, Tp};
+#[cfg(feature = "kafka")]
 pub use run::{InvalidatorError, run};
 pub use telemetry::describe_metrics;
 pub use types::{InvalidatorRule, PostgresConfig};
@@ -235,6 +261,8 @@ pub struct InvalidatorStatus {
     records_applied: AtomicU64,
     records_skipped: AtomicU64,
     records_dead_lettered: AtomicU64,
+    records_dead_letter_refused: AtomicU64,
+    dead_letter_bounded_copies: AtomicU64,
     records_dropped: AtomicU64,
     keys_evicted: AtomicU64,
     batches: AtomicU64,
@@ -251,9 +279,19 @@ impl InvalidatorStatus {
     pub fn records_skipped(&self) -> u64 {
         self.records_skipped.load(Ordering::Acquire)
     }
-    /// Malformed records the dead-letter topic acknowledged.
+    /// Malformed records the dead-letter topic acknowledged (as they were, or as a bounded copy).
     pub fn records_dead_lettered(&self) -> u64 {
         self.records_dead_lettered.load(Ordering::Acquire)
+    }
+    /// Of [`InvalidatorStatus::records_dead_lettered`], those dead-lettered as a bounded copy
+    /// (the full record was refused for its size).
+    pub fn dead_letter_bounded_copies(&self) -> u64 {
+        self.dead_letter_bounded_copies.load(Ordering::Acquire)
+    }
+    /// Malformed records the dead-letter topic refused permanently, even as a bounded copy:
+    /// logged with their coordinates and skipped (their offsets committed).
+    pub fn records_dead_letter_refused(&self) -> u64 {
+        self.records_dead_letter_refused.load(Ordering::Acquire)
     }
     /// Records dropped uncommitted because their partition was revoked.
     pub fn records_dropped(&self) -> u64 {

@@ -142,6 +142,13 @@ impl OffsetTracker {
         out
     }
 
+    /// Records of `tp` received but not yet committable (an unapplied record and everything
+    /// received after it), under any generation. The consume loop pauses a partition whose count
+    /// grows past a bound while one of its dead letters is retried.
+    pub fn held(&self, tp: &Tp) -> usize {
+        self.parts.get(tp).map_or(0, |p| p.pending.len())
+    }
+
     /// The last offsets handed out by [`OffsetTracker::take_commits`] for partitions still owned
     /// (the final synchronous commit on shutdown).
     pub fn committed(&self, current: impl Fn(&Tp) -> Option<u64>) -> Vec<(Tp, i64)> {

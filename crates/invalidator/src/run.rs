@@ -14,11 +14,13 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::task::JoinSet;
 
 use crate::decode::{Decoded, Decoder, Format, Malformed};
+use crate::dlq::{self, DeadLetter, DeadLetterCheckError, Outcome};
 use crate::offsets::{OffsetTracker, Ownership, Tp};
 use crate::telemetry;
 use crate::{AppliedBatch, InvalidatorConfig, InvalidatorStatus, RunOptions, now_us};
@@ -35,10 +37,20 @@ pub enum InvalidatorError {
     /// The Redis sink refused its configuration.
     #[error("Redis sink: {0}")]
     Redis(#[from] RedisSinkError),
+    /// The dead-letter topic is missing, not accessible or has a partition without leader (see
+    /// [`crate::check_dead_letter_topic`]; the message names the topic and the fix).
+    #[error("{0}")]
+    DeadLetterTopic(#[from] DeadLetterCheckError),
 }
 
-/// Header names on dead-letter records.
-pub(crate) const DLQ_REASON: &str = "cacheclear.dlq.reason";
+/// Dead letters produced at once (each in its own task); the consume loop waits for one to end
+/// before taking more records when this many are under way.
+const MAX_DEAD_LETTERS_IN_FLIGHT: usize = 256;
+
+/// Records of one partition held uncommitted behind a dead letter still being retried before the
+/// partition is paused (resumed when its dead letter lands, or on its next assignment). Bounds
+/// the memory a stuck partition costs (the tracker keeps one entry per held record).
+const MAX_HELD_PER_PARTITION: usize = 100_000;
 
 /// Records assignments and revocations for the consume loop (rebalance callbacks run inside
 /// `recv`, on the loop's own task).
@@ -89,8 +101,12 @@ impl ConsumerContext for GroupContext {
         self.record_assigned();
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
+            // A partition paused behind a dead letter under an earlier assignment starts afresh.
+            if let Err(e) = consumer.resume(list) {
+                tracing::debug!(error = %e, "resume of newly assigned partitions");
+            }
             let assigned = tps(list);
             tracing::info!(group = %self.group, partitions = ?assigned, "partitions assigned");
             metrics::counter!(telemetry::REBALANCES, "kind" => "assign").increment(1);
@@ -166,31 +182,7 @@ pub async fn run(
         client.set(k, v);
     }
     client.set("bootstrap.servers", &cfg.kafka.brokers);
-    let mut producer_cfg = ClientConfig::new();
-    producer_cfg.set("socket.nagle.disable", "true");
-    for (k, v) in &cfg.kafka.properties {
-        // Consumer-only settings would only make librdkafka warn on the producer.
-        if !matches!(
-            k.as_str(),
-            "auto.offset.reset"
-                | "fetch.wait.max.ms"
-                | "session.timeout.ms"
-                | "heartbeat.interval.ms"
-                | "max.poll.interval.ms"
-                | "partition.assignment.strategy"
-                | "fetch.min.bytes"
-                | "fetch.max.bytes"
-                | "max.partition.fetch.bytes"
-                | "group.instance.id"
-                | "isolation.level"
-        ) {
-            producer_cfg.set(k, v);
-        }
-    }
-    producer_cfg
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("acks", "all")
-        .set("message.timeout.ms", "30000");
+    let producer_cfg = dlq::producer_config(&cfg.kafka);
     client
         .set("group.id", &cfg.kafka.group_id)
         .set("enable.auto.commit", "false")
@@ -208,6 +200,28 @@ pub async fn run(
         group: cfg.kafka.group_id.clone(),
     })?;
     let producer: FutureProducer = producer_cfg.create()?;
+    tokio::pin!(shutdown);
+    // The dead-letter topic must be able to take malformed records before any is read: a
+    // definitive refusal stops here with the fix; unreachable brokers are waited for.
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match crate::check_dead_letter_topic(&cfg.kafka).await {
+            Ok(t) => {
+                tracing::info!(dead_letter_topic = %t.topic, partitions = t.partitions, "dead-letter topic checked");
+                break;
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "dead-letter topic check: brokers unreachable; retrying");
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let topics: Vec<&str> = formats.keys().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(group = %cfg.kafka.group_id, topics = ?topics, "invalidator subscribed");
@@ -215,7 +229,6 @@ pub async fn run(
     let max_records = cfg.kafka.batch_max_records;
     let max_wait = Duration::from_millis(cfg.kafka.batch_max_wait_ms);
     let mut tracker = OffsetTracker::default();
-    tokio::pin!(shutdown);
     let mut batch: Vec<Received> = Vec::with_capacity(max_records.min(65_536));
     // One message stream for the whole run (a `recv()` future per call would hold the consumer's
     // waker slab behind a higher-ranked borrow, which makes this future non-`Send`).
@@ -224,29 +237,67 @@ pub async fn run(
     let mut last_commit = tokio::time::Instant::now();
     // Records applied since the last commit.
     let mut uncommitted = false;
+    // Dead letters under way, each in its own task (dropping the set on return aborts them:
+    // their records stay uncommitted and are read again).
+    let mut dead_letters: JoinSet<(DeadLetter, Outcome)> = JoinSet::new();
+    // Partitions paused behind a dead letter, with the generation they were paused under.
+    let mut paused: HashMap<Tp, u64> = HashMap::new();
     'outer: loop {
         batch.clear();
-        // The first record (or shutdown, or the due commit of an idle stream), then more until
-        // the batch is full or max_wait passed.
+        // The first record (or shutdown, or the due commit of an idle stream, or a dead letter
+        // that ended), then more until the batch is full or max_wait passed. While
+        // MAX_DEAD_LETTERS_IN_FLIGHT dead letters are under way, no record is taken.
         let first = tokio::select! {
             biased;
             () = &mut shutdown => break 'outer,
+            Some(done) = dead_letters.join_next(), if !dead_letters.is_empty() => {
+                if let Err(e) = &done {
+                    // Only a panic gets here (tasks are aborted only when the loop ends): its
+                    // partition stays uncommitted from that record on, and is replayed by its
+                    // next owner.
+                    tracing::error!(error = %e, "a dead-letter task failed; its partition is not committed past its record until the next rebalance or restart");
+                }
+                if let Ok((dl, outcome)) = done {
+                    dead_letter_done(&dl, outcome, &mut tracker, &status);
+                    if paused.get(&dl.tp) == Some(&dl.generation)
+                        && tracker.held(&dl.tp) <= MAX_HELD_PER_PARTITION / 2
+                    {
+                        paused.remove(&dl.tp);
+                        resume(&consumer, &dl.tp, &ownership, dl.generation);
+                    }
+                    uncommitted = true;
+                }
+                continue 'outer;
+            }
             () = tokio::time::sleep_until(last_commit + commit_interval), if uncommitted => {
                 commit_applied(&consumer, &mut tracker, &ownership, &status);
                 (last_commit, uncommitted) = (tokio::time::Instant::now(), false);
                 continue 'outer;
             }
-            m = messages.next() => match m { Some(m) => m, None => break 'outer },
+            m = messages.next(), if dead_letters.len() < MAX_DEAD_LETTERS_IN_FLIGHT => match m {
+                Some(m) => m,
+                None => break 'outer,
+            },
         };
         batch.extend(received(first, &formats, &decoder, &ownership));
+        // Malformed records in this batch: with the dead letters under way, at most
+        // MAX_DEAD_LETTERS_IN_FLIGHT (each holds a copy of its record).
+        let mut malformed = batch.iter().filter(|r| r.outcome.is_err()).count();
         // Then whatever librdkafka has already fetched, without waiting for more: the batch
         // ends when it is full, when nothing more is ready (an idle stream is not delayed), or
         // after `batch_max_wait_ms` of collecting (a busy stream is not starved of commits).
         let deadline = std::time::Instant::now() + max_wait;
-        while batch.len() < max_records && std::time::Instant::now() < deadline {
+        while batch.len() < max_records
+            && std::time::Instant::now() < deadline
+            && dead_letters.len() + malformed < MAX_DEAD_LETTERS_IN_FLIGHT
+        {
             match messages.next().now_or_never() {
                 Some(None) => break 'outer,
-                Some(Some(m)) => batch.extend(received(m, &formats, &decoder, &ownership)),
+                Some(Some(m)) => {
+                    let r = received(m, &formats, &decoder, &ownership);
+                    malformed += usize::from(r.as_ref().is_some_and(|r| r.outcome.is_err()));
+                    batch.extend(r);
+                }
                 None => break,
             }
         }
@@ -267,20 +318,48 @@ pub async fn run(
             tracker.received(&r.tp, r.generation, r.offset);
         }
 
-        if !apply(
-            &batch,
-            &sink,
-            &producer,
-            &cfg.kafka.dead_letter_topic,
-            &options,
-            &mut shutdown,
-        )
-        .await
-        {
+        // Malformed records go to the dead-letter topic from tasks of their own: a retried one
+        // holds back its partition's commits only, never the loop.
+        for r in &mut batch {
+            if let Err(reason) = &r.outcome {
+                let (key, value) = r.raw.take().unwrap_or((None, None));
+                let dl = DeadLetter {
+                    tp: r.tp.clone(),
+                    generation: r.generation,
+                    offset: r.offset,
+                    reason: reason.0.clone(),
+                    key,
+                    value,
+                };
+                let producer = producer.clone();
+                let topic = cfg.kafka.dead_letter_topic.clone();
+                dead_letters.spawn(async move {
+                    let outcome = dlq::produce(&dl, &producer, &topic).await;
+                    (dl, outcome)
+                });
+            }
+        }
+        if !apply(&batch, &sink, &options, &mut shutdown).await {
             break 'outer; // shutdown while retrying: nothing of this batch is committed
         }
-        for r in &batch {
+        for r in batch.iter().filter(|r| r.outcome.is_ok()) {
             tracker.applied(&r.tp, r.generation, r.offset);
+        }
+        // A partition piling up records behind a dead letter being retried is paused.
+        for r in &batch {
+            if paused.get(&r.tp) != Some(&r.generation)
+                && tracker.held(&r.tp) > MAX_HELD_PER_PARTITION
+            {
+                let mut list = TopicPartitionList::new();
+                list.add_partition(&r.tp.topic, r.tp.partition);
+                match consumer.pause(&list) {
+                    Ok(()) => {
+                        tracing::warn!(topic = %r.tp.topic, partition = r.tp.partition, held = tracker.held(&r.tp), "partition paused: its records wait uncommitted behind a dead letter being retried");
+                        paused.insert(r.tp.clone(), r.generation);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot pause a partition"),
+                }
+            }
         }
         uncommitted = true;
         if last_commit.elapsed() >= commit_interval {
@@ -305,6 +384,50 @@ pub async fn run(
     consumer.unsubscribe();
     tracing::info!(group = %cfg.kafka.group_id, "invalidator stopped");
     Ok(())
+}
+
+/// Accounts for a dead letter that ended: its offset becomes committable.
+fn dead_letter_done(
+    dl: &DeadLetter,
+    outcome: Outcome,
+    tracker: &mut OffsetTracker,
+    status: &InvalidatorStatus,
+) {
+    tracker.applied(&dl.tp, dl.generation, dl.offset);
+    match outcome {
+        Outcome::Produced | Outcome::BoundedCopy => {
+            InvalidatorStatus::add(&status.records_dead_lettered, 1);
+            metrics::counter!(telemetry::RECORDS, "outcome" => "dead_lettered").increment(1);
+            if outcome == Outcome::BoundedCopy {
+                InvalidatorStatus::add(&status.dead_letter_bounded_copies, 1);
+                metrics::counter!(telemetry::DLQ_BOUNDED_COPIES).increment(1);
+            }
+        }
+        Outcome::Refused => {
+            InvalidatorStatus::add(&status.records_dead_letter_refused, 1);
+            metrics::counter!(telemetry::RECORDS, "outcome" => "dead_letter_refused").increment(1);
+        }
+    }
+}
+
+/// Resumes `tp` if it is still owned under `generation`.
+fn resume(
+    consumer: &StreamConsumer<GroupContext>,
+    tp: &Tp,
+    ownership: &Ownership,
+    generation: u64,
+) {
+    if ownership.generation(tp) != Some(generation) {
+        return; // revoked meanwhile: its next assignment starts resumed
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&tp.topic, tp.partition);
+    match consumer.resume(&list) {
+        Ok(()) => {
+            tracing::info!(topic = %tp.topic, partition = tp.partition, "partition resumed: its dead letter landed")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot resume a partition"),
+    }
 }
 
 /// Commits (asynchronously) every owned partition's offset past its last record Redis
@@ -368,13 +491,11 @@ fn received(
     })
 }
 
-/// Applies one batch: evictions to Redis, malformed records to the dead-letter topic, both
-/// retried until acknowledged. Returns `false` if `shutdown` completed first.
+/// Applies one batch's evictions to Redis, retried until acknowledged (malformed records are
+/// the dead-letter tasks' business). Returns `false` if `shutdown` completed first.
 async fn apply(
     batch: &[Received],
     sink: &RedisSink,
-    producer: &FutureProducer,
-    dead_letter_topic: &str,
     options: &RunOptions,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> bool {
@@ -384,7 +505,6 @@ async fn apply(
     let mut commit_times = Vec::with_capacity(batch.len());
     let mut kafka_times = Vec::with_capacity(batch.len());
     let mut skipped = 0u64;
-    let mut malformed: Vec<&Received> = Vec::new();
     for r in batch {
         match &r.outcome {
             Ok(Decoded::Evict(e)) => {
@@ -400,8 +520,7 @@ async fn apply(
                 skipped += 1;
             }
             Err(reason) => {
-                tracing::error!(topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, reason = %reason, dead_letter_topic, "malformed record; sending it to the dead-letter topic");
-                malformed.push(r);
+                tracing::error!(topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, reason = %dlq::bounded_text(&reason.0, dlq::MAX_REASON_BYTES), "malformed record; sending it to the dead-letter topic");
             }
         }
     }
@@ -411,14 +530,6 @@ async fn apply(
     tables.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
     tables.dedup_by(|later, first| later.0 == first.0);
 
-    // Dead letters go out concurrently with the Redis work.
-    let dlq = async {
-        for r in &malformed {
-            if !dead_letter(r, producer, dead_letter_topic).await {
-                return;
-            }
-        }
-    };
     let redis = async {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -445,11 +556,10 @@ async fn apply(
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     };
-    let work = async { tokio::join!(redis, dlq).0 };
     let evicted = tokio::select! {
         biased;
         () = shutdown.as_mut() => return false,
-        n = work => n,
+        n = redis => n,
     };
     let applied_at_us = now_us();
     if let Some(observer) = &options.observer {
@@ -467,13 +577,10 @@ async fn apply(
     let applied = commit_times.len() as u64;
     InvalidatorStatus::add(&status.records_applied, applied);
     InvalidatorStatus::add(&status.records_skipped, skipped);
-    InvalidatorStatus::add(&status.records_dead_lettered, malformed.len() as u64);
     InvalidatorStatus::add(&status.keys_evicted, evicted);
     InvalidatorStatus::add(&status.batches, 1);
     metrics::counter!(telemetry::RECORDS, "outcome" => "applied").increment(applied);
     metrics::counter!(telemetry::RECORDS, "outcome" => "skipped").increment(skipped);
-    metrics::counter!(telemetry::RECORDS, "outcome" => "dead_lettered")
-        .increment(malformed.len() as u64);
     metrics::counter!(telemetry::KEYS_EVICTED).increment(evicted);
     true
 }
@@ -487,55 +594,5 @@ impl<'a> Iterator for KeyIter<'_, 'a> {
 
     fn next(&mut self) -> Option<(&'a str, Lsn)> {
         self.0.next().copied()
-    }
-}
-
-/// Produces one malformed record to the dead-letter topic, retrying until acknowledged.
-async fn dead_letter(r: &Received, producer: &FutureProducer, topic: &str) -> bool {
-    let reason = match &r.outcome {
-        Err(m) => m.0.as_str(),
-        Ok(_) => return true,
-    };
-    let (key, value) = match &r.raw {
-        Some((k, v)) => (k.as_deref(), v.as_deref()),
-        None => (None, None),
-    };
-    let partition = r.tp.partition.to_string();
-    let offset = r.offset.to_string();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: DLQ_REASON,
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "cacheclear.dlq.topic",
-                value: Some(r.tp.topic.as_str()),
-            })
-            .insert(Header {
-                key: "cacheclear.dlq.partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "cacheclear.dlq.offset",
-                value: Some(offset.as_str()),
-            });
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(k) = key {
-            record = record.key(k);
-        }
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        match producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => return true,
-            Err((e, _)) => {
-                tracing::error!(error = %e, dead_letter_topic = topic, source_topic = %r.tp.topic, partition = r.tp.partition, offset = r.offset, retry_in_ms = backoff.as_millis() as u64, "dead-letter produce failed; retrying (nothing committed)");
-                metrics::counter!(telemetry::DLQ_ERRORS).increment(1);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }

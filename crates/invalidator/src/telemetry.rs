@@ -1,7 +1,8 @@
 //! The metrics this crate emits, declared where they are emitted (README's Metrics table lists
 //! them too; `crates/cli/tests/metrics.rs` checks both).
 
-/// Counter, label `outcome` (`applied`, `skipped`, `dead_lettered`, `dropped_revoked`): records.
+/// Counter, label `outcome` (`applied`, `skipped`, `dead_lettered`, `dead_letter_refused`,
+/// `dropped_revoked`): records.
 pub(crate) const RECORDS: &str = "cacheclear_invalidator_records_total";
 /// Counter: cache keys invalidated (distinct per batch, plus keys found by table-wide evictions).
 pub(crate) const KEYS_EVICTED: &str = "cacheclear_invalidator_keys_evicted_total";
@@ -9,8 +10,11 @@ pub(crate) const KEYS_EVICTED: &str = "cacheclear_invalidator_keys_evicted_total
 pub(crate) const COMMIT_TO_APPLIED_LAG: &str = "cacheclear_invalidator_commit_to_applied_lag_ms";
 /// Counter: failed Redis batches (retried).
 pub(crate) const REDIS_ERRORS: &str = "cacheclear_invalidator_redis_errors_total";
-/// Counter: failed dead-letter produces (retried).
+/// Counter, label `kind` (`transient`: retried; `permanent`: not retried): failed dead-letter
+/// produces.
 pub(crate) const DLQ_ERRORS: &str = "cacheclear_invalidator_dlq_errors_total";
+/// Counter: malformed records dead-lettered as a bounded copy (refused whole for their size).
+pub(crate) const DLQ_BOUNDED_COPIES: &str = "cacheclear_invalidator_dlq_bounded_copies_total";
 /// Counter: offset commits the group coordinator refused.
 pub(crate) const COMMIT_ERRORS: &str = "cacheclear_invalidator_commit_errors_total";
 /// Counter: consumer errors reported by librdkafka.
@@ -33,7 +37,7 @@ pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         RECORDS,
-        "Records by outcome: applied (Redis acknowledged), skipped (nothing to evict), dead_lettered, dropped_revoked (partition revoked before commit)."
+        "Records by outcome: applied (Redis acknowledged), skipped (nothing to evict), dead_lettered (malformed, acknowledged by the dead-letter topic), dead_letter_refused (malformed, refused permanently by the dead-letter topic even as a bounded copy: logged and skipped), dropped_revoked (partition revoked before commit)."
     );
     describe_counter!(
         KEYS_EVICTED,
@@ -48,7 +52,14 @@ pub fn describe_metrics() {
         REDIS_ERRORS,
         "Failed attempts to apply a batch to Redis (retried)."
     );
-    describe_counter!(DLQ_ERRORS, "Failed dead-letter produces (retried).");
+    describe_counter!(
+        DLQ_ERRORS,
+        "Failed dead-letter produces by kind: transient (retried), permanent (size, authorization, unknown topic, invalid record: not retried)."
+    );
+    describe_counter!(
+        DLQ_BOUNDED_COPIES,
+        "Malformed records dead-lettered as a bounded copy (first bytes, original size and SHA-256 in headers) because the whole record was refused for its size."
+    );
     describe_counter!(
         COMMIT_ERRORS,
         "Offset commits the group coordinator refused."

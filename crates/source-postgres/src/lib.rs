@@ -79,6 +79,24 @@ mod telemetry;
 mod tls;
 
 pub use config::{DriftPolicy, PostgresConfig};
+
+/// Entry points of the fuzz targets (`fuzz/`, feature `fuzzing`); not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes one pgoutput message (the payload of an `XLogData`) as the reader does: `Ok` with
+    /// the decoded message's `Debug` text, `Err` with the decoder's error text (message type,
+    /// byte offset, problem). Never panics, whatever `payload` holds.
+    ///
+    /// # Errors
+    /// The decoder's error, as text.
+    pub fn decode_pgoutput(payload: &[u8]) -> Result<String, String> {
+        let buf = bytes::Bytes::copy_from_slice(payload);
+        crate::pgoutput::decode(&buf)
+            .map(|m| format!("{m:?}"))
+            .map_err(|e| e.to_string())
+    }
+}
 pub use error::{Ended, SourceError};
 pub use pipeline::Pipeline;
 pub use status::{BatchObserver, RunOptions, SourceStatus};
