@@ -34,6 +34,9 @@ pub(crate) enum PgType {
     Text,
     /// `numeric(p,s)` (scale `Some(s)`) or unconstrained `numeric` (`None`).
     Numeric(Option<u32>),
+    /// `numeric(p,s)` with more than 15 digits of precision (the scale): a double cannot carry
+    /// it exactly, so `decimal.handling.mode = double` is refused for it.
+    NumericWide(u32),
     /// `real`.
     Float4,
     /// `double precision`.
@@ -100,7 +103,9 @@ impl PgType {
             | "json" | "jsonb" | "enum" | "citext" | "name" => PgType::Text,
             "numeric" | "decimal" => match nums(&args)?.as_slice() {
                 [] => PgType::Numeric(None),
+                [p] if *p > 15 => PgType::NumericWide(0),
                 [_] => PgType::Numeric(Some(0)),
+                [p, s] if *p > 15 => PgType::NumericWide(*s),
                 [_, s] => PgType::Numeric(Some(*s)),
                 _ => return Err(format!("type `{name}`: numeric takes (precision, scale)")),
             },
@@ -238,6 +243,9 @@ impl Encoding {
             (None, "float" | "float32") => Encoding::Float32,
             (None, "double" | "float64") => match pg {
                 Some(PgType::Numeric(Some(s))) => Encoding::DecimalAsDouble(*s),
+                Some(PgType::NumericWide(_)) => Encoding::Unsupported(
+                    "a numeric with more than 15 digits sent as a double".into(),
+                ),
                 _ => Encoding::Float64,
             },
             (None, "bytes") => Encoding::Bytes(BinaryHandlingMode::Bytes),
@@ -258,6 +266,17 @@ impl Encoding {
             PgType::Text => Encoding::Text,
             PgType::Float4 => Encoding::Float32,
             PgType::Float8 => Encoding::Float64,
+            PgType::NumericWide(s) => match modes.decimal {
+                DecimalHandlingMode::String => Encoding::Text,
+                DecimalHandlingMode::Precise => Encoding::Decimal(*s as i32),
+                DecimalHandlingMode::Double => {
+                    return Err(
+                        "a numeric with more than 15 digits in decimal.handling.mode = double: \
+                         a double cannot carry it exactly (use precise or string)"
+                            .into(),
+                    );
+                }
+            },
             PgType::Numeric(scale) => match (modes.decimal, scale) {
                 (DecimalHandlingMode::String, _) => Encoding::Text,
                 (DecimalHandlingMode::Precise, Some(s)) => Encoding::Decimal(*s as i32),
@@ -1082,6 +1101,7 @@ mod tests {
     #[test]
     fn type_names_parse() {
         assert_eq!(PgType::parse("numeric(10,2)"), Ok(PgType::Numeric(Some(2))));
+        assert_eq!(PgType::parse("numeric(20,2)"), Ok(PgType::NumericWide(2)));
         assert_eq!(
             PgType::parse("timestamp(3) without time zone"),
             Ok(PgType::Timestamp(3))
