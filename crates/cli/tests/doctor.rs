@@ -138,9 +138,12 @@ async fn broken_set_ups_get_their_fix() {
     set_no_ttl(&mut r, "{product:1}").await;
     let dir = tempfile::tempdir().expect("tempdir");
     // `category:{name}` needs `name` in old rows: category has REPLICA IDENTITY DEFAULT.
+    pg.batch_execute("CREATE TABLE \"OrderItem\" (id int PRIMARY KEY, sku text)")
+        .await
+        .expect("mixed-case table");
     let text = config_toml(&env, "", "", "").replace(
         "[[rules]]",
-        "[[rules]]\ntable = \"public.category\"\nkeys = [\"category:{name}\"]\n\n[[rules]]",
+        "[[rules]]\ntable = \"public.category\"\nkeys = [\"category:{name}\"]\n\n[[rules]]\ntable = 'public.\"OrderItem\"'\nkeys = [\"item:{sku}\"]\n\n[[rules]]",
     );
     let (ok, checks) = doctor(dir.path(), &text);
     assert!(!ok, "a fail exits 1: {:?}", statuses(&checks));
@@ -176,6 +179,18 @@ async fn broken_set_ups_get_their_fix() {
         category["fix"],
         "ALTER TABLE public.category REPLICA IDENTITY FULL;"
     );
+    // The fix quotes what needs quoting, so it runs as printed.
+    let item = identity
+        .iter()
+        .find(|c| c["found"].as_str().unwrap_or("").contains("OrderItem"))
+        .expect("a finding for OrderItem");
+    assert_eq!(
+        item["fix"],
+        "ALTER TABLE public.\"OrderItem\" REPLICA IDENTITY FULL;"
+    );
+    pg.batch_execute(item["fix"].as_str().expect("fix"))
+        .await
+        .expect("the printed fix runs");
     let policy = with_id(&checks, "redis.maxmemory_policy")[0];
     assert_eq!(policy["status"], "fail", "{policy}");
     assert!(
@@ -223,6 +238,22 @@ fn an_unreachable_database_is_one_fail_and_the_password_stays_out() {
     assert_eq!(with_id(&checks, "postgres.connect")[0]["status"], "fail");
     assert_eq!(with_id(&checks, "redis.connect")[0]["status"], "fail");
     assert!(with_id(&checks, "postgres.wal_level").is_empty());
+
+    // libpq's key=value form and a `password` URL parameter: redacted as well.
+    for url in [
+        format!("host=127.0.0.1 port={port} user=app password=s3cret dbname=shop"),
+        format!("postgres://app@127.0.0.1:{port}/shop?password=s3cret"),
+    ] {
+        let (_, checks) = doctor(
+            dir.path(),
+            &format!(
+                "[postgres]\nurl = \"{url}\"\n\n[redis]\nurl = \"redis://127.0.0.1:{port}/\"\n\n[[rules]]\ntable = \"public.product\"\nkeys = [\"product:{{id}}\"]\n"
+            ),
+        );
+        let text = serde_json::to_string(&checks).expect("json");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("password=***"), "{text}");
+    }
 }
 
 async fn set_no_ttl(r: &mut redis::aio::MultiplexedConnection, key: &str) {

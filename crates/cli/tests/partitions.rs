@@ -136,6 +136,44 @@ async fn a_rule_on_the_parent_covers_every_partition() {
     pipeline.stop().await.expect("stop");
 }
 
+/// ATTACH brings rows no change event announced, DETACH takes rows away without DELETEs: the
+/// publication watch evicts the rule table's keys for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_and_detach_evict_the_rule_tables_keys() {
+    let env = Env::start();
+    env.pg.psql(ORDERS).expect("schema");
+    let mut cfg = env.pg_config();
+    cfg.publication_check_interval_ms = 300;
+    let mut pipeline = spawn_pipeline(cfg, env.redis_config(), rules());
+    streaming(&mut pipeline).await;
+    let pg = env.pg().await;
+    let mut r = env.redis().await;
+    pg.batch_execute(
+        "CREATE TABLE orders_2027_02 (id int, month date, status text, PRIMARY KEY (id, month));
+         ALTER TABLE orders_2027_02 REPLICA IDENTITY FULL;
+         INSERT INTO orders_2027_02 VALUES (50, '2027-02-02', 'new');",
+    )
+    .await
+    .expect("a table to attach");
+    // Cached before the attach: "no orders that month", "order 50 not found".
+    set(&mut r, "{orders:2027-02-02}", "[]").await;
+    set(&mut r, "{order:50}", "not found").await;
+    pg.batch_execute(
+        "ALTER TABLE orders ATTACH PARTITION orders_2027_02 FOR VALUES FROM ('2027-02-01') TO ('2027-03-01')",
+    )
+    .await
+    .expect("attach");
+    gone(&mut r, WAIT, "orders:2027-02-02", "the attach to evict").await;
+    gone(&mut r, WAIT, "order:50", "the attach to evict").await;
+
+    set(&mut r, "{order:1}", "in the detached partition").await;
+    pg.batch_execute("ALTER TABLE orders DETACH PARTITION orders_2026_12")
+        .await
+        .expect("detach");
+    gone(&mut r, WAIT, "order:1", "the detach to evict").await;
+    pipeline.stop().await.expect("stop");
+}
+
 /// A partition whose replica identity cannot serve the rule is refused at start, naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_checked_and_a_publication_via_root_is_refused() {

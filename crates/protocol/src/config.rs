@@ -32,21 +32,52 @@ impl ConfigError {
 /// returned as it is. Secrets never reach a log line, an error or a metric: every URL that is
 /// printed goes through this first.
 pub fn redact_url(url: &str) -> String {
+    let url = redact_password_params(url);
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+        return url;
     };
     // The authority ends at the first `/`, `?` or `#`; an `@` after that is not user info.
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
+        return url;
     };
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
         // A lone user name is not a secret, but a token-only URL (`redis://token@host`) is.
         None if scheme.starts_with("redis") => format!("{scheme}://***@{host}{tail}"),
-        None => url.to_owned(),
+        None => url,
     }
+}
+
+/// `password=…` as a libpq key=value pair (`host=db password=secret`, also quoted) or a URL
+/// query parameter (`?password=secret`), with the value replaced by `***`.
+fn redact_password_params(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find("password=") {
+        let starts_key = at == 0 || matches!(rest.as_bytes()[at - 1], b' ' | b'\t' | b'?' | b'&');
+        out.push_str(&rest[..at + "password=".len()]);
+        rest = &rest[at + "password=".len()..];
+        if !starts_key {
+            continue;
+        }
+        let end = if let Some(quoted) = rest.strip_prefix('\'') {
+            // A quoted libpq value: up to the closing quote (backslash escapes a quote).
+            let mut i = 0;
+            let bytes = quoted.as_bytes();
+            while i < bytes.len() && bytes[i] != b'\'' {
+                i += if bytes[i] == b'\\' { 2 } else { 1 };
+            }
+            (i + 2).min(rest.len())
+        } else {
+            rest.find([' ', '\t', '&', '#']).unwrap_or(rest.len())
+        };
+        out.push_str("***");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -72,5 +103,18 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://db/x?a=b@c"), "postgres://db/x?a=b@c");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("host=127.0.0.1 user=app password=S3cret dbname=shop"),
+            "host=127.0.0.1 user=app password=*** dbname=shop"
+        );
+        assert_eq!(
+            redact_url("host=db password='a b\\' c' dbname=x"),
+            "host=db password=*** dbname=x"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db:5432/shop?sslmode=require&password=S3cret"),
+            "postgres://app@db:5432/shop?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("host=db nopassword=x"), "host=db nopassword=x");
     }
 }

@@ -145,8 +145,9 @@ fn parse_ident(text: &str) -> Result<(String, &str), String> {
 }
 
 /// `name` as a SQL identifier: as is when PostgreSQL would read it back unchanged unquoted,
-/// otherwise double-quoted.
-pub(crate) fn quote_ident(name: &str) -> String {
+/// otherwise double-quoted (`product` → `product`, `OrderItem` → `"OrderItem"`), as
+/// PostgreSQL's own `quote_ident()` does. Used in every fix cacheclear prints.
+pub fn quote_ident(name: &str) -> String {
     let plain = name
         .chars()
         .next()

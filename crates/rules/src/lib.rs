@@ -67,7 +67,7 @@ use std::collections::{BTreeSet, HashMap};
 
 pub use error::{KeyBuildError, RuleError, TemplateRef};
 pub use escape::{decode_value, encode_value, glob_escape, is_encoded_alphabet, is_unreserved};
-pub use identity::ReplicaIdentity;
+pub use identity::{ReplicaIdentity, quote_ident};
 pub use row::{Column, MapRow, RowImage};
 pub use template::{Segment, Template, TemplateError, TemplateProblem};
 

@@ -147,7 +147,7 @@ async fn node_checks(url: &str, conn: &mut MultiplexedConnection) -> Result<Vec<
         "noeviction" if maxmemory > 0 => Check::fail(
             "redis.maxmemory_policy",
             found,
-            "with maxmemory set, noeviction refuses writes when full: fills fail and invalidation scripts may be refused (OOM). CONFIG SET maxmemory-policy volatile-lfu (ElastiCache/MemoryDB: the parameter group)",
+            "with maxmemory set, noeviction refuses writes when full: fills fail and invalidation scripts may be refused (OOM). CONFIG SET maxmemory-policy volatile-lfu, then CONFIG REWRITE (or set it in redis.conf) so it survives a restart (ElastiCache/MemoryDB: the parameter group)",
         ),
         "noeviction" => Check::ok("redis.maxmemory_policy", format!("{found} (no maxmemory)")),
         p if p.starts_with("allkeys-") => Check::warn(
@@ -170,7 +170,7 @@ async fn node_checks(url: &str, conn: &mut MultiplexedConnection) -> Result<Vec<
     } else {
         Check::ok(
             "redis.maxmemory",
-            format!("{url}: maxmemory = {} MB", maxmemory / 1_000_000),
+            format!("{url}: maxmemory = {} MiB", maxmemory >> 20),
         )
     });
     out.push(

@@ -43,8 +43,9 @@ pub(crate) struct RuleTable {
     /// A partitioned table (`relkind = 'p'`) or a partition: rows arrive under the partition's
     /// name unless the publication publishes via the root.
     pub(crate) in_partition_tree: bool,
-    /// For a partitioned table: each partition (leaf) as `schema.table` with its replica identity
-    /// and columns, which may differ from the root's.
+    /// For a partitioned table: each partition (leaf) as `schema.table`, quoted as SQL needs it
+    /// (`public."Orders_2026"`), with its replica identity and columns, which may differ from
+    /// the root's.
     pub(crate) partitions: Vec<(String, ReplicaIdentity, Vec<String>)>,
 }
 
@@ -86,7 +87,7 @@ pub(crate) async fn inspect_rule_tables(
                            AND pt.schemaname = ln.nspname AND pt.tablename = lc.relname
                           WHERE pt2.isleaf)),
                     coalesce(c.relkind = 'p' OR c.relispartition, false),
-                    array(SELECT ln.nspname || '.' || lc.relname || '|' || lc.relreplident::text
+                    array(SELECT format('%I.%I', ln.nspname, lc.relname) || '|' || lc.relreplident::text
                                  || '|' || array_to_string(array(
                                       SELECT a.attname FROM pg_attribute a
                                       WHERE a.attrelid = lc.oid AND a.attnum > 0
@@ -136,6 +137,26 @@ pub(crate) async fn inspect_rule_tables(
         });
     }
     Ok(out)
+}
+
+/// Why partition `partition` (SQL-quoted `schema.table`) of rule table `root` cannot serve the
+/// rule, with the fix on the partition itself (the rule error's own fix names the root, whose
+/// replica identity does not reach its partitions).
+pub(crate) fn partition_gap(
+    partition: &str,
+    root: &str,
+    e: &cacheclear_rules::RuleError,
+) -> String {
+    let why = e.to_string();
+    let why = why
+        .split(" Fix:")
+        .next()
+        .unwrap_or(&why)
+        .trim_end_matches('.');
+    format!(
+        "partition {partition} of rule table {root}: {why}. Fix with: ALTER TABLE {partition} \
+         REPLICA IDENTITY FULL; (each partition has its own replica identity)"
+    )
 }
 
 /// One partition of [`inspect_rule_tables`]'s array: `schema.table|relreplident|col,col|key,key`
@@ -192,12 +213,7 @@ pub(crate) async fn check_rules(
             if let Err(e) = table.check_replica_identity(identity, columns) {
                 return Err(ConfigError::new(
                     "rules",
-                    format!(
-                        "partition `{partition}` of rule table `{}` cannot serve the rule: {e}. \
-                         Fix with: ALTER TABLE {partition} REPLICA IDENTITY FULL; (each partition \
-                         has its own replica identity)",
-                        table.qualified()
-                    ),
+                    partition_gap(partition, table.qualified(), &e),
                 )
                 .into());
             }

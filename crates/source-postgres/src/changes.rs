@@ -217,10 +217,29 @@ impl ChangeMapper {
                 } else {
                     self.partition_roots.get(&relation.oid).cloned()
                 };
+                let is_partition = rule
+                    .as_ref()
+                    .is_some_and(|(s, n)| *s != relation.namespace || *n != relation.name);
                 let identity_gap = rule
                     .as_ref()
                     .and_then(|(schema, name)| self.rules.table(schema, name))
-                    .and_then(|rules| check_relation(rules, &relation));
+                    .and_then(|rules| {
+                        let e = check_relation(rules, &relation)?;
+                        Some(if is_partition {
+                            // The rule error's fix names the root; the partition needs its own.
+                            crate::catalog::partition_gap(
+                                &format!(
+                                    "{}.{}",
+                                    cacheclear_rules::quote_ident(&relation.namespace),
+                                    cacheclear_rules::quote_ident(&relation.name)
+                                ),
+                                rules.qualified(),
+                                &e,
+                            )
+                        } else {
+                            e.to_string()
+                        })
+                    });
                 let qualified: Arc<str> =
                     Arc::from(format!("{}.{}", relation.namespace, relation.name));
                 if let Some(gap) = &identity_gap {
@@ -488,13 +507,10 @@ fn push_table_eviction(open: &mut OpenTxn, oid: u32, table: &Arc<str>, op: Op, r
 /// Why a relation's schema no longer supports its rule, when it does not: a renamed or dropped
 /// column, or a replica identity that stopped carrying a rule column in old images. The UPDATEs and
 /// DELETEs that follow fall back to table-wide eviction, so nothing is lost meanwhile.
-fn check_relation(rules: &TableRules, relation: &Relation) -> Option<String> {
+fn check_relation(rules: &TableRules, relation: &Relation) -> Option<cacheclear_rules::RuleError> {
     let columns: Vec<String> = relation.columns.iter().map(|c| c.name.clone()).collect();
     let identity = identity_of(relation);
-    rules
-        .check_replica_identity(&identity, &columns)
-        .err()
-        .map(|e| e.to_string())
+    rules.check_replica_identity(&identity, &columns).err()
 }
 
 /// The rules that map `state`'s rows (its own, or its partition root's).

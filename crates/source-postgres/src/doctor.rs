@@ -25,7 +25,7 @@ pub async fn diagnose(cfg: &PostgresConfig, rules: &Rules) -> Vec<Check> {
             checks.push(Check::fail(
                 "postgres.connect",
                 format!("cannot connect to {}: {e}", redact_url(&cfg.url)),
-                "check postgres.url (host, port, user, database, password) and that the server accepts this client (pg_hba.conf)",
+                "check postgres.url (host, port, user, database, password; for TLS sslmode and sslrootcert: see README, PostgreSQL over TLS) and that the server accepts this client (pg_hba.conf)",
             ));
             return checks;
         }
@@ -353,16 +353,22 @@ async fn replica_identity(
             ));
             continue;
         }
+        let root = format!(
+            "{}.{}",
+            cacheclear_rules::quote_ident(table.schema()),
+            cacheclear_rules::quote_ident(table.name())
+        );
+        // (the table to fix, what is wrong)
         let mut problem = table
             .check_replica_identity(&f.identity, &f.columns)
             .err()
-            .map(|e| (q.to_owned(), e.to_string()));
+            .map(|e| (root.clone(), format!("`{q}`: {e}")));
         if problem.is_none() {
             problem = f.partitions.iter().find_map(|(p, identity, columns)| {
                 table
                     .check_replica_identity(identity, columns)
                     .err()
-                    .map(|e| (p.clone(), e.to_string()))
+                    .map(|e| (p.clone(), catalog::partition_gap(p, &root, &e)))
             });
         }
         out.push(match problem {
@@ -377,9 +383,9 @@ async fn replica_identity(
                     }
                 ),
             ),
-            Some((which, e)) => Check::fail(
+            Some((which, found)) => Check::fail(
                 id,
-                format!("`{which}`: {e}"),
+                found,
                 format!("ALTER TABLE {which} REPLICA IDENTITY FULL;"),
             ),
         });

@@ -18,6 +18,7 @@
 //! | another OID under the name, still published (`FOR TABLES IN SCHEMA`, `FOR ALL TABLES`) | a table-wide eviction (the old table's rows were dropped without DELETEs) |
 //! | no table of that name (renamed away, dropped) | error, counted, one table-wide eviction |
 //! | replica identity no longer carries a rule column | error with the `REPLICA IDENTITY FULL` fix, counted; the mapper evicts the table on each UPDATE/DELETE meanwhile |
+//! | a partitioned rule table's partitions changed (ATTACH, DETACH, CREATE … PARTITION OF, DROP) | a table-wide eviction (attached rows arrive without change events; detached ones leave without DELETEs) |
 //!
 //! The eviction is requested through the WAL ([`catalog::request_table_eviction`]) after the
 //! table is published again, so it is applied in commit order after every change that was not
@@ -46,6 +47,7 @@ enum Drift {
     Replaced,
     Missing,
     ReplicaIdentity,
+    Partitions,
 }
 
 impl Drift {
@@ -55,6 +57,7 @@ impl Drift {
             Drift::Replaced => "table_replaced",
             Drift::Missing => "table_missing",
             Drift::ReplicaIdentity => "replica_identity",
+            Drift::Partitions => "partitions_changed",
         }
     }
 }
@@ -188,6 +191,18 @@ async fn check(
                     count(qualified, Drift::Replaced);
                     evict = true;
                 }
+                if known.found.oid == Some(oid)
+                    && partition_names(&known.found) != partition_names(&now)
+                {
+                    // ATTACH brings rows no change event announced (a cached "not found" or list
+                    // is now wrong); DETACH takes rows out without DELETEs.
+                    tracing::warn!(
+                        table = qualified, was = ?partition_names(&known.found), now = ?partition_names(&now),
+                        "the rule table's partitions changed (attached, detached, created or dropped); evicting its keys"
+                    );
+                    count(qualified, Drift::Partitions);
+                    evict = true;
+                }
                 if !now.published {
                     count(qualified, Drift::NotPublished);
                     if cfg.create_publication {
@@ -279,6 +294,13 @@ async fn check(
         known.found = now;
     }
     Ok(())
+}
+
+/// A partitioned rule table's partitions, sorted.
+fn partition_names(t: &RuleTable) -> Vec<&str> {
+    let mut n: Vec<&str> = t.partitions.iter().map(|(p, _, _)| p.as_str()).collect();
+    n.sort_unstable();
+    n
 }
 
 fn count(table: &str, drift: Drift) {

@@ -26,7 +26,8 @@ pub(crate) const BARRIER_WAITS: &str = "cacheclear_barrier_waits_total";
 /// `publication_drift`): table-wide evictions made instead of a row's keys.
 pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_table_fallbacks_total";
 /// Counter, labels `table` and `reason` (`not_published`, `table_replaced`, `table_missing`,
-/// `replica_identity`): rule tables the publication watch found drifted by a migration.
+/// `replica_identity`, `partitions_changed`): rule tables the publication watch found drifted by a
+/// migration.
 pub(crate) const PUBLICATION_DRIFT: &str = "cacheclear_publication_drift_total";
 
 /// Describes every metric of the CDC source to the installed `metrics` recorder (call it after
@@ -80,6 +81,6 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         PUBLICATION_DRIFT,
-        "Rule tables found drifted by a migration, by table and reason (not_published, table_replaced, table_missing, replica_identity)."
+        "Rule tables found drifted by a migration, by table and reason (not_published, table_replaced, table_missing, replica_identity, partitions_changed)."
     );
 }
