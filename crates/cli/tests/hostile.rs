@@ -367,6 +367,12 @@ listen = "{listen}"
 [[rules]]
 table = "public.product"
 keys = ["product:{{id}}", "category:{{category_id}}:products"]
+
+# The Debezium events here carry no schema: the invalidator must know the key columns' types
+# (`id` is text so that braces, NUL and bidi characters can be carried in it).
+[rules.types]
+id = "text"
+category_id = "integer"
 "#,
         brokers = kafka.bootstrap(),
         redis = redis.url(),
