@@ -12,8 +12,8 @@ use cacheclear_harness::fixtures::fences;
 use cacheclear_harness::{KafkaBroker, PgInstance, RedisInstance};
 use cacheclear_protocol::Lsn;
 use common::*;
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const TOPIC: &str = "cacheclear.invalidations";
 const DLQ: &str = "cacheclear.dlq";
@@ -82,26 +82,16 @@ listen = ""
 fn progress(kafka: &KafkaBroker) -> Vec<(i64, i64)> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", GROUP)
         .create()
         .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        list.add_partition(TOPIC, p);
-    }
-    let committed = c
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..PARTITIONS)
-        .map(|p| {
-            let at = match committed.find_partition(TOPIC, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            };
+    committed(&kafka.bootstrap(), GROUP, TOPIC, PARTITIONS)
+        .into_iter()
+        .zip(0..)
+        .map(|(at, p)| {
             let (_, high) = c
                 .fetch_watermarks(TOPIC, p, Duration::from_secs(10))
                 .expect("watermarks");
-            (at, high)
+            (at.max(0), high)
         })
         .collect()
 }

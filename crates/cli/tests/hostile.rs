@@ -22,9 +22,9 @@ use std::time::Duration;
 use cacheclear_harness::fixtures::{fences, redis_conn};
 use cacheclear_harness::{KafkaBroker, RedisInstance};
 use cacheclear_protocol::{BusRecord, Lsn, Op};
-use common::{sample, scrape, wait_for};
+use common::{committed, sample, scrape, wait_for};
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -379,28 +379,6 @@ category_id = "integer"
     )
 }
 
-/// The group's committed offset per partition of `topic` (-1 when none).
-fn committed(kafka: &KafkaBroker, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(rdkafka::Offset::Offset(o)) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
 fn records_total(body: &str, outcome: &str) -> u64 {
     sample(
         body,
@@ -587,7 +565,7 @@ async fn run_once(
         Duration::from_secs(60),
         || {
             let done = [(BUS, 2), (DBZ, 1)].iter().all(|(topic, n)| {
-                let got = committed(kafka, group, topic, *n);
+                let got = committed(&kafka.bootstrap(), group, topic, *n);
                 (0..*n).all(|p| {
                     got[p as usize] == expected.ends.get(&(*topic, p)).copied().unwrap_or(-1)
                 })
