@@ -16,6 +16,7 @@ fn decoder() -> &'static Decoder {
     D.get_or_init(|| {
         let rules = Rules::compile(&[]).expect("no rules compile");
         Decoder::new(Arc::new(rules), DebeziumConfig::default())
+            .expect("the default Debezium settings are valid")
     })
 }
 

@@ -52,7 +52,8 @@ fuzz_target!(|data: &[u8]| {
         BeforeImages::Default
     };
     cfg.evict_on_snapshot = settings & 2 == 0;
-    let decoder = Decoder::new(Arc::clone(rules()), cfg);
+    let decoder = Decoder::new(Arc::clone(rules()), cfg)
+        .expect("default date style and time zone are valid");
     if let Ok(Decoded::Evict(e)) = decoder.decode(Format::Debezium, key, value) {
         let tables: Vec<_> = rules().tables().collect();
         for k in &e.keys {
