@@ -50,11 +50,25 @@ pub async fn diagnose(cfg: &PostgresConfig, rules: &Rules) -> Vec<Check> {
     attempt!("postgres.wal_level", wal_level(&client));
     attempt!("postgres.replication_capacity", capacity(&client, cfg));
     attempt!("postgres.role", role(&client, cfg));
-    attempt!("postgres.publication", publication(&client, cfg, rules));
-    attempt!(
-        "postgres.replica_identity",
-        replica_identity(&client, cfg, rules)
-    );
+    // One catalog query serves the publication and replica-identity checks.
+    match catalog::inspect_rule_tables(&client, rules, &cfg.publication).await {
+        Ok(found) => {
+            attempt!(
+                "postgres.publication",
+                publication(&client, cfg, rules, &found)
+            );
+            checks.extend(replica_identity(rules, &found));
+        }
+        Err(e) => {
+            for id in ["postgres.publication", "postgres.replica_identity"] {
+                checks.push(Check::fail(
+                    id,
+                    format!("the check's query failed: {e}"),
+                    "see the error; the user may lack privileges to read the catalog",
+                ));
+            }
+        }
+    }
     attempt!("postgres.slot", slot(&client, cfg));
     attempt!("postgres.synchronous_standby", synchronous(&client));
     checks
@@ -228,6 +242,7 @@ async fn publication(
     client: &tokio_postgres::Client,
     cfg: &PostgresConfig,
     rules: &Rules,
+    found: &[catalog::RuleTable],
 ) -> Found {
     let id = "postgres.publication";
     let name = &cfg.publication;
@@ -275,7 +290,6 @@ async fn publication(
             ),
         )]);
     }
-    let found = catalog::inspect_rule_tables(client, rules, name).await?;
     if via_root && let Some(t) = found.iter().find(|t| t.in_partition_tree) {
         return Ok(vec![Check::fail(
             id,
@@ -291,7 +305,7 @@ async fn publication(
     }
     let missing: Vec<&String> = tables
         .iter()
-        .zip(&found)
+        .zip(found)
         .filter(|(_, f)| f.oid.is_some() && !f.published)
         .map(|(t, _)| t)
         .collect();
@@ -335,15 +349,10 @@ async fn publication(
     }])
 }
 
-async fn replica_identity(
-    client: &tokio_postgres::Client,
-    cfg: &PostgresConfig,
-    rules: &Rules,
-) -> Found {
+fn replica_identity(rules: &Rules, found: &[catalog::RuleTable]) -> Vec<Check> {
     let id = "postgres.replica_identity";
-    let found = catalog::inspect_rule_tables(client, rules, &cfg.publication).await?;
     let mut out = Vec::new();
-    for (table, f) in rules.tables().zip(&found) {
+    for (table, f) in rules.tables().zip(found) {
         let q = table.qualified();
         if f.oid.is_none() {
             out.push(Check::fail(
@@ -390,7 +399,7 @@ async fn replica_identity(
             ),
         });
     }
-    Ok(out)
+    out
 }
 
 async fn slot(client: &tokio_postgres::Client, cfg: &PostgresConfig) -> Found {
