@@ -10,7 +10,6 @@ use cacheclear_harness::fixtures::{fences, redis_conn};
 use cacheclear_harness::{KafkaBroker, RedisInstance};
 use cacheclear_protocol::{BusRecord, Lsn, Op};
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cacheclear");
@@ -120,21 +119,9 @@ listen = ""
 
 /// The group's committed offset per partition (0 when none).
 fn committed_offsets(kafka: &KafkaBroker, group: &str, partitions: i32) -> Vec<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(TOPIC, p);
-    }
-    let got = c.committed_offsets(list, Duration::from_secs(10)).unwrap();
-    (0..partitions)
-        .map(|p| match got.find_partition(TOPIC, p).map(|e| e.offset()) {
-            Some(rdkafka::Offset::Offset(o)) => o,
-            _ => 0,
-        })
+    cacheclear_harness::fixtures::committed_offsets(&kafka.bootstrap(), group, TOPIC, partitions)
+        .into_iter()
+        .map(|o| o.unwrap_or(0))
         .collect()
 }
 

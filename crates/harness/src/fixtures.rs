@@ -1,6 +1,6 @@
 //! The test kit of the workspace's integration tests (feature `fixtures`): the product rules
 //! they all use, polling with a deadline, connections to the private Redis servers, and Redis
-//! readers and writers for cached values and fences.
+//! readers and writers for cached values and fences, and a consumer group's committed offsets.
 //!
 //! Every helper panics with a message saying what failed: they are for tests, where a panic is
 //! the failure report. The Redis helpers take any async connection
@@ -229,4 +229,35 @@ pub async fn fill_values(conn: &mut impl ConnectionLike, keys: &[impl AsRef<str>
             .await
             .expect("SET values");
     }
+}
+
+/// The consumer group `group`'s committed offset per partition `0..partitions` of `topic` on the
+/// broker at `bootstrap`; `None` where nothing is committed. One metadata round trip (10 s
+/// timeout).
+pub fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<Option<i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
 }

@@ -384,23 +384,8 @@ pub async fn gone(
 /// The consumer group's committed offset per partition `0..partitions` of `topic` on the broker
 /// at `bootstrap` (-1 where nothing is committed).
 pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::Consumer;
-    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(rdkafka::Offset::Offset(o)) => o,
-            _ => -1,
-        })
+    cacheclear_harness::fixtures::committed_offsets(bootstrap, group, topic, partitions)
+        .into_iter()
+        .map(|o| o.unwrap_or(-1))
         .collect()
 }

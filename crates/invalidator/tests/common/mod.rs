@@ -187,25 +187,9 @@ impl Drop for Member {
 
 /// The group's committed offset per partition of `topic` (`-1001` = none).
 pub fn committed(kafka: &KafkaBroker, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(rdkafka::Offset::Offset(o)) => o,
-            _ => -1001,
-        })
+    cacheclear_harness::fixtures::committed_offsets(&kafka.bootstrap(), group, topic, partitions)
+        .into_iter()
+        .map(|o| o.unwrap_or(-1001))
         .collect()
 }
 
