@@ -141,6 +141,8 @@ impl InvalidateFile {
 pub async fn invalidate(path: &Path) -> anyhow::Result<()> {
     let (cfg, listen, rules) = InvalidateFile::load(path)?;
     serve_metrics(&listen).await?;
+    cacheclear_invalidator::register_metrics();
+    cacheclear_sink_redis::register_metrics();
     cacheclear_invalidator::run(
         &cfg,
         Arc::new(rules),

@@ -80,12 +80,17 @@ enum Command {
     },
 }
 
+/// Logs go to stderr, coloured only when stderr is a terminal and `NO_COLOR` is unset (a file,
+/// a pipe or journald gets plain text).
 fn init_logs(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CACHECLEAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 

@@ -19,9 +19,13 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     serve_metrics(&cfg.metrics.listen).await?;
     match &sink {
         SinkChoice::Redis(redis) => {
+            cacheclear_source_postgres::register_metrics("redis");
+            cacheclear_sink_redis::register_metrics();
             tracing::info!(sink = "redis", url = %cacheclear_protocol::redact_url(&redis.url), "direct mode")
         }
         SinkChoice::Kafka(kafka) => {
+            cacheclear_source_postgres::register_metrics("kafka");
+            cacheclear_sink_kafka::register_metrics();
             tracing::info!(sink = "kafka", brokers = %kafka.brokers, topic = %kafka.topic, "bus mode")
         }
     }

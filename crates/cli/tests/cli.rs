@@ -25,8 +25,47 @@ async fn metrics_endpoint_reports_the_pipeline() {
         "cacheclear.toml",
         &config_toml(&env, "", "", &addr),
     );
-    let mut process = Process::run(&config, &dir.path().join("cacheclear.log"));
+    let log = dir.path().join("cacheclear.log");
+    let mut process = Process::run(&config, &log);
     wait_streaming(&pg, WAIT).await;
+
+    // Before any event, every counter and gauge is exported at zero (dashboards and alert rules
+    // see the series from the start).
+    let body = wait_sample(&addr, "cacheclear_slot_retained_wal_bytes", 0.0).await;
+    // (The new slot's eviction of every rule table may already be counted as applied.)
+    for series in [
+        "cacheclear_invalidations_applied_total",
+        "cacheclear_transactions_applied_total",
+        "cacheclear_barrier_waits_total",
+    ] {
+        assert!(
+            sample(&body, series).is_some(),
+            "{series} at start:\n{body}"
+        );
+    }
+    for series in [
+        "cacheclear_sink_errors_total{sink=\"redis\"}",
+        "cacheclear_sink_retries_total{sink=\"redis\"}",
+        "cacheclear_table_fallbacks_total{reason=\"replica_identity\"}",
+        "cacheclear_redis_cluster_retries_total",
+    ] {
+        assert_eq!(
+            sample(&body, series),
+            Some(0.0),
+            "{series} at start:\n{body}"
+        );
+    }
+    assert!(
+        sample(&body, "cacheclear_confirmed_lsn").is_some(),
+        "no confirmed-LSN gauge at start:\n{body}"
+    );
+    // stderr is a file, not a terminal: no ANSI colour codes in the log.
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("streaming"), "log: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escape codes in a log file: {text}"
+    );
 
     set(&mut r, "{product:5}", "cached").await;
     pg.batch_execute("UPDATE product SET price_cents = 1 WHERE id = 5")
@@ -69,7 +108,7 @@ async fn metrics_endpoint_reports_the_pipeline() {
     let commit = fence(&mut r, "product:5").await.expect("fence").0 as f64;
     wait_sample(&addr, "cacheclear_confirmed_lsn", commit).await;
     // The retained-WAL gauge (housekeeping, every <= 5 s): a real figure from the slot.
-    let body = wait_sample(&addr, "cacheclear_slot_retained_wal_bytes", 0.0).await;
+    let body = wait_sample(&addr, "cacheclear_slot_retained_wal_bytes", 1.0).await;
     let retained = sample(&body, "cacheclear_slot_retained_wal_bytes").unwrap();
     assert!(
         retained > 0.0 && retained < (1u64 << 30) as f64,

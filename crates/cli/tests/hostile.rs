@@ -598,6 +598,17 @@ async fn hostile_records_never_stall_invalidation() {
     let body = run_once(&kafka, &redis, &expected, "hostile-1", "").await;
     let dead_lettered = records_total(&body, "dead_lettered");
     assert_eq!(dead_lettered, expected.malformed, "all dead-lettered");
+    // Every label value of the fallback counter is exported, from the start, at zero or more.
+    for reason in [
+        "unavailable_value",
+        "no_before_image",
+        "column_absent",
+        "unsupported_type",
+        "out_of_range",
+    ] {
+        let series = format!("cacheclear_invalidator_table_fallbacks_total{{reason=\"{reason}\"}}");
+        assert!(sample(&body, &series).is_some(), "{series} not exported");
+    }
     assert_eq!(
         sample(&body, "cacheclear_invalidator_dlq_bounded_copies_total"),
         Some(1.0)

@@ -131,7 +131,8 @@ fn every_emitted_metric_is_described_and_in_readme() {
             for arg in emitted_names(&text) {
                 let constant = arg
                     .strip_prefix("crate::telemetry::")
-                    .or_else(|| arg.strip_prefix("telemetry::"));
+                    .or_else(|| arg.strip_prefix("telemetry::"))
+                    .or_else(|| file.ends_with("telemetry.rs").then_some(arg.as_str()));
                 if let Some(value) = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')) {
                     emitted.insert(value.to_owned());
                 } else if let Some(value) = constant.and_then(|c| telemetry.get(c)) {
@@ -162,6 +163,67 @@ fn every_emitted_metric_is_described_and_in_readme() {
             problems.push(format!("`{name}` is missing from README's Metrics tables"));
         }
     }
+    problems.dedup();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every `cacheclear_*` metric a file in `deploy/` refers to (Grafana dashboard, alert rules) is
+/// one README's Metrics tables list — a renamed metric cannot leave a dashboard panel or an alert
+/// silently empty.
+#[test]
+fn deploy_files_refer_only_to_listed_metrics() {
+    let root = workspace();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("deploy"))
+        .expect("deploy/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "json" || e == "yml" || e == "yaml")
+        })
+        .collect();
+    files.sort();
+    assert!(
+        files.iter().any(|f| f.ends_with("grafana-dashboard.json")),
+        "no dashboard in deploy/: {files:?}"
+    );
+    let mut problems = Vec::new();
+    let mut seen = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read deploy file");
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        while let Some(found) = text[at..].find("cacheclear_") {
+            let start = at + found;
+            let end = start
+                + text[start..]
+                    .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                    .unwrap_or(text.len() - start);
+            at = end;
+            // A metric name, not part of a longer identifier (`job="cacheclear_run"` is fine
+            // only if it is listed; there is none such).
+            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+                continue;
+            }
+            let name = &text[start..end];
+            if name.ends_with('_') {
+                continue; // a prefix in a regex, such as `cacheclear_.*`
+            }
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            seen += 1;
+            if !readme.contains(&format!("`{base}`")) && !readme.contains(&format!("`{base}{{")) {
+                problems.push(format!(
+                    "{}: `{name}` is not in README's Metrics tables",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(seen > 20, "too few metric references in deploy/: {seen}");
     problems.dedup();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

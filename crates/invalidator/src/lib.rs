@@ -144,7 +144,7 @@ pub use dlq::{
 pub use offsets::{OffsetTracker, Ownership, Tp};
 #[cfg(feature = "kafka")]
 pub use run::{InvalidatorError, run};
-pub use telemetry::describe_metrics;
+pub use telemetry::{describe_metrics, register_metrics};
 pub use types::{InvalidatorRule, PostgresConfig};
 
 /// The invalidator's configuration (`invalidator.toml` without the CLI's `[metrics]`).

@@ -75,3 +75,39 @@ pub fn describe_metrics() {
     );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this process.");
 }
+
+/// Exports every counter and gauge of the invalidator at zero (each label value listed in its
+/// constant's doc), so that dashboards and alert rules see the series from the start instead of
+/// only after their first event.
+pub fn register_metrics() {
+    for outcome in [
+        "applied",
+        "skipped",
+        "dead_lettered",
+        "dead_letter_refused",
+        "dropped_revoked",
+    ] {
+        metrics::counter!(RECORDS, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(KEYS_EVICTED).increment(0);
+    metrics::counter!(REDIS_ERRORS).increment(0);
+    metrics::counter!(DLQ_BOUNDED_COPIES).increment(0);
+    metrics::counter!(COMMIT_ERRORS).increment(0);
+    metrics::counter!(KAFKA_ERRORS).increment(0);
+    for kind in ["transient", "permanent"] {
+        metrics::counter!(DLQ_ERRORS, "kind" => kind).increment(0);
+    }
+    for kind in ["assign", "revoke"] {
+        metrics::counter!(REBALANCES, "kind" => kind).increment(0);
+    }
+    for reason in [
+        "unavailable_value",
+        "no_before_image",
+        "column_absent",
+        "unsupported_type",
+        "out_of_range",
+    ] {
+        metrics::counter!(TABLE_FALLBACKS, "reason" => reason).increment(0);
+    }
+    metrics::gauge!(ASSIGNED_PARTITIONS).increment(0.0);
+}

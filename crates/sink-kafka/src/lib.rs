@@ -49,7 +49,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 pub use config::{DEFAULT_TOPIC, KafkaConfig};
-pub use telemetry::describe_metrics;
+pub use telemetry::{describe_metrics, register_metrics};
 
 /// What can go wrong in the Kafka sink. Every message names the topic and, where known, the
 /// partition and librdkafka's reason.

@@ -47,7 +47,7 @@ use futures::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use config::RedisConfig;
-pub use telemetry::describe_metrics;
+pub use telemetry::{describe_metrics, register_metrics};
 
 /// Errors of the Redis sink; each names what failed.
 #[derive(Debug, thiserror::Error)]

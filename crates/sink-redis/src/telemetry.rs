@@ -12,3 +12,9 @@ pub fn describe_metrics() {
         "Cache keys re-sent to Redis Cluster with a fresh slot map (MOVED, ASK, failover)."
     );
 }
+
+/// Exports the Redis sink's counters at zero, so that dashboards and alert rules see the series
+/// from the start instead of only after their first event.
+pub fn register_metrics() {
+    metrics::counter!(CLUSTER_RETRIES).increment(0);
+}

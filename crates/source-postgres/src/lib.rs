@@ -100,4 +100,4 @@ pub mod fuzzing {
 pub use error::{Ended, SourceError};
 pub use pipeline::Pipeline;
 pub use status::{BatchObserver, RunOptions, SourceStatus};
-pub use telemetry::describe_metrics;
+pub use telemetry::{describe_metrics, register_metrics};

@@ -84,3 +84,25 @@ pub fn describe_metrics() {
         "Rule tables found drifted by a migration, by table and reason (not_published, table_replaced, table_missing, replica_identity, partitions_changed)."
     );
 }
+
+/// Exports every counter and gauge of the CDC source at zero, so that dashboards and alert rules
+/// see the series from the start instead of only after their first event. `sink` is the label of
+/// the configured sink (`redis` or `kafka`). Series labelled by table (the publication watch's
+/// drift counter) appear with their first event: the tables are not known here.
+pub fn register_metrics(sink: &'static str) {
+    metrics::counter!(INVALIDATIONS_APPLIED).increment(0);
+    metrics::counter!(TRANSACTIONS_APPLIED).increment(0);
+    metrics::counter!(BARRIER_WAITS).increment(0);
+    metrics::counter!(SINK_ERRORS, "sink" => sink).increment(0);
+    metrics::counter!(SINK_RETRIES, "sink" => sink).increment(0);
+    for reason in [
+        crate::changes::FallbackReason::Unrenderable,
+        crate::changes::FallbackReason::KeyTooLarge,
+        crate::changes::FallbackReason::ReplicaIdentity,
+        crate::changes::FallbackReason::PublicationDrift,
+    ] {
+        metrics::counter!(TABLE_FALLBACKS, "reason" => reason.label()).increment(0);
+    }
+    metrics::gauge!(CONFIRMED_LSN).increment(0.0);
+    metrics::gauge!(SLOT_RETAINED_WAL).increment(0.0);
+}

@@ -46,6 +46,14 @@
 //! price. For cacheclear, a read starting after the pipeline acknowledged the sale-end evictions
 //! cannot be stale, so its largest staleness is bounded by `sale_end_visible_to_evicted_ms`.
 //!
+//! # Report (`--report FILE`)
+//!
+//! One self-contained HTML page (no script, no external resource; charts as inline SVG, written
+//! by hand in `html.rs`): stale reads per 100 ms over each run with the sale-end commit marked,
+//! database loads per 100 ms from 2 s before to 3 s after the commit, cacheclear's
+//! invalidation-lag distribution (doubling buckets from 0.25 ms), and the summary table. A path
+//! ending in `.svg` gets the three charts stacked in one SVG image instead.
+//!
 //! # JSON (`--json`)
 //!
 //! One object on stdout; the progress bar and logs go to stderr. Fields are only ever added.
@@ -107,6 +115,7 @@
 //! flushed (`FLUSHALL`) before each run: give it a scratch instance.
 
 mod catalog;
+mod html;
 mod report;
 mod scenario;
 mod zipf;
@@ -120,7 +129,7 @@ use cacheclear_harness::{PgBinaries, PgInstance, PgOptions, RedisBinaries, Redis
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use report::{Report, Scenario, Strategies};
+pub use report::{Report, Scenario, Strategies, StrategyFigures, Timeline};
 
 use scenario::{Settings, Strategy};
 use zipf::Zipf;
@@ -155,6 +164,11 @@ pub struct DemoArgs {
     /// scratch instance.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// Also write the run as a self-contained HTML page (inline SVG charts: stale reads and
+    /// database loads per 100 ms around the sale-end commit, the invalidation-lag distribution,
+    /// the summary table); a path ending in `.svg` gets the charts alone as one SVG image.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<std::path::PathBuf>,
 }
 
 /// Hot keys whose database loads are counted: products 1..=10.
@@ -243,6 +257,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     // Stopping PostgreSQL blocks (up to a few seconds): off the async worker threads.
     let _ = tokio::task::spawn_blocking(move || drop(servers)).await;
     let report = outcome?;
+    if let Some(path) = &args.report {
+        let page = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+        {
+            html::svg(&report)
+        } else {
+            html::html(&report)
+        };
+        std::fs::write(path, page)
+            .with_context(|| format!("--report: cannot write {}", path.display()))?;
+        progress.suspend(|| eprintln!("report written to {}", path.display()));
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

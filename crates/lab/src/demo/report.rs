@@ -125,6 +125,26 @@ pub struct StrategyFigures {
     pub read_latency_p99_ms: f64,
     /// Read latency, maximum, ms.
     pub read_latency_max_ms: f64,
+    /// The run's time series, for `--report` (not part of the JSON).
+    #[serde(skip)]
+    pub timeline: Timeline,
+}
+
+/// One strategy run over time, at [`Timeline::tick_ms`] resolution (the HTML report's charts).
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// Width of one tick, ms (100).
+    pub tick_ms: u32,
+    /// When the sale-end commit became visible, seconds into the run.
+    pub commit_visible_s: f64,
+    /// Stale reads (started after the commit was visible, returned a sale price) per tick, by
+    /// read start.
+    pub stale_reads: Vec<u64>,
+    /// Database loads by reads per tick, by load start.
+    pub db_loads: Vec<u64>,
+    /// Invalidation lag distribution: (bucket upper bound ms, transactions), buckets doubling
+    /// from 0.25 ms; empty for ttl-only.
+    pub invalidation_lag_ms: Vec<(f64, u64)>,
 }
 
 /// The side-by-side table.

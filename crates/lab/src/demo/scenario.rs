@@ -81,6 +81,18 @@ const CHECKOUT_AFTER_ADD: f64 = 0.4;
 /// Cart size that triggers a checkout.
 const FULL_CART: usize = 3;
 
+/// The HTML report's time resolution: 100 ms, in ns.
+const TICK_NS: u64 = 100_000_000;
+
+/// Adds 1 to `series[ns / TICK_NS]`, growing it as needed.
+fn count_at(series: &mut Vec<u64>, ns: u64) {
+    let tick = (ns / TICK_NS) as usize;
+    if series.len() <= tick {
+        series.resize(tick + 1, 0);
+    }
+    series[tick] += 1;
+}
+
 /// Nanoseconds since the start of the run, shared by every task.
 struct Clock {
     t0: Instant,
@@ -184,6 +196,8 @@ struct ShopperOut {
     sale_reads_after_commit_sent: Vec<u64>,
     /// (product id, ns) of database loads of the hot keys.
     hot_loads: Vec<(i32, u64)>,
+    /// Database loads per 100 ms of the run (by load start), for the HTML report's timeline.
+    loads_per_tick: Vec<u64>,
     checkouts: Vec<CheckoutRecord>,
     serialization_retries: u64,
     first_error: Option<String>,
@@ -219,6 +233,7 @@ impl Shopper {
             self.out.latency_us.saturating_record(micros.max(1));
             if let Some(at) = load_at {
                 self.out.loads += 1;
+                count_at(&mut self.out.loads_per_tick, self.clock.ns(at));
                 if id <= s.hot_keys as i32 {
                     self.out.hot_loads.push((id, self.clock.ns(at)));
                 }
@@ -576,6 +591,7 @@ pub(super) async fn run(
                 latency_us: latency_histogram(),
                 sale_reads_after_commit_sent: Vec::new(),
                 hot_loads: Vec::new(),
+                loads_per_tick: Vec::new(),
                 checkouts: Vec::new(),
                 serialization_retries: 0,
                 first_error: None,
@@ -643,6 +659,16 @@ pub(super) async fn run(
                 p50_ms: r.lag_us.value_at_quantile(0.5) as f64 / 1000.0,
                 p99_ms: r.lag_us.value_at_quantile(0.99) as f64 / 1000.0,
                 max_ms: r.lag_us.max() as f64 / 1000.0,
+                distribution: r
+                    .lag_us
+                    .iter_log(250, 2.0)
+                    .map(|v| {
+                        (
+                            v.value_iterated_to() as f64 / 1000.0,
+                            v.count_since_last_iteration(),
+                        )
+                    })
+                    .collect(),
                 txns: r.txns,
                 sale_end: r.sale_end,
                 hot_evictions: r.hot_evictions.clone(),
@@ -684,6 +710,8 @@ struct LagSummary {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// (upper bound ms, transactions) per doubling bucket from 0.25 ms.
+    distribution: Vec<(f64, u64)>,
     txns: u64,
     sale_end: Option<(f64, Instant)>,
     hot_evictions: Vec<Instant>,
@@ -700,6 +728,12 @@ fn summarize(
     const SECOND: u64 = 1_000_000_000;
     let visible = clock.ns(sale_end.visible);
     let mut f = StrategyFigures::default();
+    let ticks = (settings.duration.as_nanos() as u64).div_ceil(TICK_NS) as usize;
+    let timeline = &mut f.timeline;
+    timeline.tick_ms = (TICK_NS / 1_000_000) as u32;
+    timeline.commit_visible_s = visible as f64 / 1e9;
+    timeline.stale_reads.resize(ticks, 0);
+    timeline.db_loads.resize(ticks, 0);
     let mut latency = latency_histogram();
     let mut max_stale_ns = 0u64;
     let mut first_error = None;
@@ -708,8 +742,14 @@ fn summarize(
         f.read_errors += o.read_errors;
         f.db_loads += o.loads;
         let _ = latency.add(&o.latency_us);
+        for (tick, n) in o.loads_per_tick.iter().enumerate() {
+            if let Some(slot) = f.timeline.db_loads.get_mut(tick) {
+                *slot += n;
+            }
+        }
         for &ns in &o.sale_reads_after_commit_sent {
             if ns >= visible {
+                count_at(&mut f.timeline.stale_reads, ns);
                 f.stale_reads_after_commit += 1;
                 max_stale_ns = max_stale_ns.max(ns - visible);
             }
@@ -761,6 +801,7 @@ fn summarize(
     f.stale_price_charges = audit.wrong_price_lines;
     if let Some(lag) = lag {
         f.invalidation_txns = Some(lag.txns);
+        f.timeline.invalidation_lag_ms = lag.distribution;
         f.invalidation_lag_p50_ms = Some(lag.p50_ms);
         f.invalidation_lag_p99_ms = Some(lag.p99_ms);
         f.invalidation_lag_max_ms = Some(lag.max_ms);
