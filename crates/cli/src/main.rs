@@ -1,12 +1,14 @@
 //! `cacheclear`: keeps a Redis cache consistent with PostgreSQL through logical replication.
 //!
 //! Commands: `run` (the pipeline: PostgreSQL → Redis or Kafka), `invalidate` (Kafka → Redis),
-//! `doctor` (checks a deployment from either's config),
+//! `doctor` (checks a deployment from either's config), `audit` (consistency nines of a live
+//! deployment),
 //! and, with the default feature `lab`, `demo` (the flash sale, end to end) and `bench` (measured
 //! figures). `cacheclear <command> --help` documents each. This crate only parses arguments,
 //! loads configuration and runs the long-running commands; the components live in their own
 //! crates (docs/architecture.md), the demo and the benchmarks in `cacheclear-lab`.
 
+mod audit;
 mod config;
 mod doctor;
 mod invalidate;
@@ -54,6 +56,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure how consistent a live deployment's cache is (consistency nines, as Meta's
+    /// Polaris): follow its invalidations through a WAL tap on slot `<postgres.slot>_audit` and
+    /// check a sample of them in Redis 1 s, 5 s and 60 s later, or, with `--scan N`, compare N
+    /// cached values' read positions with their keys' fences.
+    ///
+    /// Uses `run`'s config (direct mode: `[postgres]`, `[redis]`, `[[rules]]`); the publication
+    /// must exist. Exits 1 when a window's nines are below `--min-nines`.
+    Audit(audit::AuditArgs),
     /// Measure the pipeline and print its figures (each with the command that produced it).
     #[cfg(feature = "lab")]
     Bench {
@@ -119,7 +129,7 @@ fn real_main() -> anyhow::Result<()> {
     init_logs(match cli.command {
         #[cfg(feature = "lab")]
         Command::Demo(_) => "warn",
-        Command::Doctor { .. } => "warn",
+        Command::Doctor { .. } | Command::Audit(_) => "warn",
         _ => "info",
     });
     let runtime = tokio::runtime::Runtime::new()?;
@@ -130,6 +140,13 @@ fn real_main() -> anyhow::Result<()> {
         #[cfg(feature = "lab")]
         Command::Demo(args) => runtime.block_on(cacheclear_lab::demo::demo(args)),
         Command::Invalidate { config } => runtime.block_on(invalidate::invalidate(&config)),
+        Command::Audit(args) => {
+            if runtime.block_on(audit::audit(&args))? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Doctor { config, json } => {
             if runtime.block_on(doctor::doctor(&config, json))? {
                 Ok(())

@@ -162,7 +162,8 @@ impl Client {
     /// 1. In-process single-flight: if this process already reads `key`, wait for that read.
     /// 2. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
     ///    a hit near its expiry may refresh it early (see [`Config::xfetch_beta`]).
-    /// 3. Miss: `SET {K}:lease <128-bit random token> NX PX lease_ms`. The holder runs `loader`
+    /// 3. Miss: `SET {K}:lease <128-bit random token> NX PX lease_ms`, pipelined with
+    ///    `GET {K}:fence` (kept as the envelope's `read_after`). The holder runs `loader`
     ///    and fills with the protocol's FILL script, which writes only if the lease still holds
     ///    our token and the fence is not newer than [`Loaded::version`], and releases the lease
     ///    in the same step. A failed load releases the lease (compare-and-delete) and caches
@@ -344,10 +345,10 @@ impl Client {
                 // XFetch: near expiry, one reader (the one that wins the draw and the lease)
                 // reloads early; the others, and any refresh that fails, serve the cached value.
                 if self.xfetch_due(&env)
-                    && let Ok(Lease::Acquired(token)) = self.try_lease(&mut conn, layout).await
+                    && let Ok(Lease::Acquired(held)) = self.try_lease(&mut conn, layout).await
                 {
                     self.incr(Counter::early_refreshes);
-                    match self.load_and_fill(layout, token, loader).await {
+                    match self.load_and_fill(layout, held, loader).await {
                         Ok(v) => return Ok(v),
                         Err(e) => {
                             // The cached value is still valid (not invalidated): serve it.
@@ -371,7 +372,7 @@ impl Client {
         let mut waiting = false;
         loop {
             match self.try_lease(&mut conn, layout).await {
-                Ok(Lease::Acquired(token)) => {
+                Ok(Lease::Acquired(LeaseHeld { token, read_after })) => {
                     // Another holder may have filled and released between our GET and our
                     // lease. Re-read under the lease, so one invalidation costs one load.
                     let guard = LeaseGuard {
@@ -388,7 +389,8 @@ impl Client {
                         }
                         Ok(None) => {
                             let token = guard.into_token();
-                            return self.load_and_fill(layout, token, loader).await;
+                            let held = LeaseHeld { token, read_after };
+                            return self.load_and_fill(layout, held, loader).await;
                         }
                         Err(e) => {
                             guard.release_in_background();
@@ -457,7 +459,7 @@ impl Client {
     async fn load_and_fill<T, F, Fut, E>(
         &self,
         layout: &KeyLayout,
-        token: String,
+        held: LeaseHeld,
         loader: F,
     ) -> Result<T, Error>
     where
@@ -469,6 +471,7 @@ impl Client {
         let key = layout.key();
         let config = &self.inner.config;
         // Released on every path, including cancellation and panics (see `LeaseGuard::drop`).
+        let LeaseHeld { token, read_after } = held;
         let guard = LeaseGuard {
             inner: Some(self.inner.clone()),
             lease_key: layout.lease(),
@@ -499,6 +502,7 @@ impl Client {
         let env = Envelope {
             format: FORMAT,
             version: loaded.version,
+            read_after,
             delta_ms,
             expiry_ms: now_ms().saturating_add(ttl_ms),
             payload: loaded.value,
@@ -645,20 +649,36 @@ impl Client {
         layout: &KeyLayout,
     ) -> RedisResult<Lease> {
         let token = format!("{:032x}", rand::random::<u128>());
-        let reply: RedisResult<Option<String>> = self
+        // The fence, read in the same round trip (same hash slot), is where the value loaded
+        // under this lease stands: a change invalidated after it would delete the lease and
+        // refuse the fill. It becomes the envelope's `read_after` (for `cacheclear audit`).
+        let reply: RedisResult<(Option<String>, Option<String>)> = self
             .bounded(
-                redis::cmd("SET")
+                redis::pipe()
+                    .cmd("SET")
                     .arg(layout.lease())
                     .arg(&token)
                     .arg("NX")
                     .arg("PX")
                     .arg(self.inner.config.lease_ms)
+                    .cmd("GET")
+                    .arg(layout.fence())
                     .query_async(conn),
             )
             .await;
         match reply {
-            Ok(Some(_)) => Ok(Lease::Acquired(token)),
-            Ok(None) => Ok(Lease::HeldElsewhere),
+            Ok((Some(_), fence)) => {
+                let read_after = match fence.as_deref().map(Lsn::from_fixed_hex) {
+                    None => Some(Lsn(0)),
+                    Some(Ok(lsn)) => Some(lsn),
+                    Some(Err(e)) => {
+                        tracing::warn!(key = layout.key(), error = %e, "unreadable fence; the value's read position stays unknown");
+                        None
+                    }
+                };
+                Ok(Lease::Acquired(LeaseHeld { token, read_after }))
+            }
+            Ok((None, _)) => Ok(Lease::HeldElsewhere),
             Err(e) if is_oom(&e) => {
                 // maxmemory reached and nothing evictable: nothing can be cached now.
                 self.incr(Counter::fills_skipped_oom);
@@ -741,11 +761,19 @@ async fn bounded<V>(config: &Config, fut: impl Future<Output = RedisResult<V>>) 
 /// What `SET {K}:lease NX` gave us.
 enum Lease {
     /// The lease, with our token.
-    Acquired(String),
+    Acquired(LeaseHeld),
     /// Another loader holds it.
     HeldElsewhere,
     /// Redis replied OOM: maxmemory reached with nothing evictable.
     OutOfMemory,
+}
+
+/// A lease this process took.
+struct LeaseHeld {
+    /// Our random token (the lease key's value).
+    token: String,
+    /// The key's fence when the lease was taken (`Lsn(0)`: none); `None` if it was unreadable.
+    read_after: Option<Lsn>,
 }
 
 /// Redis's `-OOM command not allowed when used memory > 'maxmemory'` reply.

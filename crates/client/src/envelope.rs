@@ -3,13 +3,14 @@
 //! # Stored format (JSON, UTF-8)
 //!
 //! ```json
-//! {"format":1,"version":"0/16B6C50","delta_ms":12,"expiry_ms":1764445200000,"payload":{"id":42,"price_cents":1999}}
+//! {"format":1,"version":"0/16B6C50","read_after":"0/16B6B00","delta_ms":12,"expiry_ms":1764445200000,"payload":{"id":42,"price_cents":1999}}
 //! ```
 //!
 //! | field       | type                 | meaning                                                                                                  |
 //! |-------------|----------------------|----------------------------------------------------------------------------------------------------------|
 //! | `format`    | integer              | envelope format, currently `1`. Readers treat any other shape as a miss and the next fill overwrites it. |
 //! | `version`   | string or `null`     | the LSN the loader read at (PostgreSQL `X/X` text, as `pg_last_wal_replay_lsn()` prints it); `null` for reads on the primary, where the lease alone guards the fill |
+//! | `read_after` | string, absent       | the key's fence when the filling process took the lease (`0/0` when there was none): the value was read after every change up to this LSN was invalidated, so it reflects at least that position. Added in format 1 without a format change (readers ignore unknown fields); absent in values written before it, which `cacheclear audit` counts as unverifiable |
 //! | `delta_ms`  | integer (ms)         | δ: how long the load took; XFetch's head start scales with it                                            |
 //! | `expiry_ms` | integer (Unix ms)    | wall-clock time the value's TTL ends, by the filling process's clock (for XFetch)                       |
 //! | `payload`   | any JSON             | the application's value, as `serde_json` serializes it                                                   |
@@ -29,6 +30,11 @@ pub struct Envelope<T> {
     pub format: u32,
     /// The version the payload was read at; `None` for reads on the primary.
     pub version: Option<Lsn>,
+    /// The key's fence when the lease was taken (`Lsn(0)` when the key had none): the payload was
+    /// read after every change up to this LSN had been invalidated. `None` in values written
+    /// before the field existed. `cacheclear audit` compares it with later invalidations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_after: Option<Lsn>,
     /// Load duration δ, in ms.
     pub delta_ms: u64,
     /// Expiry, Unix ms (the filling process's wall clock).
@@ -87,6 +93,7 @@ mod tests {
         let env = Envelope {
             format: FORMAT,
             version: Some(Lsn(0x16B_6C50)),
+            read_after: Some(Lsn(0x16B_6B00)),
             delta_ms: 12,
             expiry_ms: 1_764_445_200_000,
             payload: Product {
@@ -97,8 +104,13 @@ mod tests {
         let bytes = env.encode().unwrap();
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
-            r#"{"format":1,"version":"0/16B6C50","delta_ms":12,"expiry_ms":1764445200000,"payload":{"id":42,"price_cents":1999}}"#
+            r#"{"format":1,"version":"0/16B6C50","read_after":"0/16B6B00","delta_ms":12,"expiry_ms":1764445200000,"payload":{"id":42,"price_cents":1999}}"#
         );
+        // A value written before `read_after` existed still decodes (as unknown).
+        let old = br#"{"format":1,"version":null,"delta_ms":12,"expiry_ms":1764445200000,"payload":{"id":42,"price_cents":1999}}"#;
+        let decoded = Envelope::<Product>::decode(old).unwrap();
+        assert_eq!(decoded.read_after, None);
+        assert_eq!(decoded.payload.price_cents, 1999);
         assert_eq!(Envelope::<Product>::decode(&bytes).unwrap(), env);
         let primary = Envelope {
             version: None,
