@@ -141,22 +141,6 @@ fn pg_error_is_fatal(e: &tokio_postgres::Error) -> bool {
             || *code == SqlState::INVALID_CATALOG_NAME
             || *code == SqlState::INSUFFICIENT_PRIVILEGE;
     }
-    // A TLS verification failure: a rustls error somewhere in the chain (directly, or inside
-    // the io::Error the handshake returned).
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if matches!(
-            rustls_err,
-            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-        ) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    // A TLS verification failure: a rustls error somewhere in the chain.
+    cacheclear_pg_tls::is_verification_failure(e)
 }

@@ -55,8 +55,11 @@ pub(crate) async fn run<S: Sink>(
             cfg.create_publication,
         )
         .await?;
+        if cfg.failover_slot {
+            catalog::check_failover_slot(&client, &cfg.slot).await?;
+        }
         (
-            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?,
+            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot, cfg.failover_slot).await?,
             tables,
         )
     };

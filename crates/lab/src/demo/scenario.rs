@@ -405,14 +405,9 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A connection to `url` (`--postgres-url`, libpq's TLS parameters included).
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    Ok(cacheclear_pg_tls::connect(url, "--postgres-url").await?)
 }
 
 /// Runs the admin job on its own thread and runtime, so that the moment its `COMMIT` returns is
