@@ -35,7 +35,7 @@ pub mod sink;
 
 pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction, now_us};
 pub use check::{Check, Status};
-pub use config::{ConfigError, redact_url};
+pub use config::{ConfigError, is_secret_property, redact_properties, redact_url};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};

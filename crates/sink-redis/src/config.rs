@@ -39,7 +39,7 @@ use cacheclear_protocol::{ConfigError, redact_url};
 ///     .with_response_timeout_ms(2_000);
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisConfig {
@@ -91,6 +91,20 @@ pub struct RedisConfig {
     /// 0 disables the in-sink retries.
     #[serde(default = "default_cluster_retries")]
     pub cluster_retries: u32,
+}
+
+/// `Debug` with every URL's password shown as `***` (a panic or a debug log line must not print
+/// it).
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("urls", &urls)
+            .field("fence_ttl_ms", &self.fence_ttl_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_fence_ttl_ms() -> u64 {
