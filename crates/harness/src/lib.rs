@@ -42,6 +42,7 @@ mod pg;
 mod process;
 mod redis;
 mod server;
+mod tansu_install;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
 pub use cluster::{CLUSTER_SLOTS, RedisCluster};
