@@ -47,14 +47,14 @@ fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
-fn bad_file(field: &Cow<'static, str>, param: &str, path: &Path, why: String) -> ConfigError {
+fn bad_file(field: &str, param: &str, path: &Path, why: String) -> ConfigError {
     ConfigError::new(
-        field.clone(),
+        field.to_owned(),
         format!("{param} `{}`: {why}", path.display()),
     )
 }
 
-fn roots(tls: &PgTls, field: &Cow<'static, str>) -> Result<RootCertStore, ConfigError> {
+fn roots(tls: &PgTls, field: &str) -> Result<RootCertStore, ConfigError> {
     let mut store = RootCertStore::empty();
     match &tls.root_cert {
         Some(path) => {
