@@ -19,7 +19,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     serve_metrics(&cfg.metrics.listen).await?;
     match &sink {
         SinkChoice::Redis(redis) => {
-            tracing::info!(sink = "redis", url = %cacheclear_protocol::redact_url(&redis.url), "direct mode")
+            tracing::info!(sink = "redis", target = %redis.display_target(), "direct mode")
         }
         SinkChoice::Kafka(kafka) => {
             tracing::info!(sink = "kafka", brokers = %kafka.brokers, topic = %kafka.topic, "bus mode")

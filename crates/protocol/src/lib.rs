@@ -26,6 +26,7 @@
 pub mod batch;
 mod check;
 mod config;
+pub mod connect;
 mod invalidation;
 mod layout;
 mod lsn;

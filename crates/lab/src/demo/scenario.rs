@@ -488,7 +488,9 @@ pub(super) async fn run(
     let label = strategy.label();
     progress.message(format!("{label}: restarting the sale, flushing Redis"));
     catalog::reset_sale(setup).await?;
-    let redis_client = redis::Client::open(settings.redis_url.as_str()).context("redis URL")?;
+    let redis_client =
+        cacheclear_protocol::connect::client(&settings.redis_url, None, "--redis-url", "redis.tls")
+            .context("redis URL")?;
     let mut admin_redis = redis_client
         .get_multiplexed_async_connection()
         .await
