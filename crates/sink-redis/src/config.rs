@@ -128,6 +128,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("cluster", &self.cluster)
             .field("urls", &urls)
+            .field("sentinel", &self.sentinel)
+            .field("tls", &self.tls)
             .field("fence_ttl_ms", &self.fence_ttl_ms)
             .finish_non_exhaustive()
     }
