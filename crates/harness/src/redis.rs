@@ -36,6 +36,12 @@ pub struct RedisOptions {
     pub extra_args: Vec<String>,
     /// How long to wait for the server to answer after starting it (default 30 s).
     pub startup_timeout: Duration,
+    /// TLS only: `--port 0 --tls-port N` with these files (and `--tls-replication yes`; cluster
+    /// nodes also `--tls-cluster yes`). Default: none (plaintext).
+    pub tls: Option<RedisServerTls>,
+    /// `--requirepass` (the `default` user's password; `--masterauth` too, for replicas). The
+    /// harness's own commands (`cli`, readiness probe) authenticate with it. Default: none.
+    pub password: Option<String>,
 }
 
 impl Default for RedisOptions {
@@ -43,8 +49,30 @@ impl Default for RedisOptions {
         RedisOptions {
             extra_args: Vec::new(),
             startup_timeout: Duration::from_secs(30),
+            tls: None,
+            password: None,
         }
     }
+}
+
+/// TLS files of a server started with [`RedisOptions::tls`] (PEM paths, e.g. from
+/// `TestCertificates`). `auth_clients` is `--tls-auth-clients`: `true` (`yes`) requires a client
+/// certificate signed by `ca_file`, `false` (`optional`) accepts clients without one. The harness's
+/// own `redis-cli` presents `client_cert_file`/`client_key_file` when given.
+#[derive(Debug, Clone)]
+pub struct RedisServerTls {
+    /// `--tls-cert-file`.
+    pub cert_file: std::path::PathBuf,
+    /// `--tls-key-file`.
+    pub key_file: std::path::PathBuf,
+    /// `--tls-ca-cert-file`: verifies client certificates (and the harness's `redis-cli` trusts it).
+    pub ca_file: std::path::PathBuf,
+    /// Client certificate for the harness's own `redis-cli`.
+    pub client_cert_file: Option<std::path::PathBuf>,
+    /// Its key.
+    pub client_key_file: Option<std::path::PathBuf>,
+    /// `--tls-auth-clients yes` (true) or `optional` (false).
+    pub auth_clients: bool,
 }
 
 impl RedisOptions {
@@ -56,6 +84,31 @@ impl RedisOptions {
     {
         self.extra_args.extend(args.into_iter().map(Into::into));
         self
+    }
+
+    /// TLS only (see [`RedisOptions::tls`]).
+    pub fn tls(mut self, tls: RedisServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// `--requirepass` (see [`RedisOptions::password`]).
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Adds an ACL user (`--user <name> on ><password> <rules...>`), e.g.
+    /// `.acl_user("cacheclear", "pw", &["~*", "&*", "+@all"])`.
+    pub fn acl_user(self, name: &str, password: &str, rules: &[&str]) -> Self {
+        let mut args = vec![
+            "--user".to_owned(),
+            name.to_owned(),
+            "on".to_owned(),
+            format!(">{password}"),
+        ];
+        args.extend(rules.iter().map(|r| (*r).to_owned()));
+        self.args(args)
     }
 }
 
@@ -75,6 +128,8 @@ pub struct RedisInstance {
     /// The server process and its temp dir; a cluster node's bus port (`--cluster-port`) is
     /// its extra port.
     process: ServerProcess,
+    /// A sentinel: its configuration file (in the temp dir), first argument of the command.
+    sentinel_conf: Option<std::path::PathBuf>,
 }
 
 impl RedisInstance {
@@ -106,13 +161,37 @@ impl RedisInstance {
         Self::start_inner(opts, true)
     }
 
+    /// Starts a Redis Sentinel (`redis-server sentinel.conf --sentinel`) whose configuration
+    /// file holds `conf` (written into the instance's temp dir; sentinel rewrites it).
+    pub(crate) fn start_sentinel(
+        opts: RedisOptions,
+        conf: &str,
+    ) -> Result<RedisInstance, HarnessError> {
+        Self::start_inner_with(opts, false, Some(conf))
+    }
+
     fn start_inner(opts: RedisOptions, cluster: bool) -> Result<RedisInstance, HarnessError> {
+        Self::start_inner_with(opts, cluster, None)
+    }
+
+    fn start_inner_with(
+        opts: RedisOptions,
+        cluster: bool,
+        sentinel_conf: Option<&str>,
+    ) -> Result<RedisInstance, HarnessError> {
         let bins = RedisBinaries::discover()?;
         let mut redis = RedisInstance {
             bins,
             process: ServerProcess::new(&SPEC, opts.startup_timeout)?,
             opts,
+            sentinel_conf: None,
         };
+        if let Some(conf) = sentinel_conf {
+            let path = redis.process.root().join("sentinel.conf");
+            std::fs::write(&path, conf)
+                .map_err(|e| HarnessError::io(format!("could not write {}", path.display()), e))?;
+            redis.sentinel_conf = Some(path);
+        }
         process::launch_retrying_port(None, |port| {
             if cluster {
                 redis.process.set_extra_port(free_port()?);
@@ -133,9 +212,27 @@ impl RedisInstance {
         HOST
     }
 
-    /// Connection URL for the `redis` crate: `"redis://127.0.0.1:N/"`.
+    /// Connection URL for the `redis` crate: `"redis://127.0.0.1:N/"`, `"rediss://…"` for a TLS
+    /// instance. No credentials: see [`RedisInstance::url_as`].
     pub fn url(&self) -> String {
-        format!("redis://{HOST}:{}/", self.port())
+        let scheme = if self.opts.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{HOST}:{}/", self.port())
+    }
+
+    /// [`RedisInstance::url`] with user info: `redis[s]://user:password@127.0.0.1:N/` (an empty
+    /// `user` authenticates as `default`: `redis://:password@…`).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        self.url()
+            .replacen("://", &format!("://{user}:{password}@"), 1)
+    }
+
+    /// The options the instance was started with (TLS files, password).
+    pub fn options(&self) -> &RedisOptions {
+        &self.opts
     }
 
     /// The cluster bus port (`--cluster-port`) of a Redis Cluster node started by
@@ -208,11 +305,12 @@ impl RedisInstance {
     /// redis-cli is not installed.
     pub fn cli(&self, args: &[&str]) -> Result<String, HarnessError> {
         let cli = self.bins.require_cli()?;
-        let out = Command::new(cli)
-            .stdin(Stdio::null())
-            .args(["-e", "-h", HOST, "-p", &self.port().to_string()])
+        let mut cmd = Command::new(cli);
+        cmd.stdin(Stdio::null())
+            .args(["-e", "-h", HOST, "-p", &self.port().to_string()]);
+        self.cli_connection_args(&mut cmd);
+        let out = cmd
             .args(args)
-            .env_remove("REDISCLI_AUTH")
             .output()
             .map_err(|e| spawn_error(cli, e, None))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -240,6 +338,46 @@ impl RedisInstance {
     }
 }
 
+impl RedisInstance {
+    /// `redis-cli` arguments and environment that reach this instance: `--tls --cacert …
+    /// [--cert … --key …]` for TLS, `REDISCLI_AUTH` for a password (never on the command line).
+    pub(crate) fn cli_connection_args(&self, cmd: &mut Command) {
+        cmd.env_remove("REDISCLI_AUTH");
+        if let Some(tls) = &self.opts.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&tls.ca_file);
+            if let (Some(cert), Some(key)) = (&tls.client_cert_file, &tls.client_key_file) {
+                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+            }
+        }
+        if let Some(password) = &self.opts.password
+            && self.sentinel_conf.is_none()
+        {
+            cmd.env("REDISCLI_AUTH", password);
+        }
+    }
+
+    /// Readiness through `redis-cli` (TLS or a password): `INFO server`'s `process_id`.
+    fn probe_with_cli(&mut self, launch: &Launch) -> Result<bool, HarnessError> {
+        if !self.process.is_running() {
+            return Ok(false);
+        }
+        let Ok(info) = self.cli(&["INFO", "server"]) else {
+            return Ok(false);
+        };
+        let pid: Option<u32> = info
+            .lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok());
+        match pid {
+            Some(pid) if pid == launch.pid => Ok(true),
+            Some(_) => Err(self
+                .process
+                .port_in_use(launch, "Another Redis server answers on this port.")),
+            None => Ok(false),
+        }
+    }
+}
+
 impl Server for RedisInstance {
     fn process(&mut self) -> &mut ServerProcess {
         &mut self.process
@@ -248,12 +386,42 @@ impl Server for RedisInstance {
     fn command(&self, port: u16) -> Command {
         let root = self.process.root();
         let mut cmd = Command::new(&self.bins.server);
-        cmd.current_dir(root)
-            .stdin(Stdio::null())
-            .args(["--port", &port.to_string(), "--bind", HOST])
+        cmd.current_dir(root).stdin(Stdio::null());
+        if let Some(conf) = &self.sentinel_conf {
+            cmd.arg(conf).arg("--sentinel");
+        }
+        match &self.opts.tls {
+            None => {
+                cmd.args(["--port", &port.to_string()]);
+            }
+            Some(tls) => {
+                cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert_file)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key_file)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca_file)
+                    .args([
+                        "--tls-auth-clients",
+                        if tls.auth_clients { "yes" } else { "optional" },
+                        "--tls-replication",
+                        "yes",
+                    ]);
+                if self.process.extra_port().is_some() {
+                    cmd.args(["--tls-cluster", "yes"]);
+                }
+            }
+        }
+        cmd.args(["--bind", HOST])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(root);
+        if let Some(password) = &self.opts.password
+            && self.sentinel_conf.is_none()
+        {
+            cmd.args(["--requirepass", password, "--masterauth", password]);
+        }
         if let Some(bus_port) = self.process.extra_port() {
             // Relative to --dir: every node keeps its own nodes.conf in its own temp dir.
             cmd.args([
@@ -269,6 +437,10 @@ impl Server for RedisInstance {
     }
 
     fn probe(&mut self, launch: &Launch) -> Result<bool, HarnessError> {
+        if self.opts.tls.is_some() || (self.opts.password.is_some() && self.sentinel_conf.is_none())
+        {
+            return self.probe_with_cli(launch);
+        }
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, launch.port));
         let mut still_ours = || self.process.is_running();
         match server_pid(addr, &mut still_ours) {

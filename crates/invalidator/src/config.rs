@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 ///     .with_property("session.timeout.ms", "10000");
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct KafkaConfig {
@@ -94,6 +94,26 @@ pub struct KafkaConfig {
     /// choose it above your supervisor's restart time). Default none (dynamic membership).
     #[serde(default)]
     pub instance_id: Option<String>,
+}
+
+/// `Debug` with secret properties (`sasl.password`, `ssl.key.password`, …) shown as `***`
+/// (a panic or a debug log line must not print them).
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("debezium_topics", &self.debezium_topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("dead_letter_brokers", &self.dead_letter_brokers)
+            .field("instance_id", &self.instance_id)
+            .field(
+                "properties",
+                &cacheclear_protocol::redact_properties(&self.properties),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_batch_max_records() -> usize {

@@ -33,7 +33,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// librdkafka properties of the dead-letter producer: the invalidator's defaults, then
 /// `kafka.properties` (consumer-only ones left out), then what the invalidator owns.
-pub(crate) fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut producer_cfg = ClientConfig::new();
     producer_cfg
         .set("socket.nagle.disable", "true")

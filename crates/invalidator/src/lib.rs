@@ -139,11 +139,11 @@ pub use decode::{Decoded, Decoder, Evictions, Format, Malformed};
 #[cfg(feature = "kafka")]
 pub use dlq::{
     BOUNDED_COPY_KEY_BYTES, BOUNDED_COPY_VALUE_BYTES, DeadLetterCheckError, DeadLetterTopic,
-    MAX_REASON_BYTES, check_dead_letter_topic,
+    MAX_REASON_BYTES, check_dead_letter_topic, producer_config as dead_letter_producer_config,
 };
 pub use offsets::{OffsetTracker, Ownership, Tp};
 #[cfg(feature = "kafka")]
-pub use run::{InvalidatorError, run};
+pub use run::{InvalidatorError, consumer_config, run};
 pub use telemetry::{describe_metrics, register_metrics};
 pub use types::{InvalidatorRule, PostgresConfig};
 

@@ -19,6 +19,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 
+use crate::KafkaConfig;
 use crate::decode::{Decoded, Decoder, Format, Malformed};
 use crate::dlq::{self, DeadLetter, DeadLetterCheckError, Outcome};
 use crate::offsets::{OffsetTracker, Ownership, Tp};
@@ -139,6 +140,37 @@ struct Received {
     raw: Option<RawRecord>,
 }
 
+/// The librdkafka properties of the invalidator's consumer: its defaults
+/// (`auto.offset.reset = earliest`, `fetch.wait.max.ms = 10`, `socket.nagle.disable`), then
+/// `kafka.properties` (security settings such as `security.protocol = SASL_SSL`,
+/// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location` go there), then what the
+/// invalidator owns: `bootstrap.servers`, `group.id`, manual offset commits and, with
+/// `kafka.instance_id`, static membership (`group.instance.id`, `session.timeout.ms = 30000`
+/// unless set). The dead-letter producer's are [`crate::dead_letter_producer_config`].
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.nagle.disable", "true");
+    for (k, v) in &kafka.properties {
+        client.set(k, v);
+    }
+    client
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    if let Some(id) = &kafka.instance_id {
+        // Static membership (KIP-345): a restarted member reclaims its partitions.
+        client.set("group.instance.id", id);
+        if !kafka.properties.contains_key("session.timeout.ms") {
+            client.set("session.timeout.ms", "30000");
+        }
+    }
+    client
+}
+
 /// Runs the invalidator until `shutdown` completes: subscribes `cfg.kafka.group_id` to the input
 /// topics, applies batches to `cfg.redis`, commits what Redis acknowledged.
 ///
@@ -173,27 +205,8 @@ pub async fn run(
     let ownership = Arc::new(Ownership::default());
     let status = Arc::clone(&options.status);
 
-    let mut client = ClientConfig::new();
-    client
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .set("socket.nagle.disable", "true");
-    for (k, v) in &cfg.kafka.properties {
-        client.set(k, v);
-    }
-    client.set("bootstrap.servers", &cfg.kafka.brokers);
+    let client = consumer_config(&cfg.kafka);
     let producer_cfg = dlq::producer_config(&cfg.kafka);
-    client
-        .set("group.id", &cfg.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    if let Some(id) = &cfg.kafka.instance_id {
-        // Static membership (KIP-345): a restarted member reclaims its partitions.
-        client.set("group.instance.id", id);
-        if !cfg.kafka.properties.contains_key("session.timeout.ms") {
-            client.set("session.timeout.ms", "30000");
-        }
-    }
     let consumer: StreamConsumer<GroupContext> = client.create_with_context(GroupContext {
         ownership: Arc::clone(&ownership),
         status: Arc::clone(&status),

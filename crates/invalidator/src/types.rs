@@ -78,12 +78,21 @@ impl From<RuleConfig> for InvalidatorRule {
 /// [postgres]
 /// url = "postgres://reader@db:5432/shop"   # any user that can read the catalog
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/dbname` or a libpq key=value string.
     pub url: String,
+}
+
+/// `Debug` with the URL's password shown as `***`.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &cacheclear_protocol::redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl PostgresConfig {
@@ -132,14 +141,16 @@ pub(crate) async fn read_catalog(
 ) -> Result<HashMap<String, CatalogTable>, ConfigError> {
     let shown = cacheclear_protocol::redact_url(url);
     let fail = |what: String| ConfigError::new("postgres.url", format!("{shown}: {what}"));
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    // TLS as libpq's parameters say (`sslmode`, `sslrootcert`, …), like `cacheclear run`.
+    let client = cacheclear_pg_tls::connect(url, "postgres.url")
         .await
-        .map_err(|e| {
-            fail(format!(
-                "cannot connect to read the rule tables' column types: {e}"
-            ))
+        .map_err(|e| match e {
+            cacheclear_pg_tls::ConnectError::Config(c) => c,
+            other => ConfigError::new(
+                "postgres.url",
+                format!("cannot read the rule tables' column types: {other}"),
+            ),
         })?;
-    let conn = tokio::spawn(connection);
     let (schemas, names): (Vec<String>, Vec<String>) = rules
         .tables()
         .map(|t| (t.schema().to_owned(), t.name().to_owned()))
@@ -172,7 +183,6 @@ pub(crate) async fn read_catalog(
         .await
         .map_err(|e| fail(format!("reading the rule tables' columns: {e}")))?;
     drop(client);
-    let _ = conn.await;
     let mut out = HashMap::new();
     for row in rows {
         let (schema, name, exists, ident): (String, String, bool, String) =

@@ -53,6 +53,7 @@ pub struct PipelineArgs {
     /// Use this PostgreSQL (needs wal_level=logical) instead of a private instance. The bench
     /// creates and drops the table `cacheclear_bench_product`, the slot and publication
     /// `cacheclear_bench`.
+    /// TLS as in `postgres.url`: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (libpq's).
     #[arg(long)]
     postgres_url: Option<String>,
     /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
@@ -107,8 +108,17 @@ struct Figures {
     cores: usize,
 }
 
+/// The command line as the figures print it, every URL's password redacted
+/// (`--postgres-url postgres://app:***@db/shop`).
+pub(crate) fn shown_command() -> String {
+    std::env::args()
+        .map(|a| cacheclear_protocol::redact_url(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = shown_command();
     // Private instances unless URLs were given; they stop when dropped (end of this function).
     let instances = Instances::start(args.postgres_url.clone(), args.redis_url.clone()).await?;
     let (pg_url, redis_url) = (instances.pg_url.clone(), instances.redis_url.clone());
@@ -356,10 +366,7 @@ pub(crate) async fn create_bench_table(
     pg_url: &str,
     rows: u64,
 ) -> anyhow::Result<tokio_postgres::Client> {
-    let (db, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
-        .await
-        .context("connect PostgreSQL")?;
-    tokio::spawn(conn);
+    let db = cacheclear_pg_tls::connect(pg_url, "--postgres-url").await?;
     db.batch_execute(&format!(
         "DROP TABLE IF EXISTS cacheclear_bench_product;
          SELECT pg_drop_replication_slot('cacheclear_bench') FROM pg_replication_slots WHERE slot_name = 'cacheclear_bench';
@@ -461,8 +468,7 @@ pub(crate) async fn steady_load(
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let client = cacheclear_pg_tls::connect(url, "--postgres-url").await?;
         tasks.push(tokio::spawn(async move {
             let stmt = client
                 .prepare("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1 WHERE id = ANY($1)")

@@ -80,9 +80,61 @@ fn redact_password_params(url: &str) -> String {
     out
 }
 
+/// Whether a librdkafka property (or any `key = value` setting) holds a secret: its name contains
+/// `password`, `secret`, `token` or `credential`, or it carries a key itself (`ssl.key.pem`,
+/// `ssl.keystore…`; `ssl.key.location`, a path, is not a secret): `sasl.password`,
+/// `ssl.key.password`, `sasl.oauthbearer.client.secret`, `ssl.keystore.password`, ….
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "token", "credential", "keystore"]
+        .iter()
+        .any(|w| k.contains(w))
+        || (k.contains("key") && k.ends_with(".pem"))
+        || k == "sasl.oauthbearer.config"
+}
+
+/// `properties` for `Debug` output and log lines: every value [`is_secret_property`] flags
+/// replaced by `***`, the others as they are.
+pub fn redact_properties(
+    properties: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<&str, &str> {
+    properties
+        .iter()
+        .map(|(k, v)| {
+            let shown = if is_secret_property(k) {
+                "***"
+            } else {
+                v.as_str()
+            };
+            (k.as_str(), shown)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_properties, redact_url};
+
+    #[test]
+    fn redacts_secret_properties() {
+        let props: std::collections::BTreeMap<String, String> = [
+            ("sasl.password", "pw1"),
+            ("ssl.key.password", "pw2"),
+            ("ssl.key.pem", "pem"),
+            ("sasl.oauthbearer.client.secret", "s"),
+            ("sasl.username", "app"),
+            ("ssl.key.location", "/etc/k.pem"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let shown = format!("{:?}", redact_properties(&props));
+        for secret in ["pw1", "pw2", "\"pem\"", "\"s\""] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("\"app\""), "{shown}");
+        assert!(shown.contains("/etc/k.pem"), "{shown}");
+    }
 
     #[test]
     fn redacts_passwords() {

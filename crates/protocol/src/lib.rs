@@ -26,6 +26,7 @@
 pub mod batch;
 mod check;
 mod config;
+pub mod connect;
 mod invalidation;
 mod layout;
 mod lsn;
@@ -35,7 +36,7 @@ pub mod sink;
 
 pub use batch::{Batch, CommittedTxn, KeyArena, TableEviction, now_us};
 pub use check::{Check, Status};
-pub use config::{ConfigError, redact_url};
+pub use config::{ConfigError, is_secret_property, redact_properties, redact_url};
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};

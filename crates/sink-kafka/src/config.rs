@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 ///     .with_property("compression.type", "lz4");
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct KafkaConfig {
@@ -61,6 +61,24 @@ pub struct KafkaConfig {
     /// `compression.type`, `client.id`, …), passed through verbatim. Default empty.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// `Debug` with secret properties (`sasl.password`, `ssl.key.password`, …) shown as `***`
+/// (a panic or a debug log line must not print them).
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("message_timeout_ms", &self.message_timeout_ms)
+            .field("linger_ms", &self.linger_ms)
+            .field("max_in_flight", &self.max_in_flight)
+            .field(
+                "properties",
+                &cacheclear_protocol::redact_properties(&self.properties),
+            )
+            .finish()
+    }
 }
 
 /// The default topic, `cacheclear.invalidations`.

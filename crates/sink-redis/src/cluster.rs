@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use cacheclear_protocol::scripts::INVALIDATE_LUA;
 use cacheclear_protocol::{KeyLayout, Lsn};
 use futures::StreamExt;
-use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{FromRedisValue, Value};
@@ -128,16 +128,21 @@ struct Call {
 impl ClusterBackend {
     pub(crate) fn new(cfg: &RedisConfig) -> Result<ClusterBackend, RedisSinkError> {
         let timeout = Duration::from_millis(cfg.response_timeout_ms);
-        let client = ClusterClientBuilder::new(cfg.urls.iter().map(String::as_str))
-            .connection_timeout(timeout)
-            .response_timeout(timeout)
-            // A few quick retries inside the client (redirects, reconnects); longer outages
-            // are handled by our rounds with a fresh slot map.
-            .retries(4)
-            .min_retry_wait(20)
-            .max_retry_wait(500)
-            .retry_wait_formula(20, 2)
-            .build()?;
+        let client = cacheclear_protocol::connect::cluster_client_builder(
+            &cfg.urls,
+            cfg.tls.as_ref(),
+            "redis.urls",
+            "redis.tls",
+        )?
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        // A few quick retries inside the client (redirects, reconnects); longer outages
+        // are handled by our rounds with a fresh slot map.
+        .retries(4)
+        .min_retry_wait(20)
+        .max_retry_wait(500)
+        .retry_wait_formula(20, 2)
+        .build()?;
         let seed_host = cfg
             .urls
             .first()
@@ -263,6 +268,10 @@ impl ClusterBackend {
                 // The slot map could not be fetched: nothing was sent.
                 Err(e) => e,
             };
+            // Refused credentials or certificates: another round cannot help.
+            if last_error.is_fatal() {
+                return Err(last_error);
+            }
             let unacked: usize = pending.iter().map(|c| c.range.len()).sum();
             if round >= cfg.cluster_retries {
                 return Err(RedisSinkError::Cluster(format!(
@@ -400,6 +409,9 @@ impl ClusterBackend {
                     Err(e) => error = Some(("the cluster (CLUSTER SLOTS)".into(), e)),
                 }
                 let Some((node, error)) = error else { break };
+                if error.is_fatal() {
+                    return Err(error);
+                }
                 if round >= cfg.cluster_retries {
                     return Err(RedisSinkError::Cluster(format!(
                         "SCAN MATCH {pattern} of {node} failed after {} retries with a fresh \

@@ -1,10 +1,12 @@
 //! `[redis]` section of the configuration.
 
+use cacheclear_protocol::connect::{RedisSentinel, RedisTarget, RedisTls};
 use cacheclear_protocol::{ConfigError, redact_url};
 /// Options of the Redis sink. Every field has a default except the target: `url` for a
-/// standalone Redis, or `cluster = true` with `urls` for a Redis Cluster.
+/// standalone Redis, `cluster = true` with `urls` for a Redis Cluster, or `sentinel` for the
+/// master of a Redis Sentinel deployment.
 ///
-/// A standalone Redis (or a primary behind a proxy / Sentinel-managed address):
+/// A standalone Redis (or a primary behind a proxy):
 ///
 /// ```toml
 /// [redis]
@@ -20,6 +22,22 @@ use cacheclear_protocol::{ConfigError, redact_url};
 /// cluster = true
 /// urls = ["redis://127.0.0.1:7000/", "redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"]
 /// ```
+///
+/// The master of a Sentinel deployment (asked for again after a connection error or a
+/// `READONLY` reply, so a failed batch is retried against the promoted replica), over TLS:
+///
+/// ```toml
+/// [redis]
+/// sentinel = { master = "mymaster", urls = ["rediss://10.0.0.1:26379/", "rediss://10.0.0.2:26379/"], username = "cacheclear", password = "…" }
+/// [redis.tls]
+/// ca_file = "/etc/cacheclear/redis-ca.pem"
+/// ```
+///
+/// TLS: a `rediss://` URL (every URL of the section, sentinels included) encrypts with the
+/// `[redis.tls]` settings ([`RedisTls`]: `ca_file`, `crt_file`, `key_file`,
+/// `verify_certificate`, `verify_hostname`), or the Mozilla roots without the table. ACL users:
+/// `rediss://user:password@host:port/`; in cluster mode the seeds' credentials authenticate to
+/// every node the sink discovers.
 ///
 /// In cluster mode the keys of a batch are grouped by hash slot (each script call carries the
 /// keys of one slot: no `CROSSSLOT`) and the calls by the master that serves the slot (one
@@ -39,7 +57,7 @@ use cacheclear_protocol::{ConfigError, redact_url};
 ///     .with_response_timeout_ms(2_000);
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisConfig {
@@ -58,6 +76,14 @@ pub struct RedisConfig {
     /// Default empty; must stay empty in standalone mode.
     #[serde(default)]
     pub urls: Vec<String>,
+    /// Sentinel mode: the sentinels and the master's name and credentials (see
+    /// [`RedisSentinel`]). Default: none. Excludes `url`, `urls` and `cluster`.
+    #[serde(default)]
+    pub sentinel: Option<RedisSentinel>,
+    /// `[redis.tls]`: TLS settings for `rediss://` URLs (see [`RedisTls`]). Default: none (a
+    /// `rediss://` URL then verifies against the Mozilla roots, host name included).
+    #[serde(default)]
+    pub tls: Option<RedisTls>,
     /// TTL of fences (`{K}:fence` tombstones), in ms. Must exceed the worst read-replica lag plus
     /// the longest load: a replica reader whose version is older than a fence that already expired
     /// could fill an old value. Default 600000 (10 minutes).
@@ -93,6 +119,22 @@ pub struct RedisConfig {
     pub cluster_retries: u32,
 }
 
+/// `Debug` with every URL's password shown as `***` (a panic or a debug log line must not print
+/// it).
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("cluster", &self.cluster)
+            .field("urls", &urls)
+            .field("sentinel", &self.sentinel)
+            .field("tls", &self.tls)
+            .field("fence_ttl_ms", &self.fence_ttl_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 fn default_fence_ttl_ms() -> u64 {
     600_000
 }
@@ -122,6 +164,8 @@ impl RedisConfig {
             url: url.into(),
             cluster: false,
             urls: Vec::new(),
+            sentinel: None,
+            tls: None,
             fence_ttl_ms: default_fence_ttl_ms(),
             keys_per_call: default_keys_per_call(),
             calls_per_pipeline: default_calls_per_pipeline(),
@@ -143,6 +187,46 @@ impl RedisConfig {
             cluster: true,
             urls: seeds.into_iter().map(Into::into).collect(),
             ..RedisConfig::new(String::new())
+        }
+    }
+
+    /// Sentinel mode: every default, the master named by `sentinel`'s sentinels (see
+    /// [`RedisConfig::sentinel`]).
+    pub fn sentinel(sentinel: RedisSentinel) -> RedisConfig {
+        RedisConfig {
+            sentinel: Some(sentinel),
+            ..RedisConfig::new(String::new())
+        }
+    }
+
+    /// Sets [`RedisConfig::tls`]: the `[redis.tls]` table for `rediss://` URLs.
+    #[must_use]
+    pub fn with_tls(mut self, tls: impl Into<Option<RedisTls>>) -> Self {
+        self.tls = tls.into();
+        self
+    }
+
+    /// The standalone or Sentinel target of this configuration (not for cluster mode), for
+    /// [`cacheclear_protocol::connect`].
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget {
+            url: self.url.clone(),
+            sentinel: self.sentinel.clone(),
+            tls: self.tls.clone(),
+            section: "redis".into(),
+        }
+    }
+
+    /// What to print for the target: the redacted URL(s), or the sentinel master and sentinels.
+    pub fn display_target(&self) -> String {
+        if self.cluster {
+            self.urls
+                .iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            self.target().display()
         }
     }
 
@@ -246,9 +330,20 @@ impl RedisConfig {
                     ));
                 }
             }
-            redis::cluster::ClusterClientBuilder::new(self.urls.iter().map(String::as_str))
-                .build()
-                .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
+            if self.sentinel.is_some() {
+                return Err(ConfigError::new(
+                    "redis.sentinel",
+                    "a Redis Cluster has no sentinels: remove sentinel (or cluster = true)",
+                ));
+            }
+            cacheclear_protocol::connect::cluster_client_builder(
+                &self.urls,
+                self.tls.as_ref(),
+                "redis.urls",
+                "redis.tls",
+            )?
+            .build()
+            .map_err(|e| ConfigError::new("redis.urls", e.to_string()))?;
         } else {
             if !self.urls.is_empty() {
                 return Err(ConfigError::new(
@@ -257,20 +352,16 @@ impl RedisConfig {
                             cluster = true (and leave url unset), for a standalone Redis use url",
                 ));
             }
-            if self.url.is_empty() {
+            if self.url.is_empty() && self.sentinel.is_none() {
                 return Err(ConfigError::new(
                     "redis.url",
                     "missing: the Redis URL, e.g. \
                             url = \"redis://127.0.0.1:6379/\" (for a Redis Cluster set \
-                            cluster = true and urls = [...] instead)",
+                            cluster = true and urls = [...] instead; for Sentinel set \
+                            sentinel = { master = \"mymaster\", urls = [...] })",
                 ));
             }
-            redis::Client::open(self.url.as_str()).map_err(|e| {
-                ConfigError::new(
-                    "redis.url",
-                    format!("`{}` is not a Redis URL: {e}", redact_url(&self.url)),
-                )
-            })?;
+            self.target().validate()?;
         }
         for (field, v) in [
             ("redis.fence_ttl_ms", self.fence_ttl_ms as usize),

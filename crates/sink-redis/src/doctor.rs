@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-use cacheclear_protocol::{Check, redact_url};
-use redis::aio::MultiplexedConnection;
+use cacheclear_protocol::Check;
+use cacheclear_protocol::connect::{ConnectError, ConnectTimeouts, RedisConnection, RedisTarget};
+use redis::aio::ConnectionManagerConfig;
 
 use crate::RedisConfig;
 
@@ -18,26 +19,29 @@ const TTL_SAMPLE: usize = 1000;
 /// `redis.urls` (list every master there to check them all). When no node answers, only
 /// `redis.connect` is returned. Never fails itself: an error becomes a `fail` finding.
 pub async fn diagnose(cfg: &RedisConfig) -> Vec<Check> {
-    let urls: Vec<&str> = if cfg.cluster {
-        cfg.urls.iter().map(String::as_str).collect()
+    // Cluster: every seed node on its own (TLS and credentials as the sink uses them);
+    // standalone and Sentinel: the sink's target (the sentinels name the master).
+    let targets: Vec<RedisTarget> = if cfg.cluster {
+        cfg.urls
+            .iter()
+            .map(|url| RedisTarget::url(url.clone()).with_tls(cfg.tls.clone()))
+            .collect()
     } else {
-        vec![cfg.url.as_str()]
+        vec![cfg.target()]
     };
     let mut checks = Vec::new();
     let mut nodes = Vec::new();
-    for url in &urls {
-        match connect(url).await {
+    for target in &targets {
+        let shown = target.display();
+        match connect(target).await {
             Ok(conn) => {
-                checks.push(Check::ok(
-                    "redis.connect",
-                    format!("connected to {}", redact_url(url)),
-                ));
-                nodes.push((redact_url(url), conn));
+                checks.push(Check::ok("redis.connect", format!("connected to {shown}")));
+                nodes.push((shown, conn));
             }
             Err(e) => checks.push(Check::fail(
                 "redis.connect",
-                format!("cannot connect to {}: {e}", redact_url(url)),
-                "check redis.url / redis.urls (host, port, password; rediss:// for TLS) and that this host may reach Redis",
+                format!("cannot connect to {shown}: {e}"),
+                "check redis.url / redis.urls / redis.sentinel (host, port, user, password; rediss:// and [redis.tls] for TLS) and that this host may reach Redis",
             )),
         }
     }
@@ -88,21 +92,23 @@ pub async fn diagnose(cfg: &RedisConfig) -> Vec<Check> {
     checks
 }
 
-async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
-    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-    let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
+async fn connect(target: &RedisTarget) -> Result<RedisConnection, String> {
+    let timeouts = ConnectTimeouts {
+        connect: TIMEOUT,
+        response: TIMEOUT,
+    };
+    let manager = ConnectionManagerConfig::new().set_number_of_retries(0);
+    tokio::time::timeout(TIMEOUT * 2, target.connect(timeouts, manager))
         .await
-        .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))?
-        .map_err(|e| e.to_string())?;
-    let pong: String = query(&mut conn, &redis::cmd("PING")).await?;
-    if pong != "PONG" {
-        return Err(format!("PING answered `{pong}`"));
-    }
-    Ok(conn)
+        .map_err(|_| format!("no answer within {} s", (TIMEOUT * 2).as_secs()))?
+        .map_err(|e| match e {
+            ConnectError::Config(e) => e.to_string(),
+            ConnectError::Redis(e) => cacheclear_protocol::connect::describe(&e),
+        })
 }
 
 async fn query<T: redis::FromRedisValue>(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConnection,
     cmd: &redis::Cmd,
 ) -> Result<T, String> {
     tokio::time::timeout(TIMEOUT, cmd.query_async(conn))
@@ -118,7 +124,7 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-async fn node_checks(url: &str, conn: &mut MultiplexedConnection) -> Result<Vec<Check>, String> {
+async fn node_checks(url: &str, conn: &mut RedisConnection) -> Result<Vec<Check>, String> {
     let mut out = Vec::new();
     let server: String = query(conn, &redis::cmd("INFO").arg("server")).await?;
     let version = info_field(&server, "redis_version").unwrap_or("unknown");
@@ -191,7 +197,7 @@ async fn node_checks(url: &str, conn: &mut MultiplexedConnection) -> Result<Vec<
     Ok(out)
 }
 
-async fn cluster(conn: &mut MultiplexedConnection) -> Result<Check, String> {
+async fn cluster(conn: &mut RedisConnection) -> Result<Check, String> {
     let info: String = query(conn, &redis::cmd("CLUSTER").arg("INFO")).await?;
     let state = info_field(&info, "cluster_state").unwrap_or("unknown");
     let assigned: u32 = info_field(&info, "cluster_slots_assigned")
@@ -243,9 +249,7 @@ async fn cluster(conn: &mut MultiplexedConnection) -> Result<Check, String> {
 
 /// Samples keys of cacheclear's layout (`{K}`, `{K}:lease`, `{K}:fence`) and returns how many
 /// were sampled and those without a TTL.
-async fn keys_without_ttl(
-    conn: &mut MultiplexedConnection,
-) -> Result<(usize, Vec<String>), String> {
+async fn keys_without_ttl(conn: &mut RedisConnection) -> Result<(usize, Vec<String>), String> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {

@@ -41,10 +41,11 @@ mod telemetry;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cacheclear_protocol::connect::{ConnectTimeouts, RedisConnection};
 use cacheclear_protocol::scripts::INVALIDATE_LUA;
 use cacheclear_protocol::{Batch, KeyLayout, Lsn, Sink, SinkError};
 use futures::{StreamExt, TryStreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 
 pub use config::RedisConfig;
 pub use telemetry::{describe_metrics, register_metrics};
@@ -55,8 +56,9 @@ pub enum RedisSinkError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] cacheclear_protocol::ConfigError),
-    /// Redis replied with an error or the connection failed.
-    #[error("Redis: {0}")]
+    /// Redis replied with an error or the connection failed. Displays the error with its fix
+    /// when it is one retrying cannot fix ([`RedisSinkError::is_fatal`]).
+    #[error("Redis: {}", cacheclear_protocol::connect::describe(.0))]
     Redis(#[from] redis::RedisError),
     /// Redis acknowledged fewer keys than were sent.
     #[error("Redis acknowledged {acked} of {sent} keys in a pipeline")]
@@ -78,8 +80,23 @@ pub enum RedisSinkError {
     Cluster(String),
 }
 
+impl RedisSinkError {
+    /// True for errors retrying cannot fix: an invalid configuration, refused credentials
+    /// (`WRONGPASS`, `NOAUTH`), a missing ACL permission (`NOPERM`), a server certificate that
+    /// fails verification ([`cacheclear_protocol::connect::is_fatal`]). A refused, reset or
+    /// timed-out connection, a failover (`READONLY`, `MOVED`) are not: they are retried.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            RedisSinkError::Config(_) => true,
+            RedisSinkError::Redis(e) => cacheclear_protocol::connect::is_fatal(e),
+            _ => false,
+        }
+    }
+}
+
 /// The Redis sink. Cheap to clone (one multiplexed, auto-reconnecting connection; in cluster
-/// mode one per node, shared by the clones).
+/// mode one per node, shared by the clones). With a sentinel, the connection goes to the master
+/// the sentinels name, asked again after a connection error or a `READONLY` reply.
 #[derive(Clone)]
 pub struct RedisSink {
     conn: Backend,
@@ -89,7 +106,8 @@ pub struct RedisSink {
 
 #[derive(Clone)]
 enum Backend {
-    Standalone(ConnectionManager),
+    /// A standalone Redis, or the master of a Sentinel deployment.
+    Standalone(RedisConnection),
     Cluster(Arc<cluster::ClusterBackend>),
 }
 
@@ -112,13 +130,17 @@ impl RedisSink {
                 sha,
             });
         }
-        let client = redis::Client::open(cfg.url.as_str())?;
+        let timeout = Duration::from_millis(cfg.response_timeout_ms);
         let manager_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(cfg.response_timeout_ms)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        let conn = cfg.target().connect_lazy(
+            ConnectTimeouts {
+                connect: timeout,
+                response: timeout,
+            },
+            manager_cfg,
+        )?;
         Ok(RedisSink {
             conn: Backend::Standalone(conn),
             cfg,
@@ -197,7 +219,7 @@ impl RedisSink {
 
     async fn send(
         &self,
-        mut conn: ConnectionManager,
+        mut conn: RedisConnection,
         pipe: redis::Pipeline,
         sent: usize,
     ) -> Result<u64, RedisSinkError> {
@@ -279,6 +301,12 @@ pub fn cache_key_of(redis_key: &str) -> Option<&str> {
 impl Sink for RedisSink {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    fn is_fatal(&self, error: &SinkError) -> bool {
+        error
+            .downcast_ref::<RedisSinkError>()
+            .is_some_and(RedisSinkError::is_fatal)
     }
 
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {

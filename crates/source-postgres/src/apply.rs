@@ -4,13 +4,15 @@
 //! Up to `max_batches_in_flight` batches are applied at once (evictions commute: `DEL`,
 //! `fence = max(fence, LSN)`, so the order in which they land does not matter), but they are
 //! acknowledged strictly in commit order, so the acknowledged LSN never passes a batch that has
-//! not landed. A failing batch is retried (50 ms doubling to 5 s) forever.
+//! not landed. A failing batch is retried (50 ms doubling to 5 s) forever, unless the sink says
+//! the error is one no retry can fix ([`Sink::is_fatal`]: refused credentials, a certificate
+//! that fails verification): then the stage stops with it, and nothing after it is confirmed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cacheclear_protocol::{Batch, Lsn, Sink, now_us};
+use cacheclear_protocol::{Batch, Lsn, Sink, SinkError, now_us};
 use tokio::sync::{mpsc, watch};
 
 use crate::RunOptions;
@@ -20,7 +22,8 @@ use crate::telemetry;
 /// (forever), and acknowledges them strictly in commit order: a batch's last commit LSN is
 /// acknowledged only once it and every batch before it were applied. `pending` (transactions
 /// handed to the sink side and not yet acknowledged) goes down as batches are acknowledged.
-/// Returns when `batches` closes and everything in flight was acknowledged.
+/// Returns `Ok` when `batches` closes and everything in flight was acknowledged, or the first
+/// error the sink calls fatal ([`Sink::is_fatal`]).
 pub(crate) async fn stage<S: Sink>(
     sink: S,
     mut batches: mpsc::Receiver<Batch>,
@@ -28,7 +31,7 @@ pub(crate) async fn stage<S: Sink>(
     pending: Arc<AtomicUsize>,
     options: RunOptions,
     max_in_flight: usize,
-) {
+) -> Result<(), SinkError> {
     let sink = &sink;
     let mut in_flight = futures::stream::FuturesOrdered::new();
     let mut open = true;
@@ -38,19 +41,21 @@ pub(crate) async fn stage<S: Sink>(
                 Some(batch) => in_flight.push_back(apply_with_retry(sink, batch)),
                 None => open = false,
             },
-            Some(batch) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+            Some(applied) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                let batch = applied?;
                 // Before the acknowledgement, so whoever sees the new LSN also sees the count
                 // without this batch (the batch and all before it have landed either way).
                 pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
                 acknowledge(&batch, &ack, &options);
             }
-            else => return,
+            else => return Ok(()),
         }
     }
 }
 
-/// Applies `batch`, retrying with backoff (50 ms doubling to 5 s) until the sink says `Ok`.
-async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
+/// Applies `batch`, retrying with backoff (50 ms doubling to 5 s) until the sink says `Ok`, or
+/// returns the first error the sink calls fatal.
+async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Result<Batch, SinkError> {
     let name = sink.name();
     let started = std::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
@@ -58,6 +63,11 @@ async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
     loop {
         match sink.apply(&batch).await {
             Ok(()) => break,
+            Err(e) if sink.is_fatal(&e) => {
+                metrics::counter!(telemetry::SINK_ERRORS, "sink" => name).increment(1);
+                tracing::error!(sink = name, error = %e, "sink failed with an error no retry can fix; stopping");
+                return Err(e);
+            }
             Err(e) => {
                 attempt += 1;
                 metrics::counter!(telemetry::SINK_ERRORS, "sink" => name).increment(1);
@@ -78,7 +88,7 @@ async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Batch {
             "sink recovered; batch applied"
         );
     }
-    batch
+    Ok(batch)
 }
 
 /// Records an applied batch (metrics, status, observer) and acknowledges its last commit LSN.
@@ -207,7 +217,7 @@ mod tests {
         assert_eq!(*ack_rx.borrow(), Lsn(30));
         assert_eq!(pending.load(Ordering::Acquire), 0);
         drop(tx);
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
     }
 
     /// With one batch in flight, batches are applied one after the other, in order.
@@ -234,10 +244,79 @@ mod tests {
             }),
             ..RunOptions::default()
         };
-        stage(sink, rx, ack_tx, Arc::clone(&pending), options.clone(), 1).await;
+        stage(sink, rx, ack_tx, Arc::clone(&pending), options.clone(), 1)
+            .await
+            .unwrap();
         assert_eq!(*observed.lock().unwrap(), vec![10, 20, 30]);
         assert_eq!(*ack_rx.borrow(), Lsn(30));
         assert_eq!(options.status.applied_txns(), 3);
         assert_eq!(pending.load(Ordering::Acquire), 0);
+    }
+
+    /// An error the sink calls fatal stops the stage with it, unretried; nothing from that
+    /// batch on is acknowledged.
+    #[tokio::test(start_paused = true)]
+    async fn a_fatal_sink_error_stops_the_stage() {
+        struct Refused(Mutex<u32>);
+        impl Sink for Refused {
+            fn name(&self) -> &'static str {
+                "refused"
+            }
+            async fn apply(&self, batch: &Batch) -> Result<(), cacheclear_protocol::SinkError> {
+                *self.0.lock().unwrap() += 1;
+                match batch.last_lsn() {
+                    Some(Lsn(20)) => Err("WRONGPASS invalid username-password pair".into()),
+                    _ => Ok(()),
+                }
+            }
+            fn is_fatal(&self, error: &cacheclear_protocol::SinkError) -> bool {
+                error.to_string().starts_with("WRONGPASS")
+            }
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+        for lsn in [10, 20, 30] {
+            tx.send(batch(lsn)).await.unwrap();
+        }
+        let pending = Arc::new(AtomicUsize::new(3));
+        let sink = Arc::new(Refused(Mutex::new(0)));
+        struct Shared(Arc<Refused>);
+        impl Sink for Shared {
+            fn name(&self) -> &'static str {
+                "refused"
+            }
+            fn apply(
+                &self,
+                batch: &Batch,
+            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
+            {
+                self.0.apply(batch)
+            }
+            fn is_fatal(&self, error: &cacheclear_protocol::SinkError) -> bool {
+                self.0.is_fatal(error)
+            }
+        }
+        let err = stage(
+            Shared(Arc::clone(&sink)),
+            rx,
+            ack_tx,
+            pending,
+            RunOptions::default(),
+            1,
+        )
+        .await
+        .expect_err("stops");
+        assert_eq!(err.to_string(), "WRONGPASS invalid username-password pair");
+        assert_eq!(
+            *ack_rx.borrow(),
+            Lsn(10),
+            "nothing from the refused batch on"
+        );
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            2,
+            "the refused batch was not retried"
+        );
+        drop(tx);
     }
 }

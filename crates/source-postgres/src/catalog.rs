@@ -361,7 +361,8 @@ pub(crate) async fn request_table_eviction(
     Ok(())
 }
 
-/// Finds the slot, or creates it (pgoutput) when absent and `create` is set.
+/// Finds the slot, or creates it (pgoutput) when absent and `create` is set; with `failover`
+/// (PostgreSQL ≥ 17, checked by [`check_failover_slot`] first) it is created as a failover slot.
 ///
 /// # Errors
 /// [`SourceError::Config`] when the slot is absent and may not be created, uses another plugin,
@@ -372,6 +373,7 @@ pub(crate) async fn ensure_slot(
     client: &tokio_postgres::Client,
     slot: &str,
     create: bool,
+    failover: bool,
 ) -> Result<SlotState, SourceError> {
     let row = client
         .query_opt(
@@ -415,16 +417,75 @@ pub(crate) async fn ensure_slot(
             "slot `{slot}` does not exist and create_slot = false; create it with: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
         )).into());
     }
-    let row = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
+    // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
+    let row = if failover {
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                &[&slot],
+            )
+            .await?
+    } else {
+        client
+            .query_one(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await?
+    };
     let at: String = row.try_get(0)?;
     let at = at
         .parse()
         .map_err(|e| ConfigError::new("postgres.slot", format!("{e}")))?;
-    tracing::info!(slot, %at, "created logical replication slot");
+    tracing::info!(slot, %at, failover, "created logical replication slot");
     Ok(SlotState::Created { at })
+}
+
+/// `postgres.failover_slot = true` needs PostgreSQL 17 (`failover` slots, synchronized to
+/// standbys with `sync_replication_slots`). Run before [`ensure_slot`]: refuses older servers;
+/// warns when the slot already exists without `failover` (it was created before the setting, or
+/// by hand), with the fix.
+///
+/// # Errors
+/// [`SourceError::Config`] (`postgres.failover_slot`) on PostgreSQL before 17;
+/// [`SourceError::Query`] when a catalog query fails.
+pub(crate) async fn check_failover_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), SourceError> {
+    let version: String = client
+        .query_one("SELECT current_setting('server_version_num')", &[])
+        .await?
+        .try_get(0)?;
+    let num: u32 = version.trim().parse().unwrap_or(0);
+    if num < 170_000 {
+        return Err(ConfigError::new(
+            "postgres.failover_slot",
+            format!(
+                "failover slots need PostgreSQL 17 or later, the server is {version}; set \
+                 failover_slot = false (after a failover the new primary then has no slot: \
+                 cacheclear creates one and evicts every rule table's keys once)"
+            ),
+        )
+        .into());
+    }
+    let row = client
+        .query_opt(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    if let Some(row) = row
+        && !row.try_get::<_, bool>(0)?
+    {
+        tracing::warn!(
+            slot,
+            "postgres.failover_slot = true, but slot `{slot}` exists without failover (created \
+             before the setting): a promoted standby will not have it. Fix: stop cacheclear and \
+             run ALTER_REPLICATION_SLOT {slot} (FAILOVER true) on a replication connection \
+             (psql \"dbname=… replication=database\"), or drop the slot and restart (the new \
+             slot evicts every rule table's keys once)"
+        );
+    }
+    Ok(())
 }

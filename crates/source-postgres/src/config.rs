@@ -12,7 +12,7 @@ use cacheclear_protocol::ConfigError;
 /// slot = "cacheclear"
 /// publication = "cacheclear"
 /// ```
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL (`postgres://user:password@host:port/dbname`) or libpq key=value string.
@@ -32,6 +32,13 @@ pub struct PostgresConfig {
     /// when the slot is created. Default `true`.
     #[serde(default = "yes")]
     pub create_slot: bool,
+    /// Create the slot with `failover` (PostgreSQL 17 or later), so that standbys with
+    /// `sync_replication_slots = on` keep a synchronized copy of it and a promoted standby
+    /// continues the stream where the old primary left it. Only read when the slot is created;
+    /// an existing slot without `failover` is reported at start (WARN) with the fix. On
+    /// PostgreSQL before 17 `run` refuses to start. Default `false`.
+    #[serde(default)]
+    pub failover_slot: bool,
     /// Create the publication when it does not exist. Default `true`.
     #[serde(default = "yes")]
     pub create_publication: bool,
@@ -81,6 +88,21 @@ pub struct PostgresConfig {
     /// `stop` stops the pipeline with that error.
     #[serde(default)]
     pub on_publication_drift: DriftPolicy,
+}
+
+/// `Debug` with the URL's password shown as `***` (a panic or a debug log line must not print
+/// it).
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &cacheclear_protocol::redact_url(&self.url))
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("create_slot", &self.create_slot)
+            .field("failover_slot", &self.failover_slot)
+            .field("create_publication", &self.create_publication)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `postgres.on_publication_drift`: see [`PostgresConfig::on_publication_drift`].
@@ -133,6 +155,7 @@ impl PostgresConfig {
             slot: default_name(),
             publication: default_name(),
             create_slot: true,
+            failover_slot: false,
             create_publication: true,
             heartbeat_interval_ms: default_heartbeat_ms(),
             status_interval_ms: default_status_ms(),
@@ -151,10 +174,7 @@ impl PostgresConfig {
     /// # Errors
     /// [`ConfigError`] naming the first invalid field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let (rest, _) = crate::tls::split_url(&self.url).map_err(|e| match e {
-            crate::SourceError::Config(c) => c,
-            other => ConfigError::new("postgres.url", other.to_string()),
-        })?;
+        let (rest, _) = cacheclear_pg_tls::split_url(&self.url, "postgres.url")?;
         rest.parse::<tokio_postgres::Config>().map_err(|e| {
             ConfigError::new(
                 "postgres.url",

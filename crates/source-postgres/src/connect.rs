@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use cacheclear_pg_tls::{PgTls, SslMode};
 use cacheclear_protocol::{ConfigError, Lsn};
 use pgwire_replication::ReplicationConfig;
 
-use crate::{PostgresConfig, SourceError, tls};
+use crate::{PostgresConfig, SourceError};
 
 /// Replication events buffered between the replication worker and the reader.
 const REPLICATION_BUFFER_EVENTS: usize = 1024;
@@ -14,19 +15,9 @@ const REPLICATION_BUFFER_EVENTS: usize = 1024;
 /// Largest replication message accepted, in bytes (a row image of a wide table).
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
-/// `url` parsed by `tokio-postgres`, with the TLS parameters it does not know (`sslrootcert`,
-/// `sslcert`, `sslkey`, and the verifying `sslmode`s) taken out first (see `tls.rs`).
-fn parse_url(url: &str) -> Result<(tokio_postgres::Config, tls::PgTls), SourceError> {
-    let (rest, tls) = tls::split_url(url)?;
-    let mut config: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
-        SourceError::from(ConfigError::new("postgres.url", e.to_string()))
-    })?;
-    config.ssl_mode(match tls.mode {
-        tls::SslMode::Disable => tokio_postgres::config::SslMode::Disable,
-        tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-        _ => tokio_postgres::config::SslMode::Require,
-    });
-    Ok((config, tls))
+/// `url` parsed by `tokio-postgres`, with its TLS parameters (`cacheclear-pg-tls`).
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, PgTls), SourceError> {
+    Ok(cacheclear_pg_tls::parse_url(url, "postgres.url")?)
 }
 
 /// A deadpool pool of at most `size` connections to `url`.
@@ -35,7 +26,7 @@ fn parse_url(url: &str) -> Result<(tokio_postgres::Config, tls::PgTls), SourceEr
 /// [`SourceError::Config`] (`postgres.url`) when `url` does not parse.
 pub(crate) fn pool(url: &str, size: usize) -> Result<deadpool_postgres::Pool, SourceError> {
     let (config, tls) = parse_url(url)?;
-    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(&tls)?);
+    let connector = cacheclear_pg_tls::connector(&tls, "postgres.url")?;
     let manager = deadpool_postgres::Manager::new(config, connector);
     deadpool_postgres::Pool::builder(manager)
         .max_size(size)
@@ -75,7 +66,7 @@ pub(crate) fn replication_config(cfg: &PostgresConfig) -> Result<ReplicationConf
         cfg.publication.clone(),
     )
     .with_port(port)
-    .with_tls(tls::replication_tls(&tls))
+    .with_tls(replication_tls(&tls))
     .with_start_lsn(pgwire_replication::Lsn::ZERO)
     .with_status_interval(cfg.status_interval())
     .with_wakeup_interval(Duration::from_secs(1))
@@ -83,6 +74,25 @@ pub(crate) fn replication_config(cfg: &PostgresConfig) -> Result<ReplicationConf
     .with_application_name("cacheclear");
     rc.max_message_size = MAX_MESSAGE_BYTES;
     Ok(rc)
+}
+
+/// The replication connection's TLS settings (`pgwire-replication`'s rustls support, fed the
+/// same parameters as the query pool).
+fn replication_tls(tls: &PgTls) -> pgwire_replication::TlsConfig {
+    use pgwire_replication::config::SslMode as M;
+    cacheclear_pg_tls::install_provider();
+    let mut t = pgwire_replication::TlsConfig::disabled();
+    t.mode = match tls.mode {
+        SslMode::Disable => M::Disable,
+        SslMode::Prefer => M::Prefer,
+        SslMode::Require => M::Require,
+        SslMode::VerifyCa => M::VerifyCa,
+        SslMode::VerifyFull => M::VerifyFull,
+    };
+    t.ca_pem_path = tls.root_cert.clone();
+    t.client_cert_pem_path = tls.client_cert.clone();
+    t.client_key_pem_path = tls.client_key.clone();
+    t
 }
 
 /// pgwire-replication's LSN as ours.

@@ -38,6 +38,11 @@ pub enum SourceError {
     /// The visibility barrier failed.
     #[error(transparent)]
     Barrier(#[from] barrier::BarrierError),
+    /// The sink failed with an error no retry can fix ([`cacheclear_protocol::Sink::is_fatal`]:
+    /// refused credentials, a certificate that fails verification, a missing permission); the
+    /// message carries the fix.
+    #[error("the sink cannot apply evictions: {0}")]
+    Sink(cacheclear_protocol::SinkError),
     /// The replication stream or one of the source's stages ended unexpectedly (server restart,
     /// walsender terminated, a panicking observer); a restart resumes from the slot.
     #[error(transparent)]
@@ -48,10 +53,11 @@ impl SourceError {
     /// True for errors a restart cannot fix: configuration and rules, and what retrying a
     /// connection cannot change — a refused password or authentication method, a certificate
     /// that fails verification, a database that does not exist, a role without the privilege
-    /// (SQLSTATE classes 28 and 3D, 42501). A refused or reset connection stays retryable.
+    /// (SQLSTATE classes 28 and 3D, 42501), and a sink error the sink calls fatal
+    /// ([`SourceError::Sink`]). A refused or reset connection stays retryable.
     pub fn is_fatal(&self) -> bool {
         match self {
-            SourceError::Config(_) | SourceError::Rule(_) => true,
+            SourceError::Config(_) | SourceError::Rule(_) | SourceError::Sink(_) => true,
             SourceError::Query(e) => pg_error_is_fatal(e),
             SourceError::Pool(deadpool_postgres::PoolError::Backend(e)) => pg_error_is_fatal(e),
             SourceError::Replication(pgwire_replication::PgWireError::Auth(_)) => true,
@@ -141,22 +147,6 @@ fn pg_error_is_fatal(e: &tokio_postgres::Error) -> bool {
             || *code == SqlState::INVALID_CATALOG_NAME
             || *code == SqlState::INSUFFICIENT_PRIVILEGE;
     }
-    // A TLS verification failure: a rustls error somewhere in the chain (directly, or inside
-    // the io::Error the handshake returned).
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if matches!(
-            rustls_err,
-            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-        ) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    // A TLS verification failure: a rustls error somewhere in the chain.
+    cacheclear_pg_tls::is_verification_failure(e)
 }

@@ -17,7 +17,7 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `connect.rs`, `tls.rs` | the query pool and the replication connection's settings; libpq-style TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) |
+//! | `connect.rs` | the query pool and the replication connection's settings; libpq-style TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) from `cacheclear-pg-tls` |
 //! | `catalog.rs` | start-up: rule tables vs replica identity, the publication, the slot |
 //! | `reader.rs` | the replication stream → decoder → mapper → sealed batches; confirms acked LSNs; the graceful drain |
 //! | `pgoutput.rs`, `changes.rs` | the `pgoutput` decoder; rows → cache keys (relation cache, fallbacks) |
@@ -76,7 +76,6 @@ mod pipeline;
 mod reader;
 mod status;
 mod telemetry;
-mod tls;
 
 pub use config::{DriftPolicy, PostgresConfig};
 

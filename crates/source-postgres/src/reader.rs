@@ -55,8 +55,11 @@ pub(crate) async fn run<S: Sink>(
             cfg.create_publication,
         )
         .await?;
+        if cfg.failover_slot {
+            catalog::check_failover_slot(&client, &cfg.slot).await?;
+        }
         (
-            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot).await?,
+            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot, cfg.failover_slot).await?,
             tables,
         )
     };
@@ -145,7 +148,7 @@ struct Reader {
     batch_tx: mpsc::Sender<Batch>,
     ack_rx: watch::Receiver<Lsn>,
     pending: Arc<AtomicUsize>,
-    apply_task: tokio::task::JoinHandle<()>,
+    apply_task: tokio::task::JoinHandle<Result<(), cacheclear_protocol::SinkError>>,
     /// The publication watch; it returns only the error that stops the pipeline.
     drift_task: tokio::task::JoinHandle<SourceError>,
     /// Wakes the publication watch (a `Relation` message arrived).
@@ -171,7 +174,11 @@ impl Reader {
                 biased;
                 () = &mut stop => return Ok(()),
                 ended = &mut self.apply_task => {
-                    return Err(Ended::Stage { stage: "apply", cause: ended.err() }.into());
+                    return Err(match ended {
+                        Ok(Err(e)) => SourceError::Sink(e),
+                        Ok(Ok(())) => Ended::Stage { stage: "apply", cause: None }.into(),
+                        Err(e) => Ended::Stage { stage: "apply", cause: Some(e) }.into(),
+                    });
                 }
                 stopped = &mut self.drift_task => {
                     return Err(match stopped {

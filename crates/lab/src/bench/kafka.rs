@@ -69,6 +69,7 @@ pub struct KafkaArgs {
     partitions: u32,
     /// Use this PostgreSQL (needs wal_level=logical) instead of a private instance (creates and
     /// drops `cacheclear_bench_product`, slot and publication `cacheclear_bench`).
+    /// TLS as in `postgres.url`: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (libpq's).
     #[arg(long)]
     postgres_url: Option<String>,
     /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
@@ -139,7 +140,7 @@ struct Lag {
 
 /// `cacheclear bench kafka`.
 pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let command = super::shown_command();
     let progress = |msg: &str| {
         if !args.json {
             eprintln!("bench: {msg}");

@@ -158,6 +158,7 @@ pub struct DemoArgs {
     pub seed: u64,
     /// Use this PostgreSQL (wal_level=logical, a user with REPLICATION) instead of a private
     /// instance. The demo creates and drops the schema, slot and publication `cacheclear_demo`.
+    /// TLS as in `postgres.url`: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (libpq's).
     #[arg(long)]
     pub postgres_url: Option<String>,
     /// Use this Redis instead of a private instance. It is FLUSHALLed before each run: give it a
@@ -359,12 +360,7 @@ async fn run_all(
     progress.message(format!(
         "creating the catalog: {products} products, {sale_items} on sale"
     ));
-    let (setup, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let setup = cacheclear_pg_tls::connect(&pg_url, "--postgres-url").await?;
     if args.postgres_url.is_some() {
         let wal_level: String = setup
             .query_one("SHOW wal_level", &[])

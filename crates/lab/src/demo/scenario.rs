@@ -420,14 +420,9 @@ fn pg_error(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A connection to `url` (`--postgres-url`, libpq's TLS parameters included).
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting to PostgreSQL")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    Ok(cacheclear_pg_tls::connect(url, "--postgres-url").await?)
 }
 
 /// Runs the admin job on its own thread and runtime, so that the moment its `COMMIT` returns is
@@ -508,7 +503,9 @@ pub(super) async fn run(
     let label = strategy.label();
     progress.message(format!("{label}: restarting the sale, flushing Redis"));
     catalog::reset_sale(setup).await?;
-    let redis_client = redis::Client::open(settings.redis_url.as_str()).context("redis URL")?;
+    let redis_client =
+        cacheclear_protocol::connect::client(&settings.redis_url, None, "--redis-url", "redis.tls")
+            .context("redis URL")?;
     let mut admin_redis = redis_client
         .get_multiplexed_async_connection()
         .await
