@@ -345,8 +345,28 @@ async fn the_client_fills_and_reads_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_during_a_stream_of_updates_loses_no_eviction() {
-    let sentinels = RedisSentinelSet::start(RedisOptions::default().password(ADMIN_PASSWORD), 1)
-        .expect("start master, replica and sentinel");
+    sentinel_failover_during_updates(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_over_tls_loses_no_eviction() {
+    let certs = TestCertificates::generate().expect("certificates");
+    sentinel_failover_during_updates(Some(&certs)).await;
+}
+
+/// Master, replica and one sentinel (TLS-only with `certs`), `cacheclear run` in Sentinel
+/// mode, rows updated in rounds, `SENTINEL FAILOVER` in the middle: every key evicted on the
+/// new master, its fence past the last round.
+async fn sentinel_failover_during_updates(certs: Option<&TestCertificates>) {
+    let mut opts = RedisOptions::default().password(ADMIN_PASSWORD);
+    if let Some(certs) = certs {
+        opts = opts.tls(server_tls(certs, false));
+    }
+    let sentinels = RedisSentinelSet::start(opts, 1).expect("start master, replica and sentinel");
+    let tls_section = match certs {
+        Some(certs) => tls_toml(&RedisTls::with_ca_file(certs.ca())),
+        None => String::new(),
+    };
     let first_master = sentinels.master_port().expect("master");
     let master_redis = sentinels
         .nodes()
@@ -375,7 +395,7 @@ keys = ["product:{{id}}", "category:{{category_id}}:products"]
 
 [redis]
 sentinel = {{ master = "{SENTINEL_MASTER}", urls = [{urls}], password = "{ADMIN_PASSWORD}" }}
-"#,
+{tls_section}"#,
         pg = pg.url(),
         urls = sentinel_urls.join(", "),
     );
