@@ -488,3 +488,83 @@ sentinel = {{ master = "{SENTINEL_MASTER}", urls = [{urls}], password = "{ADMIN_
     );
     assert!(!text.contains(ADMIN_PASSWORD));
 }
+
+/// The invalidator's `[redis]` is the sink's: `cacheclear doctor` reaches the master through a
+/// TLS-only sentinel with an `invalidator.toml`, and `cacheclear invalidate` with a wrong master
+/// password stops at start with the fix (Kafka is never reached: nothing listens on its port).
+#[test]
+fn the_invalidator_and_doctor_use_sentinel_over_tls() {
+    let certs = TestCertificates::generate().expect("certificates");
+    let sentinels = RedisSentinelSet::start(
+        RedisOptions::default()
+            .tls(server_tls(&certs, false))
+            .password(ADMIN_PASSWORD),
+        1,
+    )
+    .expect("start master, replica and sentinel");
+    let master = sentinels.master_port().expect("master");
+    let file = |password: &str| {
+        format!(
+            r#"[kafka]
+brokers = "127.0.0.1:1"
+group_id = "cacheclear-test"
+topics = ["cacheclear.invalidations"]
+dead_letter_topic = "cacheclear.dlq"
+
+[redis]
+sentinel = {{ master = "{SENTINEL_MASTER}", urls = ["{url}"], password = "{password}" }}
+{tls}"#,
+            url = sentinels.sentinel_urls()[0],
+            tls = tls_toml(&RedisTls::with_ca_file(certs.ca())),
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_file(dir.path(), "invalidator.toml", &file(ADMIN_PASSWORD));
+    let (status, out, err) = run_to_end(
+        command(&[
+            "doctor".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--json".as_ref(),
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(status.is_some(), "doctor finished: {err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("doctor --json: {e}: {out} {err}"));
+    let check = |id: &str| {
+        report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {out}"))
+    };
+    let connect = check("redis.connect");
+    assert_eq!(connect["status"], "ok", "{connect}");
+    assert!(
+        connect["found"]
+            .as_str()
+            .is_some_and(|f| f.contains(&format!("sentinel master `{SENTINEL_MASTER}`"))),
+        "{connect}"
+    );
+    assert_eq!(check("redis.version")["status"], "ok", "{out}");
+    assert!(!out.contains(ADMIN_PASSWORD) && !err.contains(ADMIN_PASSWORD));
+
+    let wrong = "wrong-Master-pw-99";
+    let path = write_file(dir.path(), "wrong.toml", &file(wrong));
+    let (status, out, err) = run_to_end(
+        command(&["invalidate".as_ref(), "--config".as_ref(), path.as_os_str()]),
+        Duration::from_secs(60),
+    );
+    let status = status.unwrap_or_else(|| panic!("`invalidate` still retrying after 60 s: {err}"));
+    assert!(!status.success(), "{err}");
+    let lower = err.to_lowercase();
+    assert!(
+        lower.contains("authentication failed") && lower.contains("fix:"),
+        "{err}"
+    );
+    assert!(!err.contains(wrong) && !out.contains(wrong), "{err}");
+    assert!(sentinels.nodes().iter().any(|n| n.port() == master));
+}
