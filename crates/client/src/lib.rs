@@ -21,6 +21,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Connecting: TLS, ACL users, Sentinel
+//!
+//! [`Client::connect`] takes a URL (`redis[s]://[user:password@]host:port[/db]`; `rediss://`
+//! checks the server against the Mozilla roots). [`Client::connect_to`] takes a
+//! [`cacheclear_protocol::connect::RedisTarget`]: a URL with the `[redis.tls]` settings of
+//! cacheclear's configuration (`ca_file`, `crt_file`, `key_file`, `verify_certificate`,
+//! `verify_hostname`: [`cacheclear_protocol::connect::RedisTls`]), or the master of a Sentinel
+//! deployment ([`cacheclear_protocol::connect::RedisSentinel`]), asked for again after a
+//! connection error or a `READONLY` reply. The rustls crypto provider (`ring`) is installed by
+//! the crate itself when none is.
+//!
 //! # The protocol (docs/architecture.md, "The Lua scripts")
 //!
 //! Per cache key `K` three Redis keys share one hash tag ([`cacheclear_protocol::KeyLayout`]):

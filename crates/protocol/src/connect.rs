@@ -565,7 +565,7 @@ impl RedisTarget {
                     &format!("{section}.url"),
                     &tls_section,
                 )?;
-                Ok(Link::Direct(info))
+                Ok(Link::Direct(Box::new(info)))
             }
             Some(sentinel) => {
                 if !self.url.is_empty() {
@@ -644,7 +644,7 @@ impl RedisTarget {
     ) -> Result<RedisConnection, ConfigError> {
         match self.link()? {
             Link::Direct(info) => {
-                let client = redis::Client::open(info).map_err(|e| {
+                let client = redis::Client::open(*info).map_err(|e| {
                     ConfigError::new(format!("{}.url", self.section), e.to_string())
                 })?;
                 let manager = manager
@@ -699,7 +699,7 @@ pub enum ConnectError {
 }
 
 enum Link {
-    Direct(ConnectionInfo),
+    Direct(Box<ConnectionInfo>),
     Sentinel(Box<SentinelLink>),
 }
 
@@ -1001,9 +1001,10 @@ pub fn describe(e: &RedisError) -> String {
          it (without it the Mozilla roots are used), connect by a host name the certificate \
          names (or set redis.tls.verify_hostname = false)"
     } else if text.contains("NOPERM") || e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
-        "the ACL user lacks a permission: cacheclear needs +evalsha +eval +script +scan +ping \
-         +info (+cluster for Redis Cluster) on the cache's keys, e.g. ACL SETUSER cacheclear on \
-         >… ~* +@scripting +scan +ping +info +cluster"
+        "the ACL user lacks a permission: cacheclear needs the scripting commands, the commands \
+         its scripts call, SCAN, PING and INFO (CLUSTER for Redis Cluster) on the cache's keys, \
+         e.g. ACL SETUSER cacheclear on >… ~* +@scripting +@read +@write +scan +ping +info \
+         +cluster"
     } else {
         "Redis refused the credentials: check the user and password in the URL \
          (redis[s]://user:password@host:port/) or sentinel.username / sentinel.password"
