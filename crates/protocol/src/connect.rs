@@ -474,7 +474,7 @@ pub fn cluster_client_builder(
 
 /// Where a standalone or Sentinel-managed Redis is, and how to reach it: the `url`, `sentinel`
 /// and `tls` fields of a `[redis]` section. Exactly one of `url` and `sentinel` is set.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RedisTarget {
     /// `redis[s]://[user:password@]host:port[/db]`; empty with `sentinel`.
     pub url: String,
@@ -484,6 +484,18 @@ pub struct RedisTarget {
     pub tls: Option<RedisTls>,
     /// The dotted path of the section, for errors (`redis`).
     pub section: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL redacted: it may carry a password.
+        f.debug_struct("RedisTarget")
+            .field("url", &redact_url(&self.url))
+            .field("sentinel", &self.sentinel)
+            .field("tls", &self.tls)
+            .field("section", &self.section)
+            .finish()
+    }
 }
 
 /// Timeouts of a [`RedisConnection`].
@@ -1102,6 +1114,8 @@ mod tests {
 
     #[test]
     fn sentinel_targets_are_checked() {
+        let debug = format!("{:?}", RedisTarget::url("redis://u:hunter2@h:1/"));
+        assert!(!debug.contains("hunter2"), "{debug}");
         let target = RedisTarget::sentinel(RedisSentinel::new("", ["redis://s:26379/"]));
         assert_eq!(
             target.validate().expect_err("no master").field,
