@@ -230,6 +230,7 @@ pub fn read_toml_with_env<T: serde::de::DeserializeOwned>(
                 // one comma-separated string, as librdkafka takes it).
                 .list_separator(",")
                 .with_list_parse_key("redis.urls")
+                .with_list_parse_key("redis.sentinel.urls")
                 .with_list_parse_key("kafka.topics")
                 .with_list_parse_key("kafka.debezium_topics")
                 .source(Some(env)),

@@ -29,6 +29,16 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             tracing::info!(sink = "kafka", brokers = %kafka.brokers, topic = %kafka.topic, "bus mode")
         }
     }
+    if let SinkChoice::Redis(c) = &sink {
+        // Refused credentials or certificates stop here, not at the first eviction (a resumed
+        // slot may have nothing to evict for a long time); an unreachable Redis is waited for.
+        if let Err(e) = RedisSink::connect(c.clone())?.check().await {
+            if e.is_fatal() {
+                return Err(anyhow::Error::new(e).context("cacheclear run: Redis"));
+            }
+            tracing::warn!(error = %e, "Redis does not answer yet; evictions are retried until it does");
+        }
+    }
     let rules = Arc::new(rules);
     let options = RunOptions::default();
     let shutdown = shutdown_signal();

@@ -201,7 +201,15 @@ urls = [{urls}]
         || {
             let mut r = r.clone();
             let keys = keys.clone();
-            async move { exist_many(&mut r, &keys).await.iter().all(|e| !e) }
+            async move {
+                // One key at a time: the keys live in different slots.
+                for key in &keys {
+                    if exists(&mut r, key).await {
+                        return false;
+                    }
+                }
+                true
+            }
         },
     )
     .await;
@@ -337,8 +345,28 @@ async fn the_client_fills_and_reads_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_during_a_stream_of_updates_loses_no_eviction() {
-    let sentinels = RedisSentinelSet::start(RedisOptions::default().password(ADMIN_PASSWORD), 1)
-        .expect("start master, replica and sentinel");
+    sentinel_failover_during_updates(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_over_tls_loses_no_eviction() {
+    let certs = TestCertificates::generate().expect("certificates");
+    sentinel_failover_during_updates(Some(&certs)).await;
+}
+
+/// Master, replica and one sentinel (TLS-only with `certs`), `cacheclear run` in Sentinel
+/// mode, rows updated in rounds, `SENTINEL FAILOVER` in the middle: every key evicted on the
+/// new master, its fence past the last round.
+async fn sentinel_failover_during_updates(certs: Option<&TestCertificates>) {
+    let mut opts = RedisOptions::default().password(ADMIN_PASSWORD);
+    if let Some(certs) = certs {
+        opts = opts.tls(server_tls(certs, false));
+    }
+    let sentinels = RedisSentinelSet::start(opts, 1).expect("start master, replica and sentinel");
+    let tls_section = match certs {
+        Some(certs) => tls_toml(&RedisTls::with_ca_file(certs.ca())),
+        None => String::new(),
+    };
     let first_master = sentinels.master_port().expect("master");
     let master_redis = sentinels
         .nodes()
@@ -367,7 +395,7 @@ keys = ["product:{{id}}", "category:{{category_id}}:products"]
 
 [redis]
 sentinel = {{ master = "{SENTINEL_MASTER}", urls = [{urls}], password = "{ADMIN_PASSWORD}" }}
-"#,
+{tls_section}"#,
         pg = pg.url(),
         urls = sentinel_urls.join(", "),
     );
@@ -447,9 +475,96 @@ sentinel = {{ master = "{SENTINEL_MASTER}", urls = [{urls}], password = "{ADMIN_
     assert!(run.exited().is_none(), "run keeps running");
     run.kill();
     let text = run.log_text();
+    // Resolved through the sentinel at start, and again after the failover.
     assert!(
-        text.contains("Redis Sentinel: connected to the master"),
-        "the sink resolved the master through the sentinel: {text}"
+        text.matches("Redis Sentinel: connected to the master")
+            .count()
+            >= 2,
+        "the sink asked the sentinel for the master again after the failover: {text}"
+    );
+    assert!(
+        text.contains(&format!("127.0.0.1:{new_master}")),
+        "the sink wrote to the new master: {text}"
     );
     assert!(!text.contains(ADMIN_PASSWORD));
+}
+
+/// The invalidator's `[redis]` is the sink's: `cacheclear doctor` reaches the master through a
+/// TLS-only sentinel with an `invalidator.toml`, and `cacheclear invalidate` with a wrong master
+/// password stops at start with the fix (Kafka is never reached: nothing listens on its port).
+#[test]
+fn the_invalidator_and_doctor_use_sentinel_over_tls() {
+    let certs = TestCertificates::generate().expect("certificates");
+    let sentinels = RedisSentinelSet::start(
+        RedisOptions::default()
+            .tls(server_tls(&certs, false))
+            .password(ADMIN_PASSWORD),
+        1,
+    )
+    .expect("start master, replica and sentinel");
+    let master = sentinels.master_port().expect("master");
+    let file = |password: &str| {
+        format!(
+            r#"[kafka]
+brokers = "127.0.0.1:1"
+group_id = "cacheclear-test"
+topics = ["cacheclear.invalidations"]
+dead_letter_topic = "cacheclear.dlq"
+
+[redis]
+sentinel = {{ master = "{SENTINEL_MASTER}", urls = ["{url}"], password = "{password}" }}
+{tls}"#,
+            url = sentinels.sentinel_urls()[0],
+            tls = tls_toml(&RedisTls::with_ca_file(certs.ca())),
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_file(dir.path(), "invalidator.toml", &file(ADMIN_PASSWORD));
+    let (status, out, err) = run_to_end(
+        command(&[
+            "doctor".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--json".as_ref(),
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(status.is_some(), "doctor finished: {err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("doctor --json: {e}: {out} {err}"));
+    let check = |id: &str| {
+        report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {out}"))
+    };
+    let connect = check("redis.connect");
+    assert_eq!(connect["status"], "ok", "{connect}");
+    assert!(
+        connect["found"]
+            .as_str()
+            .is_some_and(|f| f.contains(&format!("sentinel master `{SENTINEL_MASTER}`"))),
+        "{connect}"
+    );
+    assert_eq!(check("redis.version")["status"], "ok", "{out}");
+    assert!(!out.contains(ADMIN_PASSWORD) && !err.contains(ADMIN_PASSWORD));
+
+    let wrong = "wrong-Master-pw-99";
+    let path = write_file(dir.path(), "wrong.toml", &file(wrong));
+    let (status, out, err) = run_to_end(
+        command(&["invalidate".as_ref(), "--config".as_ref(), path.as_os_str()]),
+        Duration::from_secs(60),
+    );
+    let status = status.unwrap_or_else(|| panic!("`invalidate` still retrying after 60 s: {err}"));
+    assert!(!status.success(), "{err}");
+    let lower = err.to_lowercase();
+    assert!(
+        lower.contains("authentication failed") && lower.contains("fix:"),
+        "{err}"
+    );
+    assert!(!err.contains(wrong) && !out.contains(wrong), "{err}");
+    assert!(sentinels.nodes().iter().any(|n| n.port() == master));
 }

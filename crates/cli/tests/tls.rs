@@ -8,63 +8,27 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use cacheclear_harness::PgOptions;
+use cacheclear_harness::{PgOptions, TestCertificates};
 use common::*;
 
-struct Certs {
-    dir: tempfile::TempDir,
-}
+/// The shared test certificates (`cacheclear_harness::TestCertificates`), the server
+/// certificate for `localhost` only (so `127.0.0.1` is a wrong host name), readable by
+/// PostgreSQL.
+struct Certs(TestCertificates);
 
 impl Certs {
-    /// A CA, a server certificate for `localhost` signed by it, and an unrelated second CA.
     fn make() -> Certs {
-        let dir = tempfile::Builder::new()
-            .prefix("cacheclear-tls")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "cacheclear test CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA");
-        let server_key = rcgen::KeyPair::generate().expect("key");
-        let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .expect("params")
-            .signed_by(&server_key, &ca, &ca_key)
-            .expect("server certificate");
-        let other_key = rcgen::KeyPair::generate().expect("key");
-        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let other = other_params.self_signed(&other_key).expect("other CA");
-        let write = |name: &str, text: String| {
-            std::fs::write(dir.path().join(name), text).expect("write certificate");
-        };
-        write("ca.crt", ca.pem());
-        write("other-ca.crt", other.pem());
-        write("server.crt", server.pem());
-        write("server.key", server_key.serialize_pem());
-        // PostgreSQL reads the key as its own user and refuses a key others can read.
-        let key = dir.path().join("server.key");
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod");
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
+        let certs = TestCertificates::generate_for(&["localhost"]).expect("certificates");
         if let Some((uid, gid)) = postgres_user() {
-            for f in ["server.key", "server.crt"] {
-                std::os::unix::fs::chown(dir.path().join(f), Some(uid), Some(gid))
-                    .expect("chown to postgres");
-            }
+            certs
+                .chown_server_files(uid, gid)
+                .expect("chown to postgres");
         }
-        Certs { dir }
+        Certs(certs)
     }
 
     fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
+        self.0.dir().join(name).display().to_string()
     }
 }
 

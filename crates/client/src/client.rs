@@ -102,8 +102,7 @@ impl Client {
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), cacheclear_client::Error> {
-    /// use cacheclear_client::{Client, Config};
-    /// use cacheclear_protocol::connect::{RedisTarget, RedisTls};
+    /// use cacheclear_client::{Client, Config, RedisTarget, RedisTls};
     /// let target = RedisTarget::url("rediss://app:secret@cache.internal:6380/")
     ///     .with_tls(Some(RedisTls::with_ca_file("/etc/ssl/redis-ca.pem")));
     /// let client = Client::connect_to(&target, Config::new()).await?;

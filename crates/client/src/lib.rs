@@ -21,6 +21,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Connecting: TLS, ACL users, Sentinel
+//!
+//! [`Client::connect`] takes a URL (`redis[s]://[user:password@]host:port[/db]`; `rediss://`
+//! checks the server against the Mozilla roots). [`Client::connect_to`] takes a
+//! [`RedisTarget`]: a URL with the `[redis.tls]` settings of
+//! cacheclear's configuration (`ca_file`, `crt_file`, `key_file`, `verify_certificate`,
+//! `verify_hostname`: [`RedisTls`]), or the master of a Sentinel
+//! deployment ([`RedisSentinel`]), asked for again after a
+//! connection error or a `READONLY` reply. The rustls crypto provider (`ring`) is installed by
+//! the crate itself when none is.
+//!
 //! # The protocol (docs/architecture.md, "The Lua scripts")
 //!
 //! Per cache key `K` three Redis keys share one hash tag ([`cacheclear_protocol::KeyLayout`]):
@@ -80,3 +91,6 @@ pub use stats::{Stats, describe_metrics};
 pub use ttl::{jittered_ttl_ms, xfetch_should_refresh};
 
 pub use cacheclear_protocol::Lsn;
+/// Connection settings shared with cacheclear's `[redis]` section (TLS, Sentinel), for
+/// [`Client::connect_to`] and [`Client::with_connection`].
+pub use cacheclear_protocol::connect::{RedisConnection, RedisSentinel, RedisTarget, RedisTls};

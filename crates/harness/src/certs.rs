@@ -1,5 +1,5 @@
-//! Test certificates made in Rust (rcgen): a CA, a server certificate signed by it for
-//! `localhost` and `127.0.0.1`, a client certificate signed by it, and an unrelated second CA
+//! Test certificates made in Rust (rcgen): a CA, a server certificate signed by it (for
+//! `localhost` and `127.0.0.1` unless told otherwise), a client certificate signed by it, and an unrelated second CA
 //! (for "wrong CA" tests). PEM files in a temp dir, removed on drop.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use crate::HarnessError;
 /// | file | what |
 /// |---|---|
 /// | `ca.crt` | the CA that signs the two certificates below |
-/// | `server.crt`, `server.key` | server certificate for `localhost` and `127.0.0.1` (key mode 0600) |
+/// | `server.crt`, `server.key` | server certificate (`localhost`, `127.0.0.1` by default; key mode 0600) |
 /// | `client.crt`, `client.key` | client certificate (CN `cacheclear-client`) |
 /// | `other-ca.crt` | an unrelated CA: verification against it fails |
 #[derive(Debug)]
@@ -21,12 +21,23 @@ pub struct TestCertificates {
 }
 
 impl TestCertificates {
-    /// Generates the certificates (a few milliseconds).
+    /// Generates the certificates (a few milliseconds), the server certificate for `localhost`
+    /// and `127.0.0.1`.
     ///
     /// # Errors
     /// [`HarnessError::Io`] when the temp dir or a file cannot be written, or a certificate
     /// cannot be generated.
     pub fn generate() -> Result<TestCertificates, HarnessError> {
+        Self::generate_for(&["localhost", "127.0.0.1"])
+    }
+
+    /// Like [`TestCertificates::generate`], the server certificate naming `server_names` (DNS
+    /// names or IP addresses), e.g. `&["localhost"]` for a "wrong host name" test against
+    /// `127.0.0.1`.
+    ///
+    /// # Errors
+    /// As [`TestCertificates::generate`].
+    pub fn generate_for(server_names: &[&str]) -> Result<TestCertificates, HarnessError> {
         let dir = tempfile::Builder::new()
             .prefix("cacheclear-certs-")
             .tempdir()
@@ -45,11 +56,11 @@ impl TestCertificates {
             .push(rcgen::DnType::CommonName, "cacheclear test CA");
         let ca = ca_params.self_signed(&ca_key).map_err(gen_err)?;
         let server_key = rcgen::KeyPair::generate().map_err(gen_err)?;
-        let server =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .map_err(gen_err)?
-                .signed_by(&server_key, &ca, &ca_key)
-                .map_err(gen_err)?;
+        let names: Vec<String> = server_names.iter().map(|n| (*n).to_owned()).collect();
+        let server = rcgen::CertificateParams::new(names)
+            .map_err(gen_err)?
+            .signed_by(&server_key, &ca, &ca_key)
+            .map_err(gen_err)?;
         let client_key = rcgen::KeyPair::generate().map_err(gen_err)?;
         let mut client_params =
             rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
@@ -103,7 +114,7 @@ impl TestCertificates {
         self.dir.path().join("other-ca.crt")
     }
 
-    /// The server certificate (`localhost`, `127.0.0.1`).
+    /// The server certificate.
     pub fn server_cert(&self) -> PathBuf {
         self.dir.path().join("server.crt")
     }

@@ -179,8 +179,9 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
 /// its partition next.
 ///
 /// # Errors
-/// [`InvalidatorError`] when the configuration is invalid or the Kafka clients cannot be created;
-/// broker and Redis outages are retried, never returned.
+/// [`InvalidatorError`] when the configuration is invalid, the Kafka clients cannot be created,
+/// or Redis refuses the credentials or the certificate at start
+/// ([`RedisSinkError::is_fatal`]); broker and Redis outages are retried, never returned.
 pub async fn run(
     cfg: &InvalidatorConfig,
     rules: Arc<Rules>,
@@ -189,6 +190,14 @@ pub async fn run(
 ) -> Result<(), InvalidatorError> {
     cfg.kafka.validate().map_err(InvalidatorError::Config)?;
     let sink = RedisSink::connect(cfg.redis.clone())?;
+    // Refused credentials or certificates stop the invalidator at start; an unreachable Redis
+    // is waited for (every batch is retried until Redis acknowledges it).
+    if let Err(e) = sink.check().await {
+        if e.is_fatal() {
+            return Err(InvalidatorError::Redis(e));
+        }
+        tracing::warn!(error = %e, "Redis does not answer yet; batches are retried until it does");
+    }
     let decoder = Decoder::for_config(cfg, rules).await?;
     let formats: HashMap<String, Format> = cfg
         .kafka

@@ -474,7 +474,7 @@ pub fn cluster_client_builder(
 
 /// Where a standalone or Sentinel-managed Redis is, and how to reach it: the `url`, `sentinel`
 /// and `tls` fields of a `[redis]` section. Exactly one of `url` and `sentinel` is set.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RedisTarget {
     /// `redis[s]://[user:password@]host:port[/db]`; empty with `sentinel`.
     pub url: String,
@@ -484,6 +484,18 @@ pub struct RedisTarget {
     pub tls: Option<RedisTls>,
     /// The dotted path of the section, for errors (`redis`).
     pub section: String,
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL redacted: it may carry a password.
+        f.debug_struct("RedisTarget")
+            .field("url", &redact_url(&self.url))
+            .field("sentinel", &self.sentinel)
+            .field("tls", &self.tls)
+            .field("section", &self.section)
+            .finish()
+    }
 }
 
 /// Timeouts of a [`RedisConnection`].
@@ -565,7 +577,7 @@ impl RedisTarget {
                     &format!("{section}.url"),
                     &tls_section,
                 )?;
-                Ok(Link::Direct(info))
+                Ok(Link::Direct(Box::new(info)))
             }
             Some(sentinel) => {
                 if !self.url.is_empty() {
@@ -644,7 +656,7 @@ impl RedisTarget {
     ) -> Result<RedisConnection, ConfigError> {
         match self.link()? {
             Link::Direct(info) => {
-                let client = redis::Client::open(info).map_err(|e| {
+                let client = redis::Client::open(*info).map_err(|e| {
                     ConfigError::new(format!("{}.url", self.section), e.to_string())
                 })?;
                 let manager = manager
@@ -699,7 +711,7 @@ pub enum ConnectError {
 }
 
 enum Link {
-    Direct(ConnectionInfo),
+    Direct(Box<ConnectionInfo>),
     Sentinel(Box<SentinelLink>),
 }
 
@@ -1001,9 +1013,10 @@ pub fn describe(e: &RedisError) -> String {
          it (without it the Mozilla roots are used), connect by a host name the certificate \
          names (or set redis.tls.verify_hostname = false)"
     } else if text.contains("NOPERM") || e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
-        "the ACL user lacks a permission: cacheclear needs +evalsha +eval +script +scan +ping \
-         +info (+cluster for Redis Cluster) on the cache's keys, e.g. ACL SETUSER cacheclear on \
-         >… ~* +@scripting +scan +ping +info +cluster"
+        "the ACL user lacks a permission: cacheclear needs the scripting commands, the commands \
+         its scripts call, SCAN, PING and INFO (CLUSTER for Redis Cluster) on the cache's keys, \
+         e.g. ACL SETUSER cacheclear on >… ~* +@scripting +@read +@write +scan +ping +info \
+         +cluster"
     } else {
         "Redis refused the credentials: check the user and password in the URL \
          (redis[s]://user:password@host:port/) or sentinel.username / sentinel.password"
@@ -1101,6 +1114,8 @@ mod tests {
 
     #[test]
     fn sentinel_targets_are_checked() {
+        let debug = format!("{:?}", RedisTarget::url("redis://u:hunter2@h:1/"));
+        assert!(!debug.contains("hunter2"), "{debug}");
         let target = RedisTarget::sentinel(RedisSentinel::new("", ["redis://s:26379/"]));
         assert_eq!(
             target.validate().expect_err("no master").field,

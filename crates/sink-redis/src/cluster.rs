@@ -172,7 +172,7 @@ impl ClusterBackend {
     }
 
     /// Our slot map; fetched when missing, older than [`SLOT_MAP_MAX_AGE`], or `refresh`.
-    async fn slot_table(
+    pub(crate) async fn slot_table(
         &self,
         refresh: bool,
         timeout: Duration,

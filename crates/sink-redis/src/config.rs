@@ -410,6 +410,55 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_sentinel_tables_parse() {
+        let cfg =
+            parse("url = \"rediss://u:p@cache.internal:6380/\"\n[tls]\nverify_hostname = false")
+                .expect("tls table");
+        let tls = cfg.tls.expect("tls");
+        assert!(tls.verify_certificate && !tls.verify_hostname);
+        assert_eq!(tls.ca_file, None);
+        let cfg = parse(
+            "sentinel = { master = \"mymaster\", urls = [\"redis://s1:26379/\", \"redis://s2:26379/\"], username = \"app\", password = \"pw\" }",
+        )
+        .expect("sentinel");
+        let sentinel = cfg.sentinel.expect("sentinel");
+        assert_eq!(sentinel.master, "mymaster");
+        assert_eq!(sentinel.urls.len(), 2);
+        assert_eq!(sentinel.password.as_deref(), Some("pw"));
+        assert!(cfg.url.is_empty());
+        let cases = [
+            (
+                "url = \"redis://a:1/\"\n[tls]\nca_file = \"/x\"",
+                "redis.url: `redis://a:1/` is not a TLS URL",
+            ),
+            (
+                "url = \"rediss://a:1/\"\n[tls]\nca_file = \"/nonexistent/ca.pem\"",
+                "redis.tls.ca_file: cannot read `/nonexistent/ca.pem`",
+            ),
+            (
+                "url = \"rediss://a:1/\"\n[tls]\ncafile = \"/x\"",
+                "unknown field `cafile`",
+            ),
+            (
+                "cluster = true\nurls = [\"redis://a:1/\"]\nsentinel = { master = \"m\", urls = [\"redis://s:1/\"] }",
+                "redis.sentinel: a Redis Cluster has no sentinels",
+            ),
+            (
+                "url = \"redis://a:1/\"\nsentinel = { master = \"m\", urls = [\"redis://s:1/\"] }",
+                "redis.url: with redis.sentinel",
+            ),
+            (
+                "sentinel = { master = \"m\", urls = [] }",
+                "redis.sentinel.urls: at least one sentinel",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
     fn mixed_or_missing_targets_name_the_field() {
         let cases = [
             ("", "redis.url: missing"),

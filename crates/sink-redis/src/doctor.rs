@@ -126,7 +126,7 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 
 async fn node_checks(url: &str, conn: &mut RedisConnection) -> Result<Vec<Check>, String> {
     let mut out = Vec::new();
-    let server: String = query(conn, &redis::cmd("INFO").arg("server")).await?;
+    let server: String = query(conn, redis::cmd("INFO").arg("server")).await?;
     let version = info_field(&server, "redis_version").unwrap_or("unknown");
     let major: u32 = version
         .split('.')
@@ -142,7 +142,7 @@ async fn node_checks(url: &str, conn: &mut RedisConnection) -> Result<Vec<Check>
             "cacheclear needs Redis 6 or later (or a compatible server: Valkey, ElastiCache, MemoryDB)",
         )
     });
-    let memory: String = query(conn, &redis::cmd("INFO").arg("memory")).await?;
+    let memory: String = query(conn, redis::cmd("INFO").arg("memory")).await?;
     let policy = info_field(&memory, "maxmemory_policy").unwrap_or("unknown");
     let maxmemory: u64 = info_field(&memory, "maxmemory")
         .and_then(|v| v.parse().ok())
@@ -180,7 +180,7 @@ async fn node_checks(url: &str, conn: &mut RedisConnection) -> Result<Vec<Check>
         )
     });
     out.push(
-        match query::<i64>(conn, &redis::cmd("EVAL").arg("return 1").arg(0)).await {
+        match query::<i64>(conn, redis::cmd("EVAL").arg("return 1").arg(0)).await {
             Ok(1) => Check::ok("redis.scripting", format!("{url}: EVAL allowed")),
             Ok(other) => Check::fail(
                 "redis.scripting",
@@ -198,12 +198,12 @@ async fn node_checks(url: &str, conn: &mut RedisConnection) -> Result<Vec<Check>
 }
 
 async fn cluster(conn: &mut RedisConnection) -> Result<Check, String> {
-    let info: String = query(conn, &redis::cmd("CLUSTER").arg("INFO")).await?;
+    let info: String = query(conn, redis::cmd("CLUSTER").arg("INFO")).await?;
     let state = info_field(&info, "cluster_state").unwrap_or("unknown");
     let assigned: u32 = info_field(&info, "cluster_slots_assigned")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let nodes: String = query(conn, &redis::cmd("CLUSTER").arg("NODES")).await?;
+    let nodes: String = query(conn, redis::cmd("CLUSTER").arg("NODES")).await?;
     let mut masters = Vec::new();
     let mut replicas_of = std::collections::HashMap::<String, usize>::new();
     for line in nodes.lines() {

@@ -148,6 +148,28 @@ impl RedisSink {
         })
     }
 
+    /// Connects now and asks for `PING` (standalone, the Sentinel master) or the slot map
+    /// (cluster), so refused credentials or a refused certificate are reported at start rather
+    /// than at the first eviction. Callers stop on an error that
+    /// [`RedisSinkError::is_fatal`] and carry on after any other (Redis may come up later).
+    ///
+    /// # Errors
+    /// The Redis error, or [`RedisSinkError::Timeout`] after `response_timeout_ms`.
+    pub async fn check(&self) -> Result<(), RedisSinkError> {
+        let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
+        match &self.conn {
+            Backend::Standalone(conn) => {
+                let mut conn = conn.clone();
+                let _: String =
+                    tokio::time::timeout(timeout, redis::cmd("PING").query_async(&mut conn))
+                        .await
+                        .map_err(|_| RedisSinkError::Timeout(self.cfg.response_timeout_ms))??;
+                Ok(())
+            }
+            Backend::Cluster(cluster) => cluster.slot_table(true, timeout).await.map(|_| ()),
+        }
+    }
+
     /// True in Redis Cluster mode.
     pub fn is_cluster(&self) -> bool {
         matches!(self.conn, Backend::Cluster(_))
