@@ -41,8 +41,12 @@ mod telemetry;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cacheclear_protocol::namespace::WATERMARK_TTL_MS;
 use cacheclear_protocol::scripts::INVALIDATE_LUA;
-use cacheclear_protocol::{Batch, KeyLayout, Lsn, Sink, SinkError};
+use cacheclear_protocol::{
+    Batch, EpochChanged, EpochOpened, KeyLayout, Lsn, NamespaceLayout, Sink, SinkError, Watermark,
+    scripts,
+};
 use futures::{StreamExt, TryStreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -72,6 +76,9 @@ pub enum RedisSinkError {
     /// A pipeline took longer than `response_timeout_ms`.
     #[error("Redis did not answer within {0} ms")]
     Timeout(u64),
+    /// The namespace's epoch changed under the pipeline (see [`EpochChanged`]).
+    #[error(transparent)]
+    EpochChanged(EpochChanged),
     /// Redis Cluster mode: the cluster's topology does not allow the write (a slot no master
     /// serves, an unexpected `CLUSTER SLOTS` or script reply). Retried like any other error.
     #[error("Redis Cluster: {0}")]
@@ -124,6 +131,94 @@ impl RedisSink {
             cfg,
             sha,
         })
+    }
+
+    /// Runs `invocation` (a namespace script: all its keys share one hash tag) on the node that
+    /// holds its keys, bounded by `response_timeout_ms`.
+    async fn run_ns_script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisSinkError> {
+        let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
+        let fut = async {
+            match &self.conn {
+                Backend::Standalone(conn) => invocation.invoke_async(&mut conn.clone()).await,
+                Backend::Cluster(cluster) => {
+                    invocation
+                        .invoke_async(&mut cluster.connection().await?)
+                        .await
+                }
+            }
+            .map_err(RedisSinkError::from)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| RedisSinkError::Timeout(self.cfg.response_timeout_ms))?
+    }
+
+    /// Opens the epoch of `namespace` ([`scripts::OPEN_EPOCH_LUA`]): see [`Sink::open_epoch`].
+    ///
+    /// # Errors
+    /// A Redis error or timeout; [`RedisSinkError::Key`] for a namespace containing a brace;
+    /// [`RedisSinkError::Cluster`] for a reply that is not `{epoch, reason}`.
+    pub async fn open_namespace_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+    ) -> Result<EpochOpened, RedisSinkError> {
+        let ns = NamespaceLayout::new(namespace)?;
+        let script = scripts::open_epoch();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(ns.epoch())
+            .key(ns.origin())
+            .key(ns.watermark())
+            .arg(origin)
+            .arg(gap.unwrap_or(""))
+            .arg(if continuity { "1" } else { "" });
+        let (epoch, reason): (String, String) = self.run_ns_script(&invocation).await?;
+        let epoch = epoch.parse::<u64>().map_err(|e| {
+            RedisSinkError::Cluster(format!(
+                "the epoch script for namespace `{namespace}` returned epoch `{epoch}`: {e}"
+            ))
+        })?;
+        Ok(EpochOpened {
+            epoch,
+            bumped: (!reason.is_empty()).then_some(reason),
+        })
+    }
+
+    /// Writes `watermark` for `namespace` ([`scripts::WATERMARK_LUA`]).
+    ///
+    /// # Errors
+    /// [`RedisSinkError::EpochChanged`] when the namespace's epoch is not `watermark.epoch`; a
+    /// Redis error or timeout otherwise.
+    pub async fn write_watermark(
+        &self,
+        namespace: &str,
+        watermark: &Watermark,
+    ) -> Result<(), RedisSinkError> {
+        let ns = NamespaceLayout::new(namespace)?;
+        let script = scripts::watermark();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(ns.watermark())
+            .key(ns.epoch())
+            .arg(watermark.lsn.to_fixed_hex())
+            .arg(watermark.commit_time_us)
+            .arg(watermark.lag_ms)
+            .arg(watermark.epoch)
+            .arg(WATERMARK_TTL_MS);
+        let written: i64 = self.run_ns_script(&invocation).await?;
+        if written == scripts::WATERMARK_EPOCH_CHANGED {
+            return Err(RedisSinkError::EpochChanged(EpochChanged {
+                namespace: namespace.to_owned(),
+                epoch: watermark.epoch,
+            }));
+        }
+        Ok(())
     }
 
     /// True in Redis Cluster mode.
@@ -297,6 +392,30 @@ impl Sink for RedisSink {
             }
         }
         Ok(())
+    }
+
+    async fn open_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+    ) -> Result<Option<EpochOpened>, SinkError> {
+        Ok(Some(
+            self.open_namespace_epoch(namespace, origin, gap, continuity)
+                .await?,
+        ))
+    }
+
+    async fn publish_watermark(
+        &self,
+        namespace: &str,
+        watermark: &Watermark,
+    ) -> Result<(), SinkError> {
+        match self.write_watermark(namespace, watermark).await {
+            Err(RedisSinkError::EpochChanged(e)) => Err(Box::new(e)),
+            other => Ok(other?),
+        }
     }
 }
 
