@@ -77,14 +77,19 @@ return 0
 /// end-to-end lag in ms, `[4]` the epoch the pipeline streams under, `[5]` the watermark TTL in ms.
 ///
 /// Writes the watermark ([`crate::Watermark`]) only while the namespace's epoch is still the
-/// pipeline's: returns [`WATERMARK_WRITTEN`], or [`WATERMARK_EPOCH_CHANGED`] when the epoch key
-/// is absent (Redis restarted and lost it) or another value (another pipeline bumped it); the
-/// pipeline must then restart and open a new epoch before publishing again. The LSN only moves
+/// pipeline's: returns [`WATERMARK_WRITTEN`]; [`WATERMARK_EPOCH_MISSING`] when the epoch key is
+/// absent (Redis restarted and lost it: the pipeline opens a new epoch and goes on); or
+/// [`WATERMARK_EPOCH_CHANGED`] when it holds another epoch (another pipeline bumped it: this one
+/// stops, and its restart opens a new epoch before streaming). The LSN only moves
 /// forward; `written_ms` is Redis `TIME` in ms, so readers age the watermark by the clock of the
 /// Redis that stored it, never by their own.
 pub const WATERMARK_LUA: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[4] then
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
   return 0
+end
+if epoch ~= ARGV[4] then
+  return -1
 end
 local lsn = ARGV[1]
 local old = redis.call('GET', KEYS[1])
@@ -148,8 +153,10 @@ return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or '', now}
 
 /// [`WATERMARK_LUA`] returned: the watermark was written.
 pub const WATERMARK_WRITTEN: i64 = 1;
-/// [`WATERMARK_LUA`] returned: the namespace's epoch is not the pipeline's; nothing written.
-pub const WATERMARK_EPOCH_CHANGED: i64 = 0;
+/// [`WATERMARK_LUA`] returned: the namespace has no epoch (Redis lost it); nothing written.
+pub const WATERMARK_EPOCH_MISSING: i64 = 0;
+/// [`WATERMARK_LUA`] returned: the namespace's epoch is another one; nothing written.
+pub const WATERMARK_EPOCH_CHANGED: i64 = -1;
 
 /// The watermark script ([`WATERMARK_LUA`]).
 pub fn watermark() -> Script {

@@ -70,14 +70,15 @@ pub struct EpochOpened {
 }
 
 /// [`Sink::publish_watermark`] refused: the namespace's epoch is no longer the one the
-/// pipeline opened (Redis lost it, or another pipeline bumped it).
+/// pipeline opened.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error(
-    "the epoch of namespace `{namespace}` is no longer {epoch} (Redis lost it or another pipeline bumped it); restarting to open a new one"
-)]
+#[error("the epoch of namespace `{namespace}` is no longer {epoch} ({})", if *.missing { "Redis lost it; opening a new one" } else { "another pipeline bumped it; restarting to open a new one" })]
 pub struct EpochChanged {
     /// The namespace.
     pub namespace: String,
     /// The epoch the pipeline streamed under.
     pub epoch: u64,
+    /// The epoch key is absent (Redis restarted without it): the pipeline bumps in place and
+    /// goes on. Otherwise another epoch is stored, and the pipeline stops.
+    pub missing: bool,
 }

@@ -76,6 +76,19 @@ pub enum RedisSinkError {
     /// A pipeline took longer than `response_timeout_ms`.
     #[error("Redis did not answer within {0} ms")]
     Timeout(u64),
+    /// `WAIT`: fewer replicas than `wait_replicas` acknowledged the batch within
+    /// `wait_timeout_ms`. The batch is retried; nothing is confirmed meanwhile.
+    #[error(
+        "only {acked} of the {wanted} replicas required (redis.wait_replicas) acknowledged the evictions within {timeout_ms} ms (WAIT); retrying the batch, nothing confirmed"
+    )]
+    NotReplicated {
+        /// Replicas required.
+        wanted: u32,
+        /// Replicas that acknowledged (in cluster mode the fewest of any master).
+        acked: i64,
+        /// `wait_timeout_ms`.
+        timeout_ms: u64,
+    },
     /// The namespace's epoch changed under the pipeline (see [`EpochChanged`]).
     #[error(transparent)]
     EpochChanged(EpochChanged),
@@ -193,8 +206,8 @@ impl RedisSink {
     /// Writes `watermark` for `namespace` ([`scripts::WATERMARK_LUA`]).
     ///
     /// # Errors
-    /// [`RedisSinkError::EpochChanged`] when the namespace's epoch is not `watermark.epoch`; a
-    /// Redis error or timeout otherwise.
+    /// [`RedisSinkError::EpochChanged`] when the namespace's epoch is absent or not
+    /// `watermark.epoch`; a Redis error or timeout otherwise.
     pub async fn write_watermark(
         &self,
         namespace: &str,
@@ -212,11 +225,68 @@ impl RedisSink {
             .arg(watermark.epoch)
             .arg(WATERMARK_TTL_MS);
         let written: i64 = self.run_ns_script(&invocation).await?;
-        if written == scripts::WATERMARK_EPOCH_CHANGED {
-            return Err(RedisSinkError::EpochChanged(EpochChanged {
-                namespace: namespace.to_owned(),
-                epoch: watermark.epoch,
-            }));
+        match written {
+            scripts::WATERMARK_WRITTEN => Ok(()),
+            scripts::WATERMARK_EPOCH_MISSING | scripts::WATERMARK_EPOCH_CHANGED => {
+                Err(RedisSinkError::EpochChanged(EpochChanged {
+                    namespace: namespace.to_owned(),
+                    epoch: watermark.epoch,
+                    missing: written == scripts::WATERMARK_EPOCH_MISSING,
+                }))
+            }
+            other => Err(RedisSinkError::Cluster(format!(
+                "the watermark script of namespace `{namespace}` returned {other}"
+            ))),
+        }
+    }
+
+    /// `WAIT wait_replicas wait_timeout_ms` (no-op when `wait_replicas` is 0): on the one
+    /// connection in standalone mode — it covers every write sent on it before, i.e. the
+    /// batch's scripts — and on every master in cluster mode (the fewest replicas count).
+    ///
+    /// # Errors
+    /// [`RedisSinkError::NotReplicated`] when too few replicas acknowledged in time; a Redis
+    /// error or timeout.
+    pub async fn wait_for_replicas(&self) -> Result<(), RedisSinkError> {
+        let wanted = self.cfg.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(self.cfg.wait_timeout_ms);
+        let timeout =
+            Duration::from_millis(self.cfg.wait_timeout_ms + self.cfg.response_timeout_ms);
+        let fut = async {
+            match &self.conn {
+                Backend::Standalone(conn) => cmd.query_async::<i64>(&mut conn.clone()).await,
+                Backend::Cluster(cluster) => {
+                    use redis::cluster_routing::{
+                        AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                    };
+                    let mut conn = cluster.connection().await?;
+                    let reply = conn
+                        .route_command(
+                            cmd,
+                            RoutingInfo::MultiNode((
+                                MultipleNodeRoutingInfo::AllMasters,
+                                Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+                            )),
+                        )
+                        .await?;
+                    redis::from_redis_value::<i64>(reply).map_err(redis::RedisError::from)
+                }
+            }
+            .map_err(RedisSinkError::from)
+        };
+        let acked = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| RedisSinkError::Timeout(timeout.as_millis() as u64))??;
+        if acked < i64::from(wanted) {
+            return Err(RedisSinkError::NotReplicated {
+                wanted,
+                acked,
+                timeout_ms: self.cfg.wait_timeout_ms,
+            });
         }
         Ok(())
     }
@@ -391,6 +461,7 @@ impl Sink for RedisSink {
                 tracing::info!(table = %table.table, op = ?table.op, keys = n, "evicted every cached key of the table");
             }
         }
+        self.wait_for_replicas().await?;
         Ok(())
     }
 
@@ -401,10 +472,12 @@ impl Sink for RedisSink {
         gap: Option<&str>,
         continuity: bool,
     ) -> Result<Option<EpochOpened>, SinkError> {
-        Ok(Some(
-            self.open_namespace_epoch(namespace, origin, gap, continuity)
-                .await?,
-        ))
+        let opened = self
+            .open_namespace_epoch(namespace, origin, gap, continuity)
+            .await?;
+        // A bump lost with its master would let the old epoch's values back.
+        self.wait_for_replicas().await?;
+        Ok(Some(opened))
     }
 
     async fn publish_watermark(

@@ -46,7 +46,7 @@ pub(crate) async fn run<S: Sink>(
     let pool = connect::pool(&cfg.url, POOL_SIZE)?;
     let sink = Arc::new(sink);
     let namespace = cfg.namespace().to_owned();
-    let (slot_state, tables, epoch) = {
+    let (slot_state, tables, epoch, origin) = {
         let client = pool.get().await?;
         let tables = catalog::check_rules(&client, &rules, &cfg.publication).await?;
         catalog::ensure_publication(
@@ -91,7 +91,7 @@ pub(crate) async fn run<S: Sink>(
             SlotState::Lost => catalog::create_slot(&client, &cfg.slot, true).await?,
             other => other,
         };
-        (slot_state, tables, opened.map(|o| o.epoch))
+        (slot_state, tables, opened.map(|o| o.epoch), origin)
     };
     let mut repl = ReplicationClient::connect(connect::replication_config(&cfg)?).await?;
     repl.wait_started().await?;
@@ -115,6 +115,7 @@ pub(crate) async fn run<S: Sink>(
             watermark::publish(
                 Arc::clone(&sink),
                 namespace.clone(),
+                origin,
                 epoch,
                 acked_at_rx,
                 Arc::clone(&beats),

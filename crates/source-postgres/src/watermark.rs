@@ -78,10 +78,15 @@ pub(crate) async fn emit(pool: deadpool_postgres::Pool, every: Duration, beats: 
 /// (`acked`: commit end LSN and commit time in µs) moves and a heartbeat has come back. Returns
 /// only the error that must stop the pipeline: the namespace's epoch changed. Other sink errors
 /// are retried (100 ms doubling to 2 s) with the newest values.
+///
+/// When Redis lost the epoch (restart without persistence) the publisher opens a new one in
+/// place (`epoch_missing`) and goes on: clients bypassed the cache meanwhile (no epoch), so
+/// nothing was filled under the lost one.
 pub(crate) async fn publish<S: Sink>(
     sink: Arc<S>,
     namespace: String,
-    epoch: u64,
+    origin: String,
+    mut epoch: u64,
     mut acked: watch::Receiver<(Lsn, i64)>,
     beats: Arc<Heartbeats>,
 ) -> SourceError {
@@ -111,6 +116,25 @@ pub(crate) async fn publish<S: Sink>(
                     metrics::gauge!(telemetry::WATERMARK_LAG).set(watermark.lag_ms as f64);
                     backoff = Duration::from_millis(100);
                     break;
+                }
+                Err(e) if e.downcast_ref::<EpochChanged>().is_some_and(|c| c.missing) => {
+                    tracing::warn!(%namespace, "the namespace's epoch is gone from Redis (restarted without it?); opening a new one");
+                    match sink
+                        .open_epoch(&namespace, &origin, Some("epoch_missing"), false)
+                        .await
+                    {
+                        Ok(Some(opened)) => {
+                            metrics::counter!(telemetry::EPOCH_BUMPS, "reason" => "epoch_missing")
+                                .increment(1);
+                            epoch = opened.epoch;
+                        }
+                        Ok(None) => return SourceError::Sink(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "opening a new epoch failed; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                    }
                 }
                 Err(e) if e.downcast_ref::<EpochChanged>().is_some() => {
                     return SourceError::Sink(e);
