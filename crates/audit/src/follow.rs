@@ -146,6 +146,7 @@ pub async fn follow(
     tap_cfg.create_slot = true;
     tap_cfg.create_publication = false;
     tap_cfg.publication_check_interval_ms = 0;
+    tap_cfg.watermark_interval_ms = 0;
     let slot = tap_cfg.slot.clone();
     let tap_err = |source| AuditError::Tap {
         slot: slot.clone(),

@@ -12,9 +12,10 @@ use redis::{RedisError, RedisResult, Script};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::breaker::{Breaker, Gate, Reason};
 #[cfg(feature = "test-util")]
 use crate::config::HookPoint;
-use crate::config::{Config, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
+use crate::config::{BypassFullPolicy, Config, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
 use crate::envelope::{Envelope, FORMAT};
 use crate::error::{BoxError, Error};
 use crate::singleflight::{Flights, Role};
@@ -72,6 +73,8 @@ struct Inner {
     local: Option<LocalCache>,
     fill: Script,
     release: Script,
+    /// The staleness breaker ([`Config::staleness`]).
+    breaker: Option<Breaker>,
 }
 
 impl std::fmt::Debug for Client {
@@ -172,8 +175,13 @@ impl Client {
             }
             .into());
         }
+        let breaker = match &config.staleness {
+            Some(s) => Some(Breaker::new(s.clone())?),
+            None => None,
+        };
         Ok(Client {
             inner: Arc::new(Inner {
+                breaker,
                 conn,
                 config,
                 counters: Counters::default(),
@@ -305,6 +313,11 @@ impl Client {
             self.incr(Counter::strict_loads);
             return self.run_loader(key, loader).await;
         }
+        let epoch = match self.gate().await {
+            None => None,
+            Some(Gate::Open { epoch, .. }) => Some(epoch),
+            Some(Gate::Bypass(reason)) => return self.bypass(&layout, reason, loader).await,
+        };
         if let Some(v) = self.local_get::<T>(key).await {
             self.incr(Counter::local_hits);
             return Ok(v);
@@ -312,7 +325,7 @@ impl Client {
         loop {
             match self.inner.flights.join(key) {
                 Role::Leader(leader) => {
-                    let result = self.read_through(&layout, loader).await;
+                    let result = self.read_through(&layout, epoch, loader).await;
                     leader.finish_with(|| {
                         result
                             .clone()
@@ -326,7 +339,7 @@ impl Client {
                         Some(Ok(any)) => match any.downcast::<T>() {
                             Ok(v) => return Ok(T::clone(&v)),
                             // The same key read as another type in this process: read on our own.
-                            Err(_) => return self.read_through(&layout, loader).await,
+                            Err(_) => return self.read_through(&layout, epoch, loader).await,
                         },
                         Some(Err(e)) => return Err(e),
                         // The leader was cancelled or panicked: try again.
@@ -366,9 +379,142 @@ impl Client {
         let _ = key;
     }
 
+    /// Read-your-writes: reads `key` through the cache only once the namespace's watermark has
+    /// passed `min_lsn` — the `pg_current_wal_lsn()` the application read after its commit, or
+    /// a commit LSN it knows — so the eviction of that commit has been applied. Until then it
+    /// re-reads the watermark every [`crate::StalenessConfig::refresh_ms`] for up to
+    /// [`crate::StalenessConfig::read_your_writes_wait_ms`], then runs the loader without
+    /// filling (`ryw_loads`). Never joins another caller's in-flight read (that read may predate
+    /// the write). Without [`Config::staleness`] there is no watermark: the loader runs.
+    ///
+    /// # Errors
+    /// As [`Client::get_or_load`], and [`Error::BypassOverloaded`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::get_or_load`].
+    pub async fn get_at_least<T, F, Fut, E>(
+        &self,
+        key: &str,
+        min_lsn: Lsn,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let layout = KeyLayout::new(key)?;
+        if self.inner.config.is_strict_key(key) {
+            self.incr(Counter::strict_loads);
+            return self.run_loader(key, loader).await;
+        }
+        let Some(breaker) = &self.inner.breaker else {
+            self.incr(Counter::ryw_loads);
+            return self.run_loader(key, loader).await;
+        };
+        let deadline = Instant::now() + ms(breaker.cfg.read_your_writes_wait_ms);
+        let mut waited = false;
+        loop {
+            match self.gate().await {
+                Some(Gate::Open { epoch, lsn }) if lsn >= min_lsn => {
+                    return self.read_through(&layout, Some(epoch), loader).await;
+                }
+                Some(Gate::Bypass(reason)) => return self.bypass(&layout, reason, loader).await,
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.incr(Counter::ryw_loads);
+                return self.run_loader(key, loader).await;
+            }
+            if !waited {
+                waited = true;
+                self.incr(Counter::ryw_waits);
+            }
+            tokio::time::sleep(ms(breaker.cfg.refresh_ms).min(deadline - now)).await;
+        }
+    }
+
+    /// The staleness breaker's verdict (`None`: no breaker configured).
+    async fn gate(&self) -> Option<Gate> {
+        let breaker = self.inner.breaker.as_ref()?;
+        Some(
+            breaker
+                .gate(&self.inner.conn, &self.inner.config, &self.inner.counters)
+                .await,
+        )
+    }
+
+    /// The breaker is open: run the loader without filling, at most `max_bypass_loads` at once
+    /// in this process, else [`BypassFullPolicy`].
+    async fn bypass<T, F, Fut, E>(
+        &self,
+        layout: &KeyLayout,
+        reason: Reason,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        T: DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = layout.key();
+        let Some(breaker) = &self.inner.breaker else {
+            return self.run_loader(key, loader).await;
+        };
+        self.incr(reason.counter());
+        let overloaded = || Error::BypassOverloaded {
+            key: key.to_owned(),
+            namespace: breaker.cfg.namespace.clone(),
+            reason: reason.label(),
+            running: breaker.cfg.max_bypass_loads,
+        };
+        let permit = match breaker.bypass.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if breaker.cfg.on_bypass_full == BypassFullPolicy::Fail {
+                    self.incr(Counter::bypass_overloaded);
+                    return Err(overloaded());
+                }
+                if breaker.cfg.on_bypass_full == BypassFullPolicy::ServeStale {
+                    let mut conn = self.inner.conn.clone();
+                    if let Ok(Some(env)) = self.get_value::<T>(&mut conn, layout, None).await {
+                        self.incr(Counter::stale_served);
+                        tracing::debug!(
+                            key,
+                            reason = reason.label(),
+                            "breaker open, bypass cap reached: serving the cached value (stale)"
+                        );
+                        return Ok(env.payload);
+                    }
+                }
+                self.incr(Counter::bypass_waits);
+                match tokio::time::timeout(self.inner.config.lease_wait(), breaker.bypass.acquire())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        self.incr(Counter::bypass_overloaded);
+                        return Err(overloaded());
+                    }
+                }
+            }
+        };
+        let result = self.run_loader(key, loader).await;
+        drop(permit);
+        result
+    }
+
     // ----- the read path -----
 
-    async fn read_through<T, F, Fut, E>(&self, layout: &KeyLayout, loader: F) -> Result<T, Error>
+    async fn read_through<T, F, Fut, E>(
+        &self,
+        layout: &KeyLayout,
+        epoch: Option<u64>,
+        loader: F,
+    ) -> Result<T, Error>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Fut,
@@ -379,7 +525,7 @@ impl Client {
         let config = &self.inner.config;
         let mut conn = self.inner.conn.clone();
 
-        match self.get_value::<T>(&mut conn, layout).await {
+        match self.get_value::<T>(&mut conn, layout, epoch).await {
             Err(e) => return self.redis_failed(key, "GET", e, loader).await,
             Ok(Some(env)) => {
                 // XFetch: near expiry, one reader (the one that wins the draw and the lease)
@@ -388,7 +534,7 @@ impl Client {
                     && let Ok(Lease::Acquired(held)) = self.try_lease(&mut conn, layout).await
                 {
                     self.incr(Counter::early_refreshes);
-                    match self.load_and_fill(layout, held, loader).await {
+                    match self.load_and_fill(layout, held, epoch, loader).await {
                         Ok(v) => return Ok(v),
                         Err(e) => {
                             // The cached value is still valid (not invalidated): serve it.
@@ -420,7 +566,7 @@ impl Client {
                         lease_key: layout.lease(),
                         token,
                     };
-                    match self.get_value::<T>(&mut conn, layout).await {
+                    match self.get_value::<T>(&mut conn, layout, epoch).await {
                         Ok(Some(env)) => {
                             guard.release().await;
                             self.incr(Counter::hits);
@@ -430,7 +576,7 @@ impl Client {
                         Ok(None) => {
                             let token = guard.into_token();
                             let held = LeaseHeld { token, read_after };
-                            return self.load_and_fill(layout, held, loader).await;
+                            return self.load_and_fill(layout, held, epoch, loader).await;
                         }
                         Err(e) => {
                             guard.release_in_background();
@@ -473,7 +619,7 @@ impl Client {
             let pause = half + half.mul_f64(rand::random::<f64>());
             tokio::time::sleep(pause.min(deadline - now)).await;
             backoff = (backoff * 2).min(ms(config.backoff_max_ms));
-            match self.get_value::<T>(&mut conn, layout).await {
+            match self.get_value::<T>(&mut conn, layout, epoch).await {
                 Ok(Some(env)) => {
                     self.incr(Counter::hits);
                     self.local_put(key, &env.payload).await;
@@ -500,6 +646,7 @@ impl Client {
         &self,
         layout: &KeyLayout,
         held: LeaseHeld,
+        epoch: Option<u64>,
         loader: F,
     ) -> Result<T, Error>
     where
@@ -546,6 +693,7 @@ impl Client {
             delta_ms,
             expiry_ms: now_ms().saturating_add(ttl_ms),
             payload: loaded.value,
+            epoch,
         };
         let bytes = match env.encode() {
             Ok(bytes) => bytes,
@@ -656,10 +804,13 @@ impl Client {
     // ----- Redis steps -----
 
     /// `GET {K}`, decoded. Undecodable bytes count as a miss.
+    /// With `epoch` (the staleness breaker's), a value filled under an older epoch, or without
+    /// one, is a miss.
     async fn get_value<T: DeserializeOwned>(
         &self,
         conn: &mut RedisConnection,
         layout: &KeyLayout,
+        epoch: Option<u64>,
     ) -> RedisResult<Option<Envelope<T>>> {
         let bytes: Option<Vec<u8>> = match self
             .bounded(redis::cmd("GET").arg(layout.value()).query_async(conn))
@@ -673,6 +824,10 @@ impl Client {
         };
         let Some(bytes) = bytes else { return Ok(None) };
         match Envelope::<T>::decode(&bytes) {
+            Ok(env) if epoch.is_some_and(|e| env.epoch.unwrap_or(0) < e) => {
+                self.incr(Counter::epoch_misses);
+                Ok(None)
+            }
             Ok(env) => Ok(Some(env)),
             Err(e) => {
                 self.incr(Counter::decode_errors);
@@ -743,7 +898,7 @@ impl Client {
     /// Bounds a Redis command by `redis_timeout_ms`, including the connection manager's wait
     /// for a reconnection.
     async fn bounded<V>(&self, fut: impl Future<Output = RedisResult<V>>) -> RedisResult<V> {
-        bounded(&self.inner.config, fut).await
+        bounded_cmd(&self.inner.config, fut).await
     }
 
     fn redis_error(&self, key: &str, op: &'static str, e: &RedisError) {
@@ -785,7 +940,10 @@ impl Client {
     }
 }
 
-async fn bounded<V>(config: &Config, fut: impl Future<Output = RedisResult<V>>) -> RedisResult<V> {
+pub(crate) async fn bounded_cmd<V>(
+    config: &Config,
+    fut: impl Future<Output = RedisResult<V>>,
+) -> RedisResult<V> {
     match tokio::time::timeout(ms(config.redis_timeout_ms), fut).await {
         Ok(r) => r,
         Err(_) => Err(RedisError::from(std::io::Error::new(
@@ -884,7 +1042,7 @@ impl Drop for LeaseGuard {
 
 async fn release(inner: &Inner, lease_key: &str, token: &str) {
     let mut conn = inner.conn.clone();
-    let reply: RedisResult<i64> = bounded(
+    let reply: RedisResult<i64> = bounded_cmd(
         &inner.config,
         inner
             .release
@@ -921,7 +1079,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_times_out() {
         let config = Config::default().with_redis_timeout_ms(10);
-        let r: RedisResult<()> = bounded(&config, std::future::pending()).await;
+        let r: RedisResult<()> = bounded_cmd(&config, std::future::pending()).await;
         let e = r.unwrap_err();
         assert!(e.is_timeout() || e.is_io_error(), "{e:?}");
     }

@@ -47,6 +47,104 @@ pub enum ReadPolicy {
     Strict,
 }
 
+/// What a read does when the staleness breaker is open and [`StalenessConfig::max_bypass_loads`]
+/// database loads of this process are already running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BypassFullPolicy {
+    /// Wait for a free slot, up to [`Config::lease_wait_ms`], then fail with
+    /// [`crate::Error::BypassOverloaded`] (default): the database sees at most the cap.
+    #[default]
+    Wait,
+    /// Serve the cached value if there is one, counted in `stale_served` (the caller accepted
+    /// staleness beyond the bound under overload: GitLab's "escape hatch"); without a cached
+    /// value, wait as [`BypassFullPolicy::Wait`].
+    ServeStale,
+    /// Fail at once with [`crate::Error::BypassOverloaded`].
+    Fail,
+}
+
+/// The staleness breaker (docs/architecture.md, "The staleness breaker").
+///
+/// The pipeline of `namespace` publishes a watermark in Redis (`{cacheclear.ns:N}:watermark`):
+/// the newest applied commit, the end-to-end lag of its last heartbeat, and the Redis `TIME` it
+/// was written at. The client reads it with the namespace's epoch in one script call at most
+/// every `refresh_ms` per process and estimates the staleness as
+/// `lag_ms + (Redis now − written_ms)` at the read, plus the time since, on this process's
+/// monotonic clock: no two hosts' clocks are ever compared. While that estimate exceeds
+/// `max_staleness_ms`, or the watermark or the epoch is absent, reads bypass the cache: they
+/// run the loader and do not fill, at most `max_bypass_loads` at once ([`BypassFullPolicy`]).
+/// Values filled under an older epoch are misses. Build it with [`StalenessConfig::new`] and
+/// the `with_*` methods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StalenessConfig {
+    /// The pipeline's `postgres.namespace` (default there: the slot name).
+    pub namespace: String,
+    /// The bound, ms. Default **5 000**: the pipeline's heartbeat comes every second, so a healthy
+    /// pipeline shows 1–2 s; 5 s rides out a few lost heartbeats or a sink retry without moving
+    /// every read to the database, and bounds a flash sale's wrong price at seconds instead of a
+    /// 10-minute TTL. A served value is at most `max_staleness_ms + refresh_ms` behind its commit.
+    pub max_staleness_ms: u64,
+    /// How often this process reads the watermark, ms (one Redis round trip). Default **250**.
+    pub refresh_ms: u64,
+    /// Database loads this process runs at once while the breaker is open. Default **32**.
+    pub max_bypass_loads: usize,
+    /// See [`BypassFullPolicy`]. Default [`BypassFullPolicy::Wait`].
+    pub on_bypass_full: BypassFullPolicy,
+    /// How long [`crate::Client::get_at_least`] waits for the watermark to pass the caller's LSN
+    /// before it reads the database, ms. Default **1 000**.
+    pub read_your_writes_wait_ms: u64,
+}
+
+impl StalenessConfig {
+    /// The defaults above for `namespace`.
+    pub fn new(namespace: impl Into<String>) -> StalenessConfig {
+        StalenessConfig {
+            namespace: namespace.into(),
+            max_staleness_ms: 5_000,
+            refresh_ms: 250,
+            max_bypass_loads: 32,
+            on_bypass_full: BypassFullPolicy::Wait,
+            read_your_writes_wait_ms: 1_000,
+        }
+    }
+
+    /// Sets [`StalenessConfig::max_staleness_ms`].
+    #[must_use]
+    pub fn with_max_staleness_ms(mut self, ms: u64) -> Self {
+        self.max_staleness_ms = ms;
+        self
+    }
+
+    /// Sets [`StalenessConfig::refresh_ms`].
+    #[must_use]
+    pub fn with_refresh_ms(mut self, ms: u64) -> Self {
+        self.refresh_ms = ms;
+        self
+    }
+
+    /// Sets [`StalenessConfig::max_bypass_loads`].
+    #[must_use]
+    pub fn with_max_bypass_loads(mut self, n: usize) -> Self {
+        self.max_bypass_loads = n;
+        self
+    }
+
+    /// Sets [`StalenessConfig::on_bypass_full`].
+    #[must_use]
+    pub fn with_on_bypass_full(mut self, policy: BypassFullPolicy) -> Self {
+        self.on_bypass_full = policy;
+        self
+    }
+
+    /// Sets [`StalenessConfig::read_your_writes_wait_ms`].
+    #[must_use]
+    pub fn with_read_your_writes_wait_ms(mut self, ms: u64) -> Self {
+        self.read_your_writes_wait_ms = ms;
+        self
+    }
+}
+
 /// The optional in-process tier in front of Redis (a [moka](https://docs.rs/moka) future cache).
 ///
 /// **Extra staleness.** The invalidation pipeline evicts Redis, not the memory of application
@@ -201,6 +299,10 @@ pub struct Config {
     pub redis_timeout_ms: u64,
     /// Redis connection timeout, ms, used by [`crate::Client::connect`]. Default **1 000**.
     pub redis_connect_timeout_ms: u64,
+    /// The staleness breaker, epochs and read-your-writes of one namespace; `None` (the default)
+    /// turns them off (values are served however long the pipeline has been down). See
+    /// [`StalenessConfig`].
+    pub staleness: Option<StalenessConfig>,
     /// Test instrumentation: awaited at each [`HookPoint`]. Default `None`. Crate feature
     /// `test-util` only; not a stable API.
     #[cfg(feature = "test-util")]
@@ -224,6 +326,7 @@ impl Default for Config {
             strict_key_prefixes: Vec::new(),
             redis_timeout_ms: 500,
             redis_connect_timeout_ms: 1_000,
+            staleness: None,
             #[cfg(feature = "test-util")]
             hook: None,
         }
@@ -245,7 +348,8 @@ impl fmt::Debug for Config {
             .field("local_tier", &self.local_tier)
             .field("strict_key_prefixes", &self.strict_key_prefixes)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
-            .field("redis_connect_timeout_ms", &self.redis_connect_timeout_ms);
+            .field("redis_connect_timeout_ms", &self.redis_connect_timeout_ms)
+            .field("staleness", &self.staleness);
         #[cfg(feature = "test-util")]
         d.field("hook", &self.hook.as_ref().map(|_| "set"));
         d.finish()
@@ -393,6 +497,13 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::staleness`]: the staleness breaker of one namespace (`None`: off).
+    #[must_use]
+    pub fn with_staleness(mut self, staleness: impl Into<Option<StalenessConfig>>) -> Self {
+        self.staleness = staleness.into();
+        self
+    }
+
     /// Checks every field's range.
     ///
     /// # Errors
@@ -484,6 +595,38 @@ impl Config {
             self.redis_connect_timeout_ms,
             "at least 1 ms",
         )?;
+        if let Some(s) = &self.staleness {
+            check(
+                !s.namespace.is_empty() && !s.namespace.contains(['{', '}']),
+                "staleness.namespace",
+                &s.namespace,
+                "non-empty, without `{` or `}` (the pipeline's postgres.namespace, default its slot name)",
+            )?;
+            check(
+                (1..=MAX_TTL_MS).contains(&s.max_staleness_ms),
+                "staleness.max_staleness_ms",
+                s.max_staleness_ms,
+                "between 1 ms and 10 years",
+            )?;
+            check(
+                s.refresh_ms >= 1 && s.refresh_ms <= s.max_staleness_ms,
+                "staleness.refresh_ms",
+                s.refresh_ms,
+                "between 1 ms and max_staleness_ms",
+            )?;
+            check(
+                s.max_bypass_loads >= 1,
+                "staleness.max_bypass_loads",
+                s.max_bypass_loads,
+                "at least 1",
+            )?;
+            check(
+                s.read_your_writes_wait_ms <= MAX_TTL_MS,
+                "staleness.read_your_writes_wait_ms",
+                s.read_your_writes_wait_ms,
+                "at most 10 years",
+            )?;
+        }
         Ok(())
     }
 

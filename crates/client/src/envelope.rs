@@ -14,6 +14,7 @@
 //! | `delta_ms`  | integer (ms)         | δ: how long the load took; XFetch's head start scales with it                                            |
 //! | `expiry_ms` | integer (Unix ms)    | wall-clock time the value's TTL ends, by the filling process's clock (for XFetch)                       |
 //! | `payload`   | any JSON             | the application's value, as `serde_json` serializes it                                                   |
+//! | `epoch`     | integer, optional    | the namespace epoch the value was filled under (clients with a staleness bound, see [`crate::StalenessConfig`]); absent for clients without one. Such a client treats a value of an older epoch, or without the field (epoch 0), as a miss |
 //!
 //! Other tools (the `audit` command, a `redis-cli GET`) can read it without this crate.
 
@@ -41,6 +42,9 @@ pub struct Envelope<T> {
     pub expiry_ms: u64,
     /// The application's value.
     pub payload: T,
+    /// The namespace epoch the value was filled under; `None` (field absent) counts as epoch 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl<T: Serialize> Envelope<T> {
@@ -100,6 +104,7 @@ mod tests {
                 id: 42,
                 price_cents: 1999,
             },
+            epoch: None,
         };
         let bytes = env.encode().unwrap();
         assert_eq!(
@@ -123,6 +128,17 @@ mod tests {
                 .contains(r#""version":null"#)
         );
         assert_eq!(Envelope::<Product>::decode(&bytes).unwrap(), primary);
+        let epoch = Envelope {
+            epoch: Some(1_764_445_200_000),
+            ..primary
+        };
+        let bytes = epoch.encode().unwrap();
+        assert!(
+            std::str::from_utf8(&bytes)
+                .unwrap()
+                .ends_with(r#","epoch":1764445200000}"#)
+        );
+        assert_eq!(Envelope::<Product>::decode(&bytes).unwrap(), epoch);
     }
 
     #[test]

@@ -63,6 +63,22 @@ pub enum Error {
         /// How long the read waited, ms.
         waited_ms: u64,
     },
+    /// The staleness breaker is open and this process already runs
+    /// [`crate::StalenessConfig::max_bypass_loads`] database loads (policy `Fail`, or `Wait` ran
+    /// out after `lease_wait_ms`). Nothing was read.
+    #[error(
+        "the cache of namespace `{namespace}` is bypassed ({reason}) and {running} database loads are already running in this process; refusing the read of `{key}`"
+    )]
+    BypassOverloaded {
+        /// The cache key.
+        key: String,
+        /// The namespace.
+        namespace: String,
+        /// Why the breaker is open (`watermark_stale`, `watermark_missing`, `epoch_missing`).
+        reason: &'static str,
+        /// The cap (`max_bypass_loads`).
+        running: usize,
+    },
     /// The loader's value cannot be serialized to JSON (for example a map with non-string keys).
     /// Nothing was cached; the lease was released.
     #[error("value for cache key `{key}` cannot be encoded as JSON: {source}")]

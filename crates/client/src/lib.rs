@@ -67,6 +67,7 @@
 
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
+mod breaker;
 mod client;
 mod config;
 pub mod envelope;
@@ -79,7 +80,8 @@ mod ttl;
 
 pub use client::{Client, Loaded};
 pub use config::{
-    Config, ConfigError, LocalTierConfig, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy,
+    BypassFullPolicy, Config, ConfigError, LocalTierConfig, ReadPolicy, RedisErrorPolicy,
+    StalenessConfig, WaitTimeoutPolicy,
 };
 #[cfg(feature = "test-util")]
 #[doc(hidden)]

@@ -78,6 +78,16 @@ counters! {
     loader_errors => "Loader runs that returned an error.",
     strict_loads => "Reads that read the database directly (`ReadPolicy::Strict`).",
     coalesced => "Reads that joined another caller's in-flight read of the same key in this process.",
+    bypassed_watermark_stale => "Reads that bypassed the cache (loader, no fill) because the namespace's watermark was older than `max_staleness_ms`.",
+    bypassed_watermark_missing => "Reads that bypassed the cache because the namespace has no watermark (pipeline never ran, or not since the last epoch bump) or it was unreadable.",
+    bypassed_epoch_missing => "Reads that bypassed the cache because the namespace has no epoch (Redis lost it; the pipeline's next start bumps it).",
+    bypass_waits => "Bypassing reads that waited because `max_bypass_loads` loads were running.",
+    bypass_overloaded => "Bypassing reads that failed with `BypassOverloaded` (cap reached: policy `Fail`, or the wait ran out).",
+    stale_served => "Reads served a cached value while the breaker was open (cap reached, policy `ServeStale`).",
+    epoch_misses => "Cached values filled under an older epoch (or without one), treated as misses.",
+    namespace_reads => "Round trips reading the namespace's watermark and epoch (at most one per `refresh_ms`).",
+    ryw_waits => "`get_at_least` reads that waited for the watermark to pass their LSN.",
+    ryw_loads => "`get_at_least` reads answered by the database because the watermark had not passed their LSN in time.",
     decode_errors => "Stored values that could not be decoded as an envelope of the requested type (treated as misses and overwritten by the next fill).",
 }
 

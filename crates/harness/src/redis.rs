@@ -262,6 +262,51 @@ impl RedisInstance {
         &self.bins
     }
 
+    /// Starts a replica of `master` (`--replicaof 127.0.0.1 <port>`) and waits until its
+    /// replication link is up (`master_link_status:up`, at most 30 s).
+    ///
+    /// # Errors
+    /// As [`RedisInstance::start`]; [`HarnessError::RedisCli`] carrying the last `INFO
+    /// replication` when the link does not come up in time.
+    pub fn start_replica_of(master: &RedisInstance) -> Result<RedisInstance, HarnessError> {
+        let replica = RedisInstance::start_with(RedisOptions::default().args([
+            "--replicaof".to_owned(),
+            HOST.to_owned(),
+            master.port().to_string(),
+        ]))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = replica.cli(&["INFO", "replication"])?;
+            if info.contains("master_link_status:up") {
+                return Ok(replica);
+            }
+            if Instant::now() >= deadline {
+                return Err(HarnessError::RedisCli {
+                    port: replica.port(),
+                    args: "INFO replication".into(),
+                    stderr: info,
+                    hint: "; the replication link did not come up within 30 s".into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): it keeps its connections and answers nothing, like a
+    /// replica stuck behind its master. [`RedisInstance::resume`] undoes it.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            process::signal(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Resumes a server frozen by [`RedisInstance::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            process::signal(pid, libc::SIGCONT);
+        }
+    }
+
     /// Process id of the server, `None` while stopped.
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()

@@ -566,7 +566,11 @@ async fn apply(
                         }
                     }
                 }
+                // `redis.wait_replicas`: the batch counts only once enough replicas have it.
                 if result.is_ok() {
+                    result = sink.wait_for_replicas().await.map(|()| n);
+                }
+                if let Ok(n) = result {
                     return n;
                 }
             }

@@ -30,6 +30,7 @@ pub mod connect;
 mod invalidation;
 mod layout;
 mod lsn;
+pub mod namespace;
 pub mod record;
 pub mod scripts;
 pub mod sink;
@@ -40,5 +41,6 @@ pub use config::{ConfigError, is_secret_property, redact_properties, redact_url}
 pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};
+pub use namespace::{NamespaceLayout, Watermark};
 pub use record::{BusRecord, RecordError};
-pub use sink::{Sink, SinkError};
+pub use sink::{EpochChanged, EpochOpened, Sink, SinkError};

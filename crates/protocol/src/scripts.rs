@@ -72,6 +72,107 @@ end
 return 0
 "#;
 
+/// Source of [`watermark`]. `KEYS`: `{cacheclear.ns:N}:watermark`, `{cacheclear.ns:N}:epoch`.
+/// `ARGV`: `[1]` the acknowledged commit LSN (fixed hex), `[2]` its commit time in µs, `[3]` the
+/// end-to-end lag in ms, `[4]` the epoch the pipeline streams under, `[5]` the watermark TTL in ms.
+///
+/// Writes the watermark ([`crate::Watermark`]) only while the namespace's epoch is still the
+/// pipeline's: returns [`WATERMARK_WRITTEN`]; [`WATERMARK_EPOCH_MISSING`] when the epoch key is
+/// absent (Redis restarted and lost it: the pipeline opens a new epoch and goes on); or
+/// [`WATERMARK_EPOCH_CHANGED`] when it holds another epoch (another pipeline bumped it: this one
+/// stops, and its restart opens a new epoch before streaming). The LSN only moves
+/// forward; `written_ms` is Redis `TIME` in ms, so readers age the watermark by the clock of the
+/// Redis that stored it, never by their own.
+pub const WATERMARK_LUA: &str = r#"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  return 0
+end
+if epoch ~= ARGV[4] then
+  return -1
+end
+local lsn = ARGV[1]
+local old = redis.call('GET', KEYS[1])
+if old then
+  local o = string.sub(old, 1, 16)
+  if o > lsn then
+    lsn = o
+  end
+end
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('SET', KEYS[1], lsn .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. now .. ' ' .. ARGV[4], 'PX', ARGV[5])
+return 1
+"#;
+
+/// Source of [`open_epoch`]. `KEYS`: `{cacheclear.ns:N}:epoch`, `{cacheclear.ns:N}:origin`,
+/// `{cacheclear.ns:N}:watermark`. `ARGV`: `[1]` the origin `system_identifier/timeline` of the
+/// server about to be streamed from, `[2]` a gap the pipeline already knows of (`new_slot`,
+/// `slot_lost`) or empty, `[3]` `1` when the slot's continuity across an origin change is shown
+/// (a PostgreSQL 17 failover slot), else empty.
+///
+/// Bumps the epoch when `ARGV[2]` names a gap, when the epoch key is absent (`epoch_missing`),
+/// or when the origin changed without continuity (`origin_changed`; an absent origin counts as
+/// changed). The new epoch is `max(previous + 1, Redis TIME in ms)`, so it exceeds every
+/// earlier epoch even when the key was lost. A bump deletes the watermark (it described the old
+/// epoch). The origin is stored in every case. Returns `{epoch, reason}` (reason empty: no bump).
+pub const OPEN_EPOCH_LUA: &str = r#"
+local epoch = redis.call('GET', KEYS[1])
+local origin = redis.call('GET', KEYS[2])
+local reason = ARGV[2]
+if reason == '' then
+  if not epoch then
+    reason = 'epoch_missing'
+  elseif origin ~= ARGV[1] and ARGV[3] ~= '1' then
+    reason = 'origin_changed'
+  end
+end
+if reason ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local next = tonumber(epoch or '0') + 1
+  if now > next then
+    next = now
+  end
+  epoch = string.format('%d', next)
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[3])
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return {epoch, reason}
+"#;
+
+/// Source of [`read_namespace`]. `KEYS`: `{cacheclear.ns:N}:watermark`, `{cacheclear.ns:N}:epoch`.
+/// Returns `{watermark, epoch, now_ms}`: the stored watermark and epoch (empty strings when
+/// absent) and Redis `TIME` in ms, all from the one node that holds them, in one round trip.
+pub const READ_NAMESPACE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or '', now}
+"#;
+
+/// [`WATERMARK_LUA`] returned: the watermark was written.
+pub const WATERMARK_WRITTEN: i64 = 1;
+/// [`WATERMARK_LUA`] returned: the namespace has no epoch (Redis lost it); nothing written.
+pub const WATERMARK_EPOCH_MISSING: i64 = 0;
+/// [`WATERMARK_LUA`] returned: the namespace's epoch is another one; nothing written.
+pub const WATERMARK_EPOCH_CHANGED: i64 = -1;
+
+/// The watermark script ([`WATERMARK_LUA`]).
+pub fn watermark() -> Script {
+    Script::new(WATERMARK_LUA)
+}
+
+/// The epoch script run before streaming ([`OPEN_EPOCH_LUA`]).
+pub fn open_epoch() -> Script {
+    Script::new(OPEN_EPOCH_LUA)
+}
+
+/// The clients' namespace read ([`READ_NAMESPACE_LUA`]).
+pub fn read_namespace() -> Script {
+    Script::new(READ_NAMESPACE_LUA)
+}
+
 /// [`FILL_LUA`] returned: the value was written.
 pub const FILLED: i64 = 1;
 /// [`FILL_LUA`] returned: our lease expired or was deleted by an invalidation; nothing written.

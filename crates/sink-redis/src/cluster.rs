@@ -163,6 +163,10 @@ impl ClusterBackend {
 
     /// The cluster connection, connecting on first use (a failed attempt is retried on the next
     /// call: the cluster may be down when the sink starts).
+    pub(crate) async fn connection(&self) -> Result<ClusterConnection, RedisSinkError> {
+        self.conn().await
+    }
+
     async fn conn(&self) -> Result<ClusterConnection, RedisSinkError> {
         self.conn
             .get_or_try_init(|| self.client.get_async_connection())

@@ -117,6 +117,22 @@ pub struct RedisConfig {
     /// 0 disables the in-sink retries.
     #[serde(default = "default_cluster_retries")]
     pub cluster_retries: u32,
+    /// Replicas that must have a batch's evictions before the batch counts as acknowledged:
+    /// after its scripts, `WAIT wait_replicas wait_timeout_ms` on the connection (in cluster mode
+    /// on every master). Fewer replicas in time → the batch fails and is retried, and nothing is
+    /// confirmed to PostgreSQL, so a master dying before its replicas got an eviction cannot
+    /// lose it (the retry lands on the promoted replica). Default 0: no `WAIT` (replication is
+    /// asynchronous; an acknowledged eviction can vanish with its master).
+    #[serde(default)]
+    pub wait_replicas: u32,
+    /// The `WAIT` timeout, ms (used when `wait_replicas` > 0). Default 1000. Must be ≥ 1 (Redis
+    /// reads 0 as "forever").
+    #[serde(default = "default_wait_timeout_ms")]
+    pub wait_timeout_ms: u64,
+}
+
+fn default_wait_timeout_ms() -> u64 {
+    1000
 }
 
 /// `Debug` with every URL's password shown as `***` (a panic or a debug log line must not print
@@ -173,6 +189,8 @@ impl RedisConfig {
             scan_count: default_scan_count(),
             response_timeout_ms: default_response_timeout_ms(),
             cluster_retries: default_cluster_retries(),
+            wait_replicas: 0,
+            wait_timeout_ms: default_wait_timeout_ms(),
         }
     }
 
@@ -278,6 +296,15 @@ impl RedisConfig {
         self
     }
 
+    /// Sets [`RedisConfig::wait_replicas`] and [`RedisConfig::wait_timeout_ms`]: replicas that
+    /// must have a batch (`WAIT`), and how long to wait for them, ms.
+    #[must_use]
+    pub fn with_wait_replicas(mut self, wait_replicas: u32, wait_timeout_ms: u64) -> Self {
+        self.wait_replicas = wait_replicas;
+        self.wait_timeout_ms = wait_timeout_ms;
+        self
+    }
+
     /// Sets [`RedisConfig::cluster_retries`]: re-sends of a batch's failed keys in cluster mode
     /// (a count; backoff 50 ms doubling to 1 s between them). Default **10**; 0 disables them.
     #[must_use]
@@ -373,6 +400,7 @@ impl RedisConfig {
                 "redis.response_timeout_ms",
                 self.response_timeout_ms as usize,
             ),
+            ("redis.wait_timeout_ms", self.wait_timeout_ms as usize),
         ] {
             if v == 0 {
                 return Err(ConfigError::new(field, "must be at least 1"));

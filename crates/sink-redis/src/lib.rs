@@ -42,8 +42,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cacheclear_protocol::connect::{ConnectTimeouts, RedisConnection};
+use cacheclear_protocol::namespace::WATERMARK_TTL_MS;
 use cacheclear_protocol::scripts::INVALIDATE_LUA;
-use cacheclear_protocol::{Batch, KeyLayout, Lsn, Sink, SinkError};
+use cacheclear_protocol::{
+    Batch, EpochChanged, EpochOpened, KeyLayout, Lsn, NamespaceLayout, Sink, SinkError, Watermark,
+    scripts,
+};
 use futures::{StreamExt, TryStreamExt};
 use redis::aio::ConnectionManagerConfig;
 
@@ -74,6 +78,22 @@ pub enum RedisSinkError {
     /// A pipeline took longer than `response_timeout_ms`.
     #[error("Redis did not answer within {0} ms")]
     Timeout(u64),
+    /// `WAIT`: fewer replicas than `wait_replicas` acknowledged the batch within
+    /// `wait_timeout_ms`. The batch is retried; nothing is confirmed meanwhile.
+    #[error(
+        "only {acked} of the {wanted} replicas required (redis.wait_replicas) acknowledged the evictions within {timeout_ms} ms (WAIT); retrying the batch, nothing confirmed"
+    )]
+    NotReplicated {
+        /// Replicas required.
+        wanted: u32,
+        /// Replicas that acknowledged (in cluster mode the fewest of any master).
+        acked: i64,
+        /// `wait_timeout_ms`.
+        timeout_ms: u64,
+    },
+    /// The namespace's epoch changed under the pipeline (see [`EpochChanged`]).
+    #[error(transparent)]
+    EpochChanged(EpochChanged),
     /// Redis Cluster mode: the cluster's topology does not allow the write (a slot no master
     /// serves, an unexpected `CLUSTER SLOTS` or script reply). Retried like any other error.
     #[error("Redis Cluster: {0}")]
@@ -168,6 +188,151 @@ impl RedisSink {
             }
             Backend::Cluster(cluster) => cluster.slot_table(true, timeout).await.map(|_| ()),
         }
+    }
+
+    /// Runs `invocation` (a namespace script: all its keys share one hash tag) on the node that
+    /// holds its keys, bounded by `response_timeout_ms`.
+    async fn run_ns_script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisSinkError> {
+        let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
+        let fut = async {
+            match &self.conn {
+                Backend::Standalone(conn) => invocation.invoke_async(&mut conn.clone()).await,
+                Backend::Cluster(cluster) => {
+                    invocation
+                        .invoke_async(&mut cluster.connection().await?)
+                        .await
+                }
+            }
+            .map_err(RedisSinkError::from)
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| RedisSinkError::Timeout(self.cfg.response_timeout_ms))?
+    }
+
+    /// Opens the epoch of `namespace` ([`scripts::OPEN_EPOCH_LUA`]): see [`Sink::open_epoch`].
+    ///
+    /// # Errors
+    /// A Redis error or timeout; [`RedisSinkError::Key`] for a namespace containing a brace;
+    /// [`RedisSinkError::Cluster`] for a reply that is not `{epoch, reason}`.
+    pub async fn open_namespace_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+    ) -> Result<EpochOpened, RedisSinkError> {
+        let ns = NamespaceLayout::new(namespace)?;
+        let script = scripts::open_epoch();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(ns.epoch())
+            .key(ns.origin())
+            .key(ns.watermark())
+            .arg(origin)
+            .arg(gap.unwrap_or(""))
+            .arg(if continuity { "1" } else { "" });
+        let (epoch, reason): (String, String) = self.run_ns_script(&invocation).await?;
+        let epoch = epoch.parse::<u64>().map_err(|e| {
+            RedisSinkError::Cluster(format!(
+                "the epoch script for namespace `{namespace}` returned epoch `{epoch}`: {e}"
+            ))
+        })?;
+        Ok(EpochOpened {
+            epoch,
+            bumped: (!reason.is_empty()).then_some(reason),
+        })
+    }
+
+    /// Writes `watermark` for `namespace` ([`scripts::WATERMARK_LUA`]).
+    ///
+    /// # Errors
+    /// [`RedisSinkError::EpochChanged`] when the namespace's epoch is absent or not
+    /// `watermark.epoch`; a Redis error or timeout otherwise.
+    pub async fn write_watermark(
+        &self,
+        namespace: &str,
+        watermark: &Watermark,
+    ) -> Result<(), RedisSinkError> {
+        let ns = NamespaceLayout::new(namespace)?;
+        let script = scripts::watermark();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(ns.watermark())
+            .key(ns.epoch())
+            .arg(watermark.lsn.to_fixed_hex())
+            .arg(watermark.commit_time_us)
+            .arg(watermark.lag_ms)
+            .arg(watermark.epoch)
+            .arg(WATERMARK_TTL_MS);
+        let written: i64 = self.run_ns_script(&invocation).await?;
+        match written {
+            scripts::WATERMARK_WRITTEN => Ok(()),
+            scripts::WATERMARK_EPOCH_MISSING | scripts::WATERMARK_EPOCH_CHANGED => {
+                Err(RedisSinkError::EpochChanged(EpochChanged {
+                    namespace: namespace.to_owned(),
+                    epoch: watermark.epoch,
+                    missing: written == scripts::WATERMARK_EPOCH_MISSING,
+                }))
+            }
+            other => Err(RedisSinkError::Cluster(format!(
+                "the watermark script of namespace `{namespace}` returned {other}"
+            ))),
+        }
+    }
+
+    /// `WAIT wait_replicas wait_timeout_ms` (no-op when `wait_replicas` is 0): on the one
+    /// connection in standalone mode — it covers every write sent on it before, i.e. the
+    /// batch's scripts — and on every master in cluster mode (the fewest replicas count).
+    ///
+    /// # Errors
+    /// [`RedisSinkError::NotReplicated`] when too few replicas acknowledged in time; a Redis
+    /// error or timeout.
+    pub async fn wait_for_replicas(&self) -> Result<(), RedisSinkError> {
+        let wanted = self.cfg.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(self.cfg.wait_timeout_ms);
+        let timeout =
+            Duration::from_millis(self.cfg.wait_timeout_ms + self.cfg.response_timeout_ms);
+        let fut = async {
+            match &self.conn {
+                Backend::Standalone(conn) => cmd.query_async::<i64>(&mut conn.clone()).await,
+                Backend::Cluster(cluster) => {
+                    use redis::cluster_routing::{
+                        AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                    };
+                    let mut conn = cluster.connection().await?;
+                    let reply = conn
+                        .route_command(
+                            cmd,
+                            RoutingInfo::MultiNode((
+                                MultipleNodeRoutingInfo::AllMasters,
+                                Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+                            )),
+                        )
+                        .await?;
+                    redis::from_redis_value::<i64>(reply).map_err(redis::RedisError::from)
+                }
+            }
+            .map_err(RedisSinkError::from)
+        };
+        let acked = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| RedisSinkError::Timeout(timeout.as_millis() as u64))??;
+        if acked < i64::from(wanted) {
+            return Err(RedisSinkError::NotReplicated {
+                wanted,
+                acked,
+                timeout_ms: self.cfg.wait_timeout_ms,
+            });
+        }
+        Ok(())
     }
 
     /// True in Redis Cluster mode.
@@ -346,7 +511,34 @@ impl Sink for RedisSink {
                 tracing::info!(table = %table.table, op = ?table.op, keys = n, "evicted every cached key of the table");
             }
         }
+        self.wait_for_replicas().await?;
         Ok(())
+    }
+
+    async fn open_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+    ) -> Result<Option<EpochOpened>, SinkError> {
+        let opened = self
+            .open_namespace_epoch(namespace, origin, gap, continuity)
+            .await?;
+        // A bump lost with its master would let the old epoch's values back.
+        self.wait_for_replicas().await?;
+        Ok(Some(opened))
+    }
+
+    async fn publish_watermark(
+        &self,
+        namespace: &str,
+        watermark: &Watermark,
+    ) -> Result<(), SinkError> {
+        match self.write_watermark(namespace, watermark).await {
+            Err(RedisSinkError::EpochChanged(e)) => Err(Box::new(e)),
+            other => Ok(other?),
+        }
     }
 }
 

@@ -24,15 +24,19 @@ use crate::telemetry;
 /// handed to the sink side and not yet acknowledged) goes down as batches are acknowledged.
 /// Returns `Ok` when `batches` closes and everything in flight was acknowledged, or the first
 /// error the sink calls fatal ([`Sink::is_fatal`]).
+///
+/// `acked_at` gets `(last commit LSN, its commit time in µs)` with every acknowledgement, for
+/// the watermark publisher.
 pub(crate) async fn stage<S: Sink>(
-    sink: S,
+    sink: Arc<S>,
     mut batches: mpsc::Receiver<Batch>,
     ack: watch::Sender<Lsn>,
+    acked_at: watch::Sender<(Lsn, i64)>,
     pending: Arc<AtomicUsize>,
     options: RunOptions,
     max_in_flight: usize,
 ) -> Result<(), SinkError> {
-    let sink = &sink;
+    let sink = &*sink;
     let mut in_flight = futures::stream::FuturesOrdered::new();
     let mut open = true;
     loop {
@@ -47,6 +51,9 @@ pub(crate) async fn stage<S: Sink>(
                 // without this batch (the batch and all before it have landed either way).
                 pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
                 acknowledge(&batch, &ack, &options);
+                if let Some(last) = batch.txns.last() {
+                    acked_at.send_replace((last.commit_lsn, last.commit_time_us));
+                }
             }
             else => return Ok(()),
         }
@@ -189,10 +196,12 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
         let pending = Arc::new(AtomicUsize::new(3));
+        let (acked_at, _) = watch::channel((Lsn::ZERO, 0));
         let task = tokio::spawn(stage(
-            Shared(Arc::clone(&sink)),
+            Arc::new(Shared(Arc::clone(&sink))),
             rx,
             ack_tx,
+            acked_at,
             Arc::clone(&pending),
             RunOptions::default(),
             4,
@@ -244,9 +253,19 @@ mod tests {
             }),
             ..RunOptions::default()
         };
-        stage(sink, rx, ack_tx, Arc::clone(&pending), options.clone(), 1)
-            .await
-            .unwrap();
+        let (acked_at, acked_rx) = watch::channel((Lsn::ZERO, 0));
+        stage(
+            Arc::new(sink),
+            rx,
+            ack_tx,
+            acked_at,
+            Arc::clone(&pending),
+            options.clone(),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!(acked_rx.borrow().0, Lsn(30));
         assert_eq!(*observed.lock().unwrap(), vec![10, 20, 30]);
         assert_eq!(*ack_rx.borrow(), Lsn(30));
         assert_eq!(options.status.applied_txns(), 3);
@@ -296,10 +315,12 @@ mod tests {
                 self.0.is_fatal(error)
             }
         }
+        let (acked_at, _acked_rx) = watch::channel((Lsn::ZERO, 0));
         let err = stage(
-            Shared(Arc::clone(&sink)),
+            Arc::new(Shared(Arc::clone(&sink))),
             rx,
             ack_tx,
+            acked_at,
             pending,
             RunOptions::default(),
             1,

@@ -7,6 +7,7 @@ use cacheclear_rules::{ReplicaIdentity, Rules};
 use cacheclear_protocol::ConfigError;
 
 use crate::SourceError;
+use crate::config::SlotLostPolicy;
 
 /// What start-up found or did to the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,13 +16,37 @@ pub(crate) enum SlotState {
     Resumed {
         /// The slot's `confirmed_flush_lsn`.
         confirmed_flush: Lsn,
+        /// A PostgreSQL 17 failover slot (`failover = true`): synchronized to standbys, so its
+        /// position stays valid across a promotion (no epoch bump for the origin change).
+        failover: bool,
     },
     /// The slot was created now, at this consistent point: nothing committed before it will be
     /// seen, so every rule table's keys must be evicted once.
     Created {
         /// The slot's consistent point.
         at: Lsn,
+        /// The slot was invalidated (`wal_status = lost`) and recreated now
+        /// (`on_slot_lost = "flush_and_recreate"`).
+        lost: bool,
     },
+    /// No slot yet, and `create_slot` allows one: the caller bumps the epoch, then creates it.
+    Missing,
+    /// The slot was invalidated and `on_slot_lost = "flush_and_recreate"`: the caller bumps the
+    /// epoch, then drops and recreates it.
+    Lost,
+}
+
+/// The origin of the stream, `system_identifier/timeline` (timeline in hex, from the current
+/// WAL file name, so a promotion shows at once).
+pub(crate) async fn origin(client: &tokio_postgres::Client) -> Result<String, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || '/' || \
+                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+            &[],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// What the catalog says of one rule table now (one row of [`inspect_rule_tables`]).
@@ -361,8 +386,7 @@ pub(crate) async fn request_table_eviction(
     Ok(())
 }
 
-/// Finds the slot, or creates it (pgoutput) when absent and `create` is set; with `failover`
-/// (PostgreSQL ≥ 17, checked by [`check_failover_slot`] first) it is created as a failover slot.
+/// Finds the slot (see [`create_slot`] for creating it).
 ///
 /// # Errors
 /// [`SourceError::Config`] when the slot is absent and may not be created, uses another plugin,
@@ -373,12 +397,13 @@ pub(crate) async fn ensure_slot(
     client: &tokio_postgres::Client,
     slot: &str,
     create: bool,
-    failover: bool,
+    on_lost: SlotLostPolicy,
 ) -> Result<SlotState, SourceError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, coalesce(wal_status, '')
-             FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, coalesce(wal_status, ''),
+                    coalesce((to_jsonb(s) ->> 'failover')::bool, false)
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
@@ -398,10 +423,14 @@ pub(crate) async fn ensure_slot(
                 "slot `{slot}` exists but is not a pgoutput logical slot of database `{current_db}` (plugin {plugin:?}, database {database:?}); choose another slot name"
             )).into());
         }
+        let failover: bool = row.try_get(4)?;
+        if wal_status == "lost" && on_lost == SlotLostPolicy::FlushAndRecreate {
+            return Ok(SlotState::Lost);
+        }
         if wal_status == "lost" {
             return Err(ConfigError::new(
                 "postgres.slot", format!(
-                "slot `{slot}` was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size). Invalidations since it fell behind are lost. Drop it with SELECT pg_drop_replication_slot('{slot}'); and restart: the new slot evicts every rule table's keys once"
+                "slot `{slot}` was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size). Invalidations since it fell behind are lost. Drop it with SELECT pg_drop_replication_slot('{slot}'); and restart (or set postgres.on_slot_lost = \"flush_and_recreate\"): the new slot bumps the namespace's epoch"
             )).into());
         }
         let confirmed_flush = confirmed
@@ -409,13 +438,38 @@ pub(crate) async fn ensure_slot(
             .unwrap_or("0/0")
             .parse()
             .map_err(|e| ConfigError::new("postgres.slot", format!("{e}")))?;
-        return Ok(SlotState::Resumed { confirmed_flush });
+        return Ok(SlotState::Resumed {
+            confirmed_flush,
+            failover,
+        });
     }
     if !create {
         return Err(ConfigError::new(
             "postgres.slot", format!(
             "slot `{slot}` does not exist and create_slot = false; create it with: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
         )).into());
+    }
+    Ok(SlotState::Missing)
+}
+
+/// Creates the pgoutput slot (after dropping the invalidated one when `lost`), once the
+/// namespace's epoch was bumped for the gap; with `failover` (PostgreSQL ≥ 17, checked by
+/// [`check_failover_slot`] first) as a failover slot.
+pub(crate) async fn create_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    lost: bool,
+    failover: bool,
+) -> Result<SlotState, SourceError> {
+    if lost {
+        metrics::counter!(crate::telemetry::SLOT_LOST).increment(1);
+        tracing::error!(
+            slot,
+            "slot was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size); invalidations since it fell behind are lost. on_slot_lost = flush_and_recreate: the namespace's epoch was bumped (every cached value is a miss); recreating the slot"
+        );
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await?;
     }
     // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
     let row = if failover {
@@ -438,7 +492,7 @@ pub(crate) async fn ensure_slot(
         .parse()
         .map_err(|e| ConfigError::new("postgres.slot", format!("{e}")))?;
     tracing::info!(slot, %at, failover, "created logical replication slot");
-    Ok(SlotState::Created { at })
+    Ok(SlotState::Created { at, lost })
 }
 
 /// `postgres.failover_slot = true` needs PostgreSQL 17 (`failover` slots, synchronized to

@@ -88,6 +88,36 @@ pub struct PostgresConfig {
     /// `stop` stops the pipeline with that error.
     #[serde(default)]
     pub on_publication_drift: DriftPolicy,
+    /// The deployment namespace whose watermark and epoch this pipeline publishes in Redis
+    /// (docs/architecture.md, "Watermark and epoch"); clients name the same one. Default: the
+    /// slot name. Must not contain `{` or `}`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The watermark is refreshed at least this often, in ms, also when the database is idle: a
+    /// transactional `pg_logical_emit_message(true, 'cacheclear.watermark', '')` travels through
+    /// the WAL, the slot, the barrier and the sink, and its return measures the end-to-end lag.
+    /// 0 disables the heartbeat (then clients with a staleness bound bypass the cache while the
+    /// database is idle). Default 1000: a tenth of a WAL record per 100 ms, and well inside the
+    /// clients' default `max_staleness_ms` of 5000.
+    #[serde(default = "default_watermark_ms")]
+    pub watermark_interval_ms: u64,
+    /// What to do when the slot was invalidated (`wal_status = lost`): `flush_and_recreate`
+    /// (default) bumps the namespace's epoch — every cached value becomes a miss — drops and
+    /// recreates the slot, logs an error and counts it (`cacheclear_slot_lost_total`), and goes
+    /// on; `stop` refuses to start with the fix in the message.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// `postgres.on_slot_lost`: see [`PostgresConfig::on_slot_lost`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    /// Bump the epoch, drop and recreate the slot, continue.
+    #[default]
+    FlushAndRecreate,
+    /// Refuse to start (the message says how to drop the slot).
+    Stop,
 }
 
 /// `Debug` with the URL's password shown as `***` (a panic or a debug log line must not print
@@ -124,6 +154,9 @@ fn yes() -> bool {
 }
 fn default_heartbeat_ms() -> u64 {
     10_000
+}
+fn default_watermark_ms() -> u64 {
+    1_000
 }
 fn default_status_ms() -> u64 {
     1_000
@@ -166,6 +199,9 @@ impl PostgresConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             publication_check_interval_ms: default_publication_check_ms(),
             on_publication_drift: DriftPolicy::default(),
+            namespace: None,
+            watermark_interval_ms: default_watermark_ms(),
+            on_slot_lost: SlotLostPolicy::default(),
         }
     }
 
@@ -205,6 +241,15 @@ impl PostgresConfig {
                 "must be at least 1",
             ));
         }
+        if self.namespace().is_empty() || self.namespace().contains(['{', '}']) {
+            return Err(ConfigError::new(
+                "postgres.namespace",
+                format!(
+                    "`{}` must be non-empty and contain neither `{{` nor `}}` (it is a Redis Cluster hash tag)",
+                    self.namespace()
+                ),
+            ));
+        }
         for (field, value) in [
             ("postgres.max_batch_keys", self.max_batch_keys),
             ("postgres.queue_batches", self.queue_batches),
@@ -216,6 +261,11 @@ impl PostgresConfig {
             }
         }
         Ok(())
+    }
+
+    /// The namespace in force: `namespace`, or the slot name.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(&self.slot)
     }
 
     /// `shutdown_timeout_ms` as a duration.

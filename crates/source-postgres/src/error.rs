@@ -47,6 +47,10 @@ pub enum SourceError {
     /// walsender terminated, a panicking observer); a restart resumes from the slot.
     #[error(transparent)]
     Ended(#[from] Ended),
+    /// The sink failed a start-up step (opening the namespace's epoch) or refused the watermark
+    /// because the namespace's epoch changed; a restart opens a new epoch.
+    #[error("sink: {0}")]
+    SinkEpoch(cacheclear_protocol::SinkError),
 }
 
 impl SourceError {

@@ -76,8 +76,9 @@ mod pipeline;
 mod reader;
 mod status;
 mod telemetry;
+mod watermark;
 
-pub use config::{DriftPolicy, PostgresConfig};
+pub use config::{DriftPolicy, PostgresConfig, SlotLostPolicy};
 
 /// Entry points of the fuzz targets (`fuzz/`, feature `fuzzing`); not a stable API.
 #[cfg(feature = "fuzzing")]

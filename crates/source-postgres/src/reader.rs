@@ -17,7 +17,7 @@ use crate::changes::{ChangeMapper, Mapped};
 use crate::connect::{self, lsn};
 use crate::error::Ended;
 use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
-use crate::{drift, housekeeping, pgoutput, telemetry};
+use crate::{drift, housekeeping, pgoutput, telemetry, watermark};
 
 /// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats.
 const POOL_SIZE: usize = 3;
@@ -44,7 +44,9 @@ pub(crate) async fn run<S: Sink>(
 ) -> Result<(), SourceError> {
     cfg.validate()?;
     let pool = connect::pool(&cfg.url, POOL_SIZE)?;
-    let (slot_state, tables) = {
+    let sink = Arc::new(sink);
+    let namespace = cfg.namespace().to_owned();
+    let (slot_state, tables, epoch, origin) = {
         let client = pool.get().await?;
         let tables = catalog::check_rules(&client, &rules, &cfg.publication).await?;
         catalog::ensure_publication(
@@ -58,10 +60,45 @@ pub(crate) async fn run<S: Sink>(
         if cfg.failover_slot {
             catalog::check_failover_slot(&client, &cfg.slot).await?;
         }
-        (
-            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot, cfg.failover_slot).await?,
-            tables,
-        )
+        let found =
+            catalog::ensure_slot(&client, &cfg.slot, cfg.create_slot, cfg.on_slot_lost).await?;
+        // Every gap bumps the namespace's epoch *before* anything changes in PostgreSQL: should
+        // the bump fail, the slot is still missing or lost at the next start, and the gap with it.
+        let origin = catalog::origin(&client).await?;
+        let (gap, continuity) = match &found {
+            SlotState::Missing | SlotState::Created { lost: false, .. } => {
+                (Some("new_slot"), false)
+            }
+            SlotState::Lost | SlotState::Created { lost: true, .. } => (Some("slot_lost"), false),
+            SlotState::Resumed { failover, .. } => (None, *failover),
+        };
+        let opened = sink
+            .open_epoch(&namespace, &origin, gap, continuity)
+            .await
+            .map_err(SourceError::SinkEpoch)?;
+        if let Some(opened) = &opened {
+            match &opened.bumped {
+                Some(reason) => {
+                    metrics::counter!(telemetry::EPOCH_BUMPS, "reason" => reason.clone())
+                        .increment(1);
+                    tracing::warn!(%namespace, epoch = opened.epoch, reason, %origin,
+                        "bumped the namespace's epoch: every value cached before is a miss");
+                }
+                None => {
+                    tracing::info!(%namespace, epoch = opened.epoch, %origin, "namespace epoch kept")
+                }
+            }
+        }
+        let slot_state = match found {
+            SlotState::Missing => {
+                catalog::create_slot(&client, &cfg.slot, false, cfg.failover_slot).await?
+            }
+            SlotState::Lost => {
+                catalog::create_slot(&client, &cfg.slot, true, cfg.failover_slot).await?
+            }
+            other => other,
+        };
+        (slot_state, tables, opened.map(|o| o.epoch), origin)
     };
     let mut repl = ReplicationClient::connect(connect::replication_config(&cfg)?).await?;
     repl.wait_started().await?;
@@ -70,6 +107,7 @@ pub(crate) async fn run<S: Sink>(
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(cfg.queue_batches);
     let (visible_tx, visible_rx) = mpsc::channel::<Batch>(1);
     let (ack_tx, ack_rx) = watch::channel(Lsn::ZERO);
+    let (acked_at_tx, acked_at_rx) = watch::channel((Lsn::ZERO, 0i64));
     // Transactions handed to the barrier and apply stages and not yet acknowledged.
     let pending = Arc::new(AtomicUsize::new(0));
     let barrier_task = tokio::spawn(barrier::stage(
@@ -78,10 +116,42 @@ pub(crate) async fn run<S: Sink>(
         visible_tx,
         cfg.max_batch_keys,
     ));
+    let beats = Arc::new(watermark::Heartbeats::default());
+    let watermark_task = tokio::spawn({
+        let publish = epoch.map(|epoch| {
+            watermark::publish(
+                Arc::clone(&sink),
+                namespace.clone(),
+                origin,
+                epoch,
+                acked_at_rx,
+                Arc::clone(&beats),
+            )
+        });
+        async move {
+            match publish {
+                Some(publish) => publish.await,
+                // A sink without epochs keeps no watermark.
+                None => std::future::pending().await,
+            }
+        }
+    });
+    let heartbeat_task = tokio::spawn({
+        let every = (epoch.is_some() && cfg.watermark_interval_ms > 0)
+            .then(|| Duration::from_millis(cfg.watermark_interval_ms));
+        let (pool, beats) = (pool.clone(), Arc::clone(&beats));
+        async move {
+            match every {
+                Some(every) => watermark::emit(pool, every, beats).await,
+                None => std::future::pending().await,
+            }
+        }
+    });
     let apply_task = tokio::spawn(apply::stage(
         sink,
         visible_rx,
         ack_tx,
+        acked_at_tx,
         Arc::clone(&pending),
         options.clone(),
         cfg.max_batches_in_flight,
@@ -100,6 +170,8 @@ pub(crate) async fn run<S: Sink>(
         apply_task.abort_handle(),
         housekeeping.abort_handle(),
         drift_task.abort_handle(),
+        watermark_task.abort_handle(),
+        heartbeat_task.abort_handle(),
     ]);
 
     let mut reader = Reader {
@@ -115,16 +187,21 @@ pub(crate) async fn run<S: Sink>(
         pending,
         apply_task,
         drift_task,
+        watermark_task,
         watch_now,
         streaming,
         live_at: None,
     };
     match slot_state {
-        SlotState::Created { at } => {
+        // Nothing committed before the slot will be seen, so every rule table is evicted as a
+        // whole first. With an epoch, the bump above already made every old value a miss in
+        // O(1) for clients that read the namespace (`StalenessConfig`); the SCAN stays for the
+        // clients that do not, so no configuration leaves them a stale value after a gap.
+        SlotState::Created { at, .. } => {
             reader.current.txns.push(evict_everything(&rules, at));
             reader.live_at = Some(at);
         }
-        SlotState::Resumed { .. } => {
+        _ => {
             reader.streaming.send_replace(true);
         }
     }
@@ -151,6 +228,9 @@ struct Reader {
     apply_task: tokio::task::JoinHandle<Result<(), cacheclear_protocol::SinkError>>,
     /// The publication watch; it returns only the error that stops the pipeline.
     drift_task: tokio::task::JoinHandle<SourceError>,
+    /// The watermark publisher; it returns only the error that stops the pipeline (the
+    /// namespace's epoch changed under it).
+    watermark_task: tokio::task::JoinHandle<SourceError>,
     /// Wakes the publication watch (a `Relation` message arrived).
     watch_now: Arc<tokio::sync::Notify>,
     streaming: watch::Sender<bool>,
@@ -178,6 +258,12 @@ impl Reader {
                         Ok(Err(e)) => SourceError::Sink(e),
                         Ok(Ok(())) => Ended::Stage { stage: "apply", cause: None }.into(),
                         Err(e) => Ended::Stage { stage: "apply", cause: Some(e) }.into(),
+                    });
+                }
+                stopped = &mut self.watermark_task => {
+                    return Err(match stopped {
+                        Ok(e) => e,
+                        Err(e) => Ended::Stage { stage: "watermark", cause: Some(e) }.into(),
                     });
                 }
                 stopped = &mut self.drift_task => {

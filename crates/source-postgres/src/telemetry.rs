@@ -29,6 +29,15 @@ pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_table_fallbacks_total";
 /// `replica_identity`, `partitions_changed`): rule tables the publication watch found drifted by a
 /// migration.
 pub(crate) const PUBLICATION_DRIFT: &str = "cacheclear_publication_drift_total";
+/// Counter: invalidated slots (`wal_status = lost`) dropped and recreated
+/// (`on_slot_lost = "flush_and_recreate"`).
+pub(crate) const SLOT_LOST: &str = "cacheclear_slot_lost_total";
+/// Counter, label `reason` (`new_slot`, `slot_lost`, `epoch_missing`, `origin_changed`): epoch
+/// bumps of the namespace before the stream started.
+pub(crate) const EPOCH_BUMPS: &str = "cacheclear_epoch_bumps_total";
+/// Gauge (ms): end-to-end lag of the last watermark written (time since the heartbeat it carries
+/// was emitted).
+pub(crate) const WATERMARK_LAG: &str = "cacheclear_watermark_lag_ms";
 
 /// Describes every metric of the CDC source to the installed `metrics` recorder (call it after
 /// installing one; without a recorder it does nothing).
@@ -41,6 +50,19 @@ pub fn describe_metrics() {
     describe_counter!(
         TRANSACTIONS_APPLIED,
         "Committed transactions whose evictions were acknowledged."
+    );
+    describe_counter!(
+        SLOT_LOST,
+        "Invalidated slots (wal_status = lost) dropped and recreated after an epoch bump."
+    );
+    describe_counter!(
+        EPOCH_BUMPS,
+        "Epoch bumps of the namespace before streaming, by reason (new_slot, slot_lost, epoch_missing, origin_changed)."
+    );
+    describe_gauge!(
+        WATERMARK_LAG,
+        Unit::Milliseconds,
+        "End-to-end lag carried by the last watermark written: time since its heartbeat was emitted."
     );
     describe_histogram!(
         COMMIT_TO_APPLIED_LAG,

@@ -1,0 +1,275 @@
+//! Staleness stays bounded when parts fail (issue 10), on real PostgreSQL and Redis: the
+//! watermark and the client's staleness breaker (pipeline killed), the epoch (slot lost, another
+//! system identifier), and read-your-writes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cacheclear_client::{Client, Config, Loaded, StalenessConfig};
+use cacheclear_harness::{PgInstance, PgOptions};
+use cacheclear_protocol::NamespaceLayout;
+use cacheclear_source_postgres::{Pipeline, PostgresConfig};
+use common::*;
+
+const OLD: i64 = 1005;
+const NEW: i64 = 1;
+/// The client's bound in these tests, and its refresh interval.
+const MAX_STALENESS_MS: u64 = 1_500;
+const REFRESH_MS: u64 = 100;
+
+fn pg_config(env: &Env) -> PostgresConfig {
+    let mut cfg = env.pg_config();
+    cfg.watermark_interval_ms = 200;
+    cfg
+}
+
+async fn client(env: &Env) -> Client {
+    let config = Config::default().with_staleness(
+        StalenessConfig::new("cacheclear")
+            .with_max_staleness_ms(MAX_STALENESS_MS)
+            .with_refresh_ms(REFRESH_MS),
+    );
+    Client::connect(&env.redis.url(), config)
+        .await
+        .expect("client")
+}
+
+/// Reads `product:5`'s price through the cache (the loader reads PostgreSQL).
+async fn read(client: &Client, pg: &Arc<tokio_postgres::Client>) -> i64 {
+    let pg = Arc::clone(pg);
+    client
+        .get_or_load("product:5", || async move {
+            let row = pg
+                .query_one("SELECT price_cents FROM product WHERE id = 5", &[])
+                .await?;
+            Ok::<_, tokio_postgres::Error>(Loaded::new(row.get::<_, i64>(0)))
+        })
+        .await
+        .expect("read product:5")
+}
+
+/// The value envelope Redis holds for `product:5`, if any.
+async fn cached(env: &Env) -> Option<String> {
+    get(&mut env.redis().await, "{product:5}").await
+}
+
+async fn epoch(env: &Env) -> Option<u64> {
+    let ns = NamespaceLayout::new("cacheclear").expect("namespace");
+    get(&mut env.redis().await, &ns.epoch())
+        .await
+        .map(|e| e.parse().expect("epoch is an integer"))
+}
+
+/// Waits until reads are served from Redis again (the breaker is closed and the value cached),
+/// asserting that every read meanwhile returns `expected`.
+async fn wait_served_from_cache(client: &Client, pg: &Arc<tokio_postgres::Client>, expected: i64) {
+    wait_for(
+        "reads served from the cache",
+        Duration::from_secs(30),
+        || async {
+            let before = client.stats().hits;
+            assert_eq!(read(client, pg).await, expected);
+            client.stats().hits > before
+        },
+    )
+    .await;
+}
+
+async fn spawn(env: &Env, cfg: PostgresConfig) -> Pipeline {
+    let mut pipeline = spawn_pipeline(cfg, env.redis_config(), product_rules());
+    streaming(&mut pipeline).await;
+    pipeline
+}
+
+/// Pipeline killed → the client stops serving cached values within `max_staleness_ms` plus its
+/// refresh interval, reads the database without filling, and serves from the cache again once
+/// the restarted pipeline refreshed the watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_killed_bypasses_within_the_bound_and_recovers() {
+    let env = Env::start();
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    assert!(client.stats().fills >= 1);
+
+    // Killed (dropped without draining), then the sale ends: nothing evicts product:5.
+    drop(pipeline);
+    let killed = Instant::now();
+    pg.execute("UPDATE product SET price_cents = $1 WHERE id = 5", &[&NEW])
+        .await
+        .expect("update");
+    // Upper bound: the last watermark's age reaches the bound, plus one refresh, plus slack for a
+    // loaded machine.
+    let bound = Duration::from_millis(MAX_STALENESS_MS + REFRESH_MS + 3_000);
+    let stale_reads = std::sync::atomic::AtomicU64::new(0);
+    wait_for("the breaker to open", bound, || async {
+        let price = read(&client, &pg).await;
+        if price == OLD {
+            stale_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        price == NEW
+    })
+    .await;
+    let stale_reads = stale_reads.into_inner();
+    let opened_after = killed.elapsed();
+    // Until the bound the old price may be served; after it, never.
+    for _ in 0..20 {
+        assert_eq!(read(&client, &pg).await, NEW, "the breaker stays open");
+    }
+    let stats = client.stats();
+    assert!(stats.bypassed_watermark_stale >= 21, "{stats:?}");
+    // Bypassing reads do not fill: Redis still holds the old price, and it is not served.
+    let held = cached(&env).await.expect("the old value is still cached");
+    assert!(held.contains(&format!("\"payload\":{OLD}")), "{held}");
+    eprintln!("breaker opened {opened_after:?} after the kill ({stale_reads} stale reads before)");
+
+    // Restarted: the slot replays the UPDATE, the watermark is fresh, the cache serves again.
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    wait_served_from_cache(&client, &pg, NEW).await;
+    pipeline.stop().await.expect("stop");
+}
+
+/// Slot lost while the pipeline was down (`max_slot_wal_keep_size` small, WAL churned until
+/// `wal_status = lost`): with `on_slot_lost = "flush_and_recreate"` the restart bumps the epoch
+/// before streaming, and the value cached before the lost change — still in Redis — is never
+/// served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_lost_bumps_the_epoch_and_the_old_value_is_never_served() {
+    let env = Env::start_with(
+        PgOptions::default()
+            .conf("max_slot_wal_keep_size = '1MB'")
+            .conf("min_wal_size = '32MB'")
+            .conf("max_wal_size = '64MB'"),
+    );
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let before = epoch(&env).await.expect("an epoch after the first start");
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    pipeline.stop().await.expect("stop");
+
+    pg.execute("UPDATE product SET price_cents = $1 WHERE id = 5", &[&NEW])
+        .await
+        .expect("update");
+    wait_for("wal_status = lost", Duration::from_secs(120), || async {
+        pg.batch_execute(
+            "CREATE TABLE IF NOT EXISTS churn (x text);
+             INSERT INTO churn SELECT repeat('x', 1000) FROM generate_series(1, 2000);
+             SELECT pg_switch_wal();
+             CHECKPOINT;",
+        )
+        .await
+        .expect("churn");
+        let status: Option<String> = pg
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'cacheclear'",
+                &[],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        status.as_deref() == Some("lost")
+    })
+    .await;
+
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let after = epoch(&env).await.expect("epoch");
+    assert!(after > before, "epoch bumped: {before} → {after}");
+    // The recreated slot also evicted every rule table (the backstop for clients without a
+    // namespace); with or without it, the old value is never served: every read from now on
+    // returns the new price, also once the cache serves again.
+    wait_served_from_cache(&client, &pg, NEW).await;
+    for _ in 0..20 {
+        assert_eq!(read(&client, &pg).await, NEW);
+    }
+    pipeline.stop().await.expect("stop");
+}
+
+/// Another system identifier under the same namespace (a new cluster where the slot exists, so
+/// only the origin shows the gap) bumps the epoch before the stream starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_system_identifier_bumps_the_epoch_before_streaming() {
+    let env = Env::start();
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    pipeline.stop().await.expect("stop");
+    let before = epoch(&env).await.expect("epoch");
+
+    // The new cluster: the same schema, product 5 at another price, and a slot of that name.
+    let other = PgInstance::start().expect("second PostgreSQL");
+    other.psql(SCHEMA).expect("schema");
+    other
+        .psql(&format!(
+            "UPDATE product SET price_cents = {NEW} WHERE id = 5"
+        ))
+        .expect("update");
+    other
+        .psql("SELECT pg_create_logical_replication_slot('cacheclear', 'pgoutput')")
+        .expect("slot");
+    let mut cfg = PostgresConfig::new(other.url());
+    cfg.status_interval_ms = 100;
+    cfg.watermark_interval_ms = 200;
+    let sysid = other
+        .psql("SELECT system_identifier FROM pg_control_system()")
+        .expect("sysid");
+    let pipeline = spawn(&env, cfg).await;
+    // Streaming implies the epoch was opened first (the bump runs before START_REPLICATION).
+    let after = epoch(&env).await.expect("epoch");
+    assert!(after > before, "epoch bumped: {before} → {after}");
+    let ns = NamespaceLayout::new("cacheclear").expect("namespace");
+    let origin = get(&mut env.redis().await, &ns.origin())
+        .await
+        .expect("origin");
+    assert!(
+        origin.starts_with(&format!("{}/", sysid.trim())),
+        "{origin} vs {sysid}"
+    );
+
+    let (other_pg, conn) = tokio_postgres::connect(&other.conn_string(), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let other_pg = Arc::new(other_pg);
+    wait_served_from_cache(&client, &other_pg, NEW).await;
+    pipeline.stop().await.expect("stop");
+}
+
+/// Read-your-writes: after an UPDATE, `get_at_least` with the writer's `pg_current_wal_lsn()`
+/// never returns the old value, while the cache holds it until the pipeline evicts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_never_returns_the_old_value() {
+    let env = Env::start();
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    for round in 0..20i64 {
+        let price = 2_000 + round;
+        pg.execute(
+            "UPDATE product SET price_cents = $1 WHERE id = 5",
+            &[&price],
+        )
+        .await
+        .expect("update");
+        let lsn = current_lsn(&pg).await;
+        let pg2 = Arc::clone(&pg);
+        let got: i64 = client
+            .get_at_least("product:5", lsn, || async move {
+                let row = pg2
+                    .query_one("SELECT price_cents FROM product WHERE id = 5", &[])
+                    .await?;
+                Ok::<_, tokio_postgres::Error>(Loaded::new(row.get::<_, i64>(0)))
+            })
+            .await
+            .expect("read");
+        assert_eq!(got, price, "round {round}");
+    }
+    let stats = client.stats();
+    assert!(stats.ryw_waits >= 1, "{stats:?}");
+    pipeline.stop().await.expect("stop");
+}
