@@ -84,7 +84,21 @@ async fn run_evicts_through_tls_only_redis_as_an_acl_user() {
         RedisOptions::default()
             .tls(server_tls(&certs, true))
             .password(ADMIN_PASSWORD)
-            .acl_user(ACL_USER, ACL_PASSWORD, &["~*", "&*", "+@all", "-flushall"]),
+            .acl_user(
+                ACL_USER,
+                ACL_PASSWORD,
+                &[
+                    "~*",
+                    "+@scripting",
+                    "+@read",
+                    "+@write",
+                    "+scan",
+                    "+ping",
+                    "+info",
+                    "+cluster",
+                    "+time",
+                ],
+            ),
     )
     .expect("start TLS-only Redis");
     let env = env_with(redis);

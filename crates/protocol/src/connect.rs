@@ -968,9 +968,16 @@ pub fn is_fatal(e: &RedisError) -> bool {
         return true;
     }
     let text = e.to_string();
-    if ["WRONGPASS", "NOPERM", "NOAUTH"]
-        .iter()
-        .any(|code| text.contains(code))
+    // Inside a script an ACL refusal is a script error: "The user executing the script can't
+    // run this command or subcommand".
+    if [
+        "WRONGPASS",
+        "NOPERM",
+        "NOAUTH",
+        "executing the script can't run",
+    ]
+    .iter()
+    .any(|code| text.contains(code))
     {
         return true;
     }
@@ -1015,7 +1022,7 @@ pub fn describe(e: &RedisError) -> String {
     } else if text.contains("NOPERM") || e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
         "the ACL user lacks a permission: cacheclear needs the scripting commands, the commands \
          its scripts call, SCAN, PING and INFO (CLUSTER for Redis Cluster) on the cache's keys, \
-         e.g. ACL SETUSER cacheclear on >… ~* +@scripting +@read +@write +scan +ping +info \
+         e.g. ACL SETUSER cacheclear on >… ~* +@scripting +@read +@write +scan +ping +info +time \
          +cluster"
     } else {
         "Redis refused the credentials: check the user and password in the URL \

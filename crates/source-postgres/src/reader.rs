@@ -75,7 +75,13 @@ pub(crate) async fn run<S: Sink>(
         let opened = sink
             .open_epoch(&namespace, &origin, gap, continuity)
             .await
-            .map_err(SourceError::SinkEpoch)?;
+            .map_err(|e| {
+                if sink.is_fatal(&e) {
+                    SourceError::Sink(e)
+                } else {
+                    SourceError::SinkEpoch(e)
+                }
+            })?;
         if let Some(opened) = &opened {
             match &opened.bumped {
                 Some(reason) => {

@@ -139,6 +139,9 @@ pub(crate) async fn publish<S: Sink>(
                 Err(e) if e.downcast_ref::<EpochChanged>().is_some() => {
                     return SourceError::SinkEpoch(e);
                 }
+                // Refused credentials or a missing permission (an ACL without a command the
+                // script runs): no retry can fix it.
+                Err(e) if sink.is_fatal(&e) => return SourceError::Sink(e),
                 Err(e) => {
                     tracing::warn!(sink = sink.name(), error = %e, retry_in_ms = backoff.as_millis() as u64,
                         "watermark write failed; retrying (clients age it meanwhile)");
