@@ -582,3 +582,35 @@ sentinel = {{ master = "{SENTINEL_MASTER}", urls = ["{url}"], password = "{passw
     assert!(!err.contains(wrong) && !out.contains(wrong), "{err}");
     assert!(sentinels.nodes().iter().any(|n| n.port() == master));
 }
+
+/// An ACL user without a command the scripts call (`TIME`) is refused inside the script: `run`
+/// stops at once with the permission fix, instead of retrying the epoch's script forever.
+#[test]
+fn an_acl_user_missing_a_script_command_stops_run_at_once() {
+    let redis =
+        RedisInstance::start_with(RedisOptions::default().password(ADMIN_PASSWORD).acl_user(
+            ACL_USER,
+            ACL_PASSWORD,
+            &[
+                "~*",
+                "+@scripting",
+                "+@read",
+                "+@write",
+                "+scan",
+                "+ping",
+                "+info",
+                "+cluster",
+            ],
+        ))
+        .expect("start Redis");
+    let env = env_with(redis);
+    run_refused(
+        &env,
+        &format!(
+            "[redis]\nurl = \"{}\"\n",
+            env.redis.url_as(ACL_USER, ACL_PASSWORD)
+        ),
+        &["permission", "ACL SETUSER"],
+        ACL_PASSWORD,
+    );
+}

@@ -1019,7 +1019,10 @@ pub fn describe(e: &RedisError) -> String {
         "the server's certificate was not accepted: set redis.tls.ca_file to the CA that signed \
          it (without it the Mozilla roots are used), connect by a host name the certificate \
          names (or set redis.tls.verify_hostname = false)"
-    } else if text.contains("NOPERM") || e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+    } else if text.contains("NOPERM")
+        || text.contains("executing the script can't run")
+        || e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm)
+    {
         "the ACL user lacks a permission: cacheclear needs the scripting commands, the commands \
          its scripts call, SCAN, PING and INFO (CLUSTER for Redis Cluster) on the cache's keys, \
          e.g. ACL SETUSER cacheclear on >… ~* +@scripting +@read +@write +scan +ping +info +time \
