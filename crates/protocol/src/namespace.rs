@@ -21,6 +21,10 @@ use crate::{KeyError, Lsn};
 /// means the pipeline has not written one for that long (or Redis lost it).
 pub const WATERMARK_TTL_MS: u64 = 600_000;
 
+/// The start of every namespace key (`{cacheclear.ns:`): these keys are not cache keys, and the
+/// epoch and origin keys have no TTL by design (doctor's TTL sample skips them).
+pub const NAMESPACE_KEY_PREFIX: &str = "{cacheclear.ns:";
+
 /// The Redis keys of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct NamespaceLayout {

@@ -247,8 +247,9 @@ async fn cluster(conn: &mut RedisConnection) -> Result<Check, String> {
     })
 }
 
-/// Samples keys of cacheclear's layout (`{K}`, `{K}:lease`, `{K}:fence`) and returns how many
-/// were sampled and those without a TTL.
+/// Samples keys of cacheclear's layout (`{K}`, `{K}:lease`, `{K}:fence`; not the namespace keys,
+/// whose epoch and origin keep no TTL by design) and returns how many were sampled and those
+/// without a TTL.
 async fn keys_without_ttl(conn: &mut RedisConnection) -> Result<(usize, Vec<String>), String> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
@@ -263,7 +264,11 @@ async fn keys_without_ttl(conn: &mut RedisConnection) -> Result<(usize, Vec<Stri
                 .arg(1000),
         )
         .await?;
-        keys.extend(batch);
+        keys.extend(
+            batch
+                .into_iter()
+                .filter(|k| !k.starts_with(cacheclear_protocol::namespace::NAMESPACE_KEY_PREFIX)),
+        );
         cursor = next;
         if cursor == 0 || keys.len() >= TTL_SAMPLE {
             break;
