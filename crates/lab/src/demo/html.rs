@@ -321,8 +321,11 @@ fn bar_chart(title: &str, buckets: &[(f64, u64)]) -> String {
     out
 }
 
+/// A summary-table row: its label and how to render a strategy's figure.
+type Row = (&'static str, fn(&StrategyFigures) -> String);
+
 fn table(r: &Report) -> String {
-    let rows: [(&str, fn(&StrategyFigures) -> String); 12] = [
+    let rows: [Row; 12] = [
         ("reads/s", |f| format!("{:.0}", f.reads_per_s)),
         ("hit rate", |f| format!("{:.1}%", f.hit_rate * 100.0)),
         ("database loads", |f| f.db_loads.to_string()),
