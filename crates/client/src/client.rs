@@ -976,7 +976,9 @@ struct LeaseHeld {
 
 /// Redis's `-OOM command not allowed when used memory > 'maxmemory'` reply.
 fn is_oom(e: &RedisError) -> bool {
-    e.code() == Some("OOM")
+    // A pipelined command's refusal (the lease's `SET NX` + `GET fence`) arrives wrapped as a
+    // pipeline failure whose text carries the server's `OOM` reply.
+    e.code() == Some("OOM") || e.to_string().contains("\"OOM\": command not allowed")
 }
 
 fn redis_error(inner: &Inner, key: &str, op: &'static str, e: &RedisError) {
