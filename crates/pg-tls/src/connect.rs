@@ -109,9 +109,10 @@ pub async fn connect(
     }
 }
 
-/// A tokio-postgres error as a user needs it: the server's message and SQLSTATE (and hint), or
-/// the error and its causes joined by `: ` (its `Display` alone says only "db error").
-fn describe(e: &tokio_postgres::Error) -> String {
+/// A tokio-postgres error as a user needs it (its `Display` alone says only "db error" or
+/// "error connecting to server"). Shape: `ERROR: <message> (SQLSTATE <code>)[; hint: <hint>]`,
+/// or the error and its causes joined by `: `.
+pub fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!(
             "{}: {} (SQLSTATE {})",

@@ -27,6 +27,6 @@ mod connect;
 mod params;
 mod verify;
 
-pub use connect::{ConnectError, connect, is_verification_failure, parse_url};
+pub use connect::{ConnectError, connect, describe, is_verification_failure, parse_url};
 pub use params::{PgTls, SslMode, split_url};
 pub use verify::{client_config, connector, install_provider};

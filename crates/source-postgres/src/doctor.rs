@@ -87,7 +87,7 @@ impl std::fmt::Display for QueryFailed {
 
 impl From<tokio_postgres::Error> for QueryFailed {
     fn from(e: tokio_postgres::Error) -> QueryFailed {
-        QueryFailed(crate::error::describe_pg(&e))
+        QueryFailed(cacheclear_pg_tls::describe(&e))
     }
 }
 

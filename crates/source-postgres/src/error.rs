@@ -21,7 +21,7 @@ pub enum SourceError {
     #[error(transparent)]
     Rule(#[from] cacheclear_rules::RuleError),
     /// A query on the regular connection failed.
-    #[error("PostgreSQL query failed: {}", describe_pg(.0))]
+    #[error("PostgreSQL query failed: {}", cacheclear_pg_tls::describe(.0))]
     Query(#[from] tokio_postgres::Error),
     /// The connection pool failed to hand out a connection.
     #[error("PostgreSQL connection failed: {}", describe_pool(.0))]
@@ -107,38 +107,10 @@ pub enum Ended {
     AlreadyReported,
 }
 
-/// A tokio-postgres error with its cause: its `Display` alone says only "db error" or "error
-/// connecting to server"; the server's message (and hint) or the I/O cause is what a user needs.
-/// Shape: `ERROR: <message> (SQLSTATE <code>)[; hint: <hint>]`, or the error and its causes
-/// joined by `: `.
-pub(crate) fn describe_pg(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        );
-        if let Some(hint) = db.hint() {
-            s.push_str("; hint: ");
-            s.push_str(hint);
-        }
-        return s;
-    }
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
-/// A pool error; a backend error is rendered by [`describe_pg`].
+/// A pool error; a backend error is rendered by [`cacheclear_pg_tls::describe`].
 pub(crate) fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
     match e {
-        deadpool_postgres::PoolError::Backend(pg) => describe_pg(pg),
+        deadpool_postgres::PoolError::Backend(pg) => cacheclear_pg_tls::describe(pg),
         other => other.to_string(),
     }
 }
