@@ -92,13 +92,11 @@ async fn with_wait_nothing_is_confirmed_and_the_replay_lands_on_the_promoted_rep
     let (pipeline, lsn) = freeze_replica_and_update(&env, &replica, redis).await;
     // The master ran the eviction, but WAIT finds no replica: the batch fails and is retried.
     let mut master = env.redis().await;
-    wait_for(
-        "the master to run the eviction",
+    gone(
+        &mut master,
         Duration::from_secs(30),
-        || {
-            let mut c = master.clone();
-            async move { !exists(&mut c, "{product:5}").await }
-        },
+        "product:5",
+        "the master to run the eviction",
     )
     .await;
     // The fence holds the commit's end LSN.
@@ -128,13 +126,11 @@ async fn with_wait_nothing_is_confirmed_and_the_replay_lands_on_the_promoted_rep
     );
     streaming(&mut pipeline).await;
     let mut promoted = redis_conn(&replica).await;
-    wait_for(
-        "the replay to evict on the promoted replica",
+    gone(
+        &mut promoted,
         Duration::from_secs(30),
-        || {
-            let mut c = promoted.clone();
-            async move { !exists(&mut c, "{product:5}").await }
-        },
+        "product:5",
+        "the replay to evict on the promoted replica",
     )
     .await;
     assert!(
