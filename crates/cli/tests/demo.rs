@@ -136,6 +136,82 @@ fn json_figures_show_stale_reads_for_ttl_only_and_bounded_staleness_for_cachecle
     assert!(total < 60.0, "took {total} s");
 }
 
+/// `--fault pipeline-stop` and `--fault slot-lost`: the cacheclear run's pipeline goes down
+/// right before the sale-end transaction. ttl-only serves the sale price for the rest of the
+/// run; cacheclear's clients stop serving cached values once the watermark is older than
+/// `max_staleness_ms`, so no read sees a sale price later than the bound plus the refresh
+/// interval after the commit; nothing is charged a stale price.
+#[test]
+fn faults_keep_cacheclear_staleness_within_the_breaker_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for fault in ["pipeline-stop", "slot-lost"] {
+        let out = demo(&[
+            "--json",
+            "--duration",
+            "5",
+            "--shoppers",
+            "8",
+            "--products",
+            "2000",
+            "--fault",
+            fault,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "demo --fault {fault} failed: {stderr}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        eprintln!("--fault {fault}: {v:#}");
+        assert_eq!(v["scenario"]["fault"], fault);
+        let bound = v["scenario"]["max_staleness_ms"].as_f64().expect("bound");
+        let refresh = v["scenario"]["staleness_refresh_ms"]
+            .as_f64()
+            .expect("refresh");
+        assert_eq!((bound, refresh), (1000.0, 100.0));
+        assert!(
+            v["scenario"]["command"]
+                .as_str()
+                .is_some_and(|c| c.contains(&format!("--fault {fault}"))),
+            "{v:#}"
+        );
+
+        let (t, c) = ("ttl_only", "cacheclear");
+        // ttl-only: the sale price until the end of the run (3 s after the commit).
+        assert!(num(&v, t, "max_staleness_ms") > 2000.0, "{v:#}");
+        assert!(v["strategies"][t]["bypassed_reads"].is_null(), "{v:#}");
+        // cacheclear: the sale-end evictions never came, and yet…
+        assert!(
+            v["strategies"][c]["sale_end_visible_to_evicted_ms"].is_null(),
+            "the stopped pipeline cannot have evicted the sale prices: {v:#}"
+        );
+        assert!(num(&v, c, "pipeline_stopped_at_s") > 0.0, "{v:#}");
+        let max_staleness = num(&v, c, "max_staleness_ms");
+        assert!(
+            max_staleness <= bound + refresh,
+            "--fault {fault}: cacheclear served a sale price {max_staleness} ms after the \
+             commit, beyond its bound {bound} + {refresh} ms: {v:#}"
+        );
+        for s in [t, c] {
+            assert_eq!(num(&v, s, "stale_price_charges"), 0.0, "{s}: {v:#}");
+            assert_eq!(num(&v, s, "read_errors"), 0.0, "{s}: {v:#}");
+        }
+        match fault {
+            "pipeline-stop" => {
+                assert!(v["strategies"][c]["pipeline_resumed_at_s"].is_null());
+                assert!(num(&v, c, "bypassed_reads") > 0.0, "{v:#}");
+                // Down for the rest of the run: the breaker stays open from the bound on.
+                assert!(num(&v, c, "hit_rate") < num(&v, t, "hit_rate"), "{v:#}");
+            }
+            _ => {
+                let resumed = num(&v, c, "pipeline_resumed_at_s");
+                assert!(resumed > num(&v, c, "pipeline_stopped_at_s"), "{v:#}");
+            }
+        }
+    }
+}
+
 #[test]
 fn missing_binaries_say_what_to_install() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -22,6 +22,7 @@ use cacheclear_sink_redis::{RedisConfig, RedisSink};
 use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use clap::{Args, Subcommand};
 
+mod client;
 mod kafka;
 mod stages;
 
@@ -35,6 +36,9 @@ pub enum BenchCommand {
     /// Bus mode: PostgreSQL → Kafka → invalidator → Redis lag at steady 1k and 10k row
     /// changes/s, and one invalidator process's records/s.
     Kafka(kafka::KafkaArgs),
+    /// The client's hit path with and without the staleness breaker (reads/s ratio, target
+    /// ≥ 0.95), through Redis and through the in-process tier.
+    Client(client::ClientArgs),
 }
 
 /// Options of `bench pipeline`.
@@ -66,6 +70,7 @@ pub async fn bench(which: BenchCommand) -> anyhow::Result<()> {
     match which {
         BenchCommand::Pipeline(args) => pipeline(args).await,
         BenchCommand::Kafka(args) => kafka::kafka(args).await,
+        BenchCommand::Client(args) => client::client(args).await,
     }
 }
 

@@ -67,7 +67,8 @@ fn summary_sentence(r: &Report) -> String {
     let s = &r.scenario;
     format!(
         "{} products ({} on sale), {} shoppers on {} app servers, {:.0} s per strategy; the sale \
-         ends at {:.1} s with one UPDATE of {} rows. Stale reads: ttl-only {}, cacheclear {}.",
+         ends at {:.1} s with one UPDATE of {} rows{}. Stale reads: ttl-only {}, cacheclear {} \
+         (its clients' staleness bound: {} ms).",
         s.products,
         s.sale_items,
         s.shoppers,
@@ -75,8 +76,13 @@ fn summary_sentence(r: &Report) -> String {
         s.duration_s,
         s.sale_ends_at_s,
         s.sale_items,
+        match s.fault.as_str() {
+            "" | "none" => String::new(),
+            fault => format!(" (fault in the cacheclear run: {fault})"),
+        },
         r.strategies.ttl_only.stale_reads_after_commit,
         r.strategies.cacheclear.stale_reads_after_commit,
+        s.max_staleness_ms,
     )
 }
 
@@ -325,7 +331,7 @@ fn bar_chart(title: &str, buckets: &[(f64, u64)]) -> String {
 type Row = (&'static str, fn(&StrategyFigures) -> String);
 
 fn table(r: &Report) -> String {
-    let rows: [Row; 12] = [
+    let rows: [Row; 13] = [
         ("reads/s", |f| format!("{:.0}", f.reads_per_s)),
         ("hit rate", |f| format!("{:.1}%", f.hit_rate * 100.0)),
         ("database loads", |f| f.db_loads.to_string()),
@@ -334,6 +340,10 @@ fn table(r: &Report) -> String {
         }),
         ("largest staleness, ms", |f| {
             format!("{:.1}", f.max_staleness_ms)
+        }),
+        ("reads that bypassed the cache (breaker open)", |f| {
+            f.bypassed_reads
+                .map_or_else(|| "–".into(), |n| n.to_string())
         }),
         ("hot-key loads in the second after the commit", |f| {
             f.hot_key_db_loads_after_commit.to_string()

@@ -23,6 +23,10 @@
 //!      same 5-minute TTL ± 5%) with the invalidation pipeline (`cacheclear_source_postgres::run`
 //!      with a `RedisSink`, rule `product:{id}`) running in this process on a new slot.
 //!
+//!    The cacheclear clients run the staleness breaker (`StalenessConfig` of the namespace
+//!    `cacheclear_demo`, bound `--max-staleness-ms`, default 1 000; the pipeline's heartbeat and
+//!    the clients' watermark reads every 100 ms).
+//!
 //!    Both runs use the same shoppers, duration and seeds. `--shoppers` shoppers, spread over up
 //!    to 8 application servers (one cache client each: single-flight is per server, leases are
 //!    shared), loop without pause: view a product drawn from a Zipf law (s = 1, rank = product
@@ -45,6 +49,15 @@
 //! read start − commit visible. A read that started earlier may legitimately return the old
 //! price. For cacheclear, a read starting after the pipeline acknowledged the sale-end evictions
 //! cannot be stale, so its largest staleness is bounded by `sale_end_visible_to_evicted_ms`.
+//!
+//! # Faults (`--fault`)
+//!
+//! `pipeline-stop` and `slot-lost` take the cacheclear run's pipeline down right before the
+//! sale-end transaction (see the `fault` module): its evictions never come. ttl-only serves
+//! the sale price until its TTL; cacheclear's clients see the watermark age past
+//! `max_staleness_ms` and read the database without filling (`bypassed_reads`), so its largest
+//! staleness stays within `max_staleness_ms + staleness_refresh_ms`; after `slot-lost`'s
+//! restart the epoch is new and every value cached before it is a miss.
 //!
 //! # Report (`--report FILE`)
 //!
@@ -77,6 +90,9 @@
 //! | `catalog_edits_per_s` | number | rate of the catalog-edit job |
 //! | `postgres`, `redis` | string | `"private"` (started by the demo) or `"given"` (URL flag) |
 //! | `total_s` | number | wall time of the whole demo, setup included |
+//! | `fault` | string | `"none"`, `"pipeline-stop"` or `"slot-lost"` (`--fault`) |
+//! | `max_staleness_ms` | integer | the cacheclear clients' staleness bound (`--max-staleness-ms`) |
+//! | `staleness_refresh_ms` | integer | watermark heartbeat and client refresh interval (100) |
 //!
 //! `strategies.ttl_only` and `strategies.cacheclear`, the same fields (`null` where a figure
 //! does not apply to the strategy):
@@ -105,6 +121,8 @@
 //! | `stale_price_charges` | integer | order lines charged a price that was not valid when they committed, audited in PostgreSQL against each checkout's snapshot (`pg_visible_in_snapshot` of the sale-end transaction) |
 //! | `order_lines` | integer | order lines placed |
 //! | `read_latency_p50_ms`, `read_latency_p99_ms`, `read_latency_max_ms` | number | product read latency (HdrHistogram, µs resolution) |
+//! | `bypassed_reads` | integer or null | reads that bypassed the cache because the staleness breaker was open (cacheclear) |
+//! | `pipeline_stopped_at_s`, `pipeline_resumed_at_s` | number or null | when `--fault` took the pipeline down and (slot-lost) when it streamed again, seconds into the run |
 //!
 //! # Lifetime
 //!
@@ -115,6 +133,7 @@
 //! flushed (`FLUSHALL`) before each run: give it a scratch instance.
 
 mod catalog;
+mod fault;
 mod html;
 mod report;
 mod scenario;
@@ -129,6 +148,7 @@ use cacheclear_harness::{PgBinaries, PgInstance, PgOptions, RedisBinaries, Redis
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use fault::Fault;
 pub use report::{Report, Scenario, Strategies, StrategyFigures, Timeline};
 
 use scenario::{Settings, Strategy};
@@ -170,6 +190,16 @@ pub struct DemoArgs {
     /// the summary table); a path ending in `.svg` gets the charts alone as one SVG image.
     #[arg(long, value_name = "FILE")]
     pub report: Option<std::path::PathBuf>,
+    /// What fails at the sale-end commit in the cacheclear run: `pipeline-stop` (the pipeline
+    /// is stopped right before the sale-end transaction and stays down) or `slot-lost` (stopped,
+    /// the slot is lost across the commit, then the pipeline restarts; needs the private
+    /// PostgreSQL). The clients' staleness breaker bounds what shoppers see.
+    #[arg(long, value_enum, default_value_t = Fault::None)]
+    pub fault: Fault,
+    /// The cacheclear clients' staleness bound, ms: while the pipeline's watermark is older,
+    /// reads bypass the cache (database, no fill).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    pub max_staleness_ms: u64,
 }
 
 /// Hot keys whose database loads are counted: products 1..=10.
@@ -184,6 +214,9 @@ const ZIPF_S: f64 = 1.0;
 const EDITS_PER_S: f64 = 20.0;
 /// The sale ends at this fraction of each run.
 const SALE_END_FRACTION: f64 = 0.4;
+/// The cacheclear clients read the watermark, and the pipeline's heartbeat refreshes it, this
+/// often (ms): a tenth of the default bound, so a healthy pipeline's watermark is never near it.
+const STALENESS_REFRESH_MS: u64 = 100;
 
 /// The progress bar on stderr (hidden with `--json`). Cheap to clone.
 #[derive(Clone)]
@@ -245,6 +278,11 @@ struct Servers {
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     check_binaries(&args)?;
+    if args.fault == Fault::SlotLost && args.postgres_url.is_some() {
+        anyhow::bail!(
+            "--fault slot-lost needs the demo's private PostgreSQL (it lowers              max_slot_wal_keep_size and churns WAL until the slot is lost): leave out --postgres-url"
+        );
+    }
     let tenths = args.duration * 10;
     let progress = Progress::new(args.json, 2 * tenths);
     let mut servers = Servers::default();
@@ -393,6 +431,9 @@ async fn run_all(
         hot_keys: HOT_KEYS.min(products),
         edits_per_s: EDITS_PER_S,
         ttl_s: TTL_S,
+        fault: args.fault,
+        max_staleness_ms: args.max_staleness_ms,
+        staleness_refresh_ms: STALENESS_REFRESH_MS,
     });
     let ttl_only = scenario::run(
         Arc::clone(&settings),
@@ -419,6 +460,12 @@ async fn run_all(
         "cacheclear demo --duration {} --shoppers {} --products {} --sale-items {} --seed {}",
         args.duration, args.shoppers, products, sale_items, args.seed
     );
+    if args.fault != Fault::None {
+        command.push_str(&format!(" --fault {}", args.fault.label()));
+    }
+    if args.max_staleness_ms != 1_000 {
+        command.push_str(&format!(" --max-staleness-ms {}", args.max_staleness_ms));
+    }
     if args.json {
         command.push_str(" --json");
     }
@@ -442,6 +489,9 @@ async fn run_all(
             postgres: given(args.postgres_url.is_some()),
             redis: given(args.redis_url.is_some()),
             total_s: started.elapsed().as_secs_f64(),
+            fault: args.fault.label().to_owned(),
+            max_staleness_ms: args.max_staleness_ms,
+            staleness_refresh_ms: STALENESS_REFRESH_MS,
         },
         strategies: Strategies {
             ttl_only,

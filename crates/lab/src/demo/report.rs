@@ -60,6 +60,18 @@ pub struct Scenario {
     pub redis: String,
     /// Seconds from the start to the last figure, both runs and setup included.
     pub total_s: f64,
+    /// What failed at the sale-end commit in the cacheclear run: `"none"`, `"pipeline-stop"`
+    /// or `"slot-lost"` (`--fault`).
+    #[serde(default)]
+    pub fault: String,
+    /// The cacheclear clients' staleness bound, ms (`--max-staleness-ms`): with the watermark
+    /// older than that, reads bypass the cache.
+    #[serde(default)]
+    pub max_staleness_ms: u64,
+    /// How often the clients read the watermark and the pipeline's heartbeat refreshes it, ms.
+    /// A served value is at most `max_staleness_ms` + this behind its commit.
+    #[serde(default)]
+    pub staleness_refresh_ms: u64,
 }
 
 /// The figures of one strategy run. `None` (JSON `null`) where a figure does not apply.
@@ -125,6 +137,16 @@ pub struct StrategyFigures {
     pub read_latency_p99_ms: f64,
     /// Read latency, maximum, ms.
     pub read_latency_max_ms: f64,
+    /// Reads that bypassed the cache because the staleness breaker was open (watermark too
+    /// old or missing, epoch missing): the loader ran and nothing was filled (cacheclear only).
+    #[serde(default)]
+    pub bypassed_reads: Option<u64>,
+    /// When the fault took the pipeline down, seconds into the run (`--fault`, cacheclear only).
+    #[serde(default)]
+    pub pipeline_stopped_at_s: Option<f64>,
+    /// When the restarted pipeline streamed again, seconds into the run (`--fault slot-lost`).
+    #[serde(default)]
+    pub pipeline_resumed_at_s: Option<f64>,
     /// The run's time series, for `--report` (not part of the JSON).
     #[serde(skip)]
     pub timeline: Timeline,
@@ -166,6 +188,25 @@ pub(super) fn table(r: &Report) -> String {
         s.sale_ends_at_s,
         s.sale_items
     );
+    if s.fault != "none" && !s.fault.is_empty() {
+        let _ = writeln!(
+            out,
+            "fault in the cacheclear run: {} at {}{}",
+            s.fault,
+            c.pipeline_stopped_at_s.map_or_else(
+                || "-".to_owned(),
+                |at| format!("{at:.2} s (pipeline stopped)")
+            ),
+            c.pipeline_resumed_at_s
+                .map(|at| format!(", slot lost, pipeline streaming again at {at:.2} s"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "cacheclear clients: staleness bound {} ms, watermark refreshed every {} ms",
+        s.max_staleness_ms, s.staleness_refresh_ms
+    );
     let _ = writeln!(out);
     let rows: Vec<(String, String, String)> = vec![
         (
@@ -183,6 +224,11 @@ pub(super) fn table(r: &Report) -> String {
             "  largest staleness".into(),
             ms(t.max_staleness_ms),
             ms(c.max_staleness_ms),
+        ),
+        (
+            "reads that bypassed the cache (breaker open)".into(),
+            opt_count(t.bypassed_reads),
+            opt_count(c.bypassed_reads),
         ),
         (
             format!("DB loads of the {} hottest keys, 1 s after", s.hot_keys),
@@ -347,6 +393,9 @@ mod tests {
             postgres: "private".into(),
             redis: "private".into(),
             total_s: 31.5,
+            fault: "pipeline-stop".into(),
+            max_staleness_ms: 1_000,
+            staleness_refresh_ms: 100,
         };
         let ttl = StrategyFigures {
             reads: 120_000,
@@ -374,6 +423,8 @@ mod tests {
             invalidation_lag_p99_ms: Some(4.25),
             invalidation_lag_max_ms: Some(9.0),
             sale_end_visible_to_evicted_ms: Some(2.0),
+            bypassed_reads: Some(4_321),
+            pipeline_stopped_at_s: Some(4.79),
             ..StrategyFigures::default()
         };
         Report {
@@ -423,6 +474,14 @@ mod tests {
             "{text}"
         );
         assert!(row("  hot-key evictions").ends_with("n/a 10"), "{text}");
+        assert!(row("reads that bypassed").ends_with("n/a 4321"), "{text}");
+        assert!(
+            text.contains(
+                "fault in the cacheclear run: pipeline-stop at 4.79 s (pipeline stopped)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("staleness bound 1000 ms"), "{text}");
     }
 
     #[test]
@@ -453,5 +512,9 @@ mod tests {
             4.25
         );
         assert_eq!(v["scenario"]["products"], 10_000);
+        assert_eq!(v["scenario"]["fault"], "pipeline-stop");
+        assert_eq!(v["scenario"]["max_staleness_ms"], 1_000);
+        assert!(v["strategies"]["ttl_only"]["bypassed_reads"].is_null());
+        assert_eq!(v["strategies"]["cacheclear"]["bypassed_reads"], 4_321);
     }
 }

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use cacheclear_client::Loaded;
+use cacheclear_client::{Loaded, StalenessConfig};
 use cacheclear_protocol::Batch;
+use cacheclear_protocol::namespace::{NamespaceLayout, Watermark};
 use cacheclear_protocol::now_us;
 use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_sink_redis::{RedisConfig, RedisSink};
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 
 use super::Progress;
 use super::catalog::{self, CheckoutEnd, Line, Product, SaleEnd, Statements};
+use super::fault::{self, Fault, FaultTimes, StopRequest};
 use super::report::StrategyFigures;
 use super::zipf::{Rng, Zipf};
 
@@ -72,6 +74,13 @@ pub(super) struct Settings {
     pub edits_per_s: f64,
     /// Cache TTL, seconds, of both strategies.
     pub ttl_s: u64,
+    /// What fails at the sale-end commit (cacheclear's run).
+    pub fault: Fault,
+    /// The cacheclear clients' staleness bound (`StalenessConfig::max_staleness_ms`), ms.
+    pub max_staleness_ms: u64,
+    /// How often each cacheclear client reads the watermark, and how often the pipeline's
+    /// heartbeat refreshes it, ms.
+    pub staleness_refresh_ms: u64,
 }
 
 /// Probability that a product view puts the product in the cart.
@@ -94,10 +103,10 @@ fn count_at(series: &mut Vec<u64>, ns: u64) {
 }
 
 /// Nanoseconds since the start of the run, shared by every task.
-struct Clock {
+pub(super) struct Clock {
     t0: Instant,
     /// 1 + ns at which the sale-end `COMMIT` was about to be sent; 0 before.
-    commit_sent: AtomicU64,
+    pub(super) commit_sent: AtomicU64,
 }
 
 impl Clock {
@@ -327,7 +336,7 @@ impl Shopper {
 }
 
 /// The pipeline's per-transaction figures, recorded by its batch observer.
-struct LagRecorder {
+pub(super) struct LagRecorder {
     lag_us: Histogram<u64>,
     txns: u64,
     /// (lag ms, acknowledged at) of the sale-end transaction.
@@ -336,17 +345,33 @@ struct LagRecorder {
     hot_evictions: Vec<Instant>,
 }
 
-/// The pipeline running in this process, with the demo's lag recorder; aborted if dropped
-/// before [`DemoPipeline::stop`].
-struct DemoPipeline {
+impl LagRecorder {
+    fn new() -> LagRecorder {
+        LagRecorder {
+            lag_us: latency_histogram(),
+            txns: 0,
+            sale_end: None,
+            hot_evictions: Vec::new(),
+        }
+    }
+}
+
+/// The pipeline running in this process, reporting to the demo's lag recorder; aborted if
+/// dropped before [`DemoPipeline::stop`].
+pub(super) struct DemoPipeline {
     pipeline: Pipeline,
-    recorder: Arc<Mutex<LagRecorder>>,
 }
 
 impl DemoPipeline {
-    /// Starts the pipeline on a fresh slot and waits until it streams (for a new slot: its
-    /// eviction of everything is acknowledged).
-    async fn start(settings: &Settings, sale_xid: Arc<AtomicU64>) -> anyhow::Result<DemoPipeline> {
+    /// Starts the pipeline on the demo's slot (created when missing or lost) and waits until it
+    /// streams (for a new slot: its eviction of everything is acknowledged) and its first
+    /// watermark is in Redis. The heartbeat refreshes the watermark every
+    /// `staleness_refresh_ms`.
+    pub(super) async fn start(
+        settings: &Settings,
+        sale_xid: Arc<AtomicU64>,
+        recorder: Arc<Mutex<LagRecorder>>,
+    ) -> anyhow::Result<DemoPipeline> {
         let rules = Arc::new(Rules::compile(&[RuleConfig {
             table: catalog::PRODUCT_TABLE.into(),
             keys: vec!["product:{id}".into()],
@@ -355,15 +380,9 @@ impl DemoPipeline {
         cfg.slot = catalog::SLOT.into();
         cfg.publication = catalog::SLOT.into();
         cfg.status_interval_ms = 100;
-        let recorder = Arc::new(Mutex::new(LagRecorder {
-            lag_us: latency_histogram(),
-            txns: 0,
-            sale_end: None,
-            hot_evictions: Vec::new(),
-        }));
+        cfg.watermark_interval_ms = settings.staleness_refresh_ms;
         let hot_keys = settings.hot_keys;
         let observer = {
-            let recorder = Arc::clone(&recorder);
             Arc::new(move |batch: &Batch| {
                 let applied_us = now_us();
                 let applied = Instant::now();
@@ -403,12 +422,47 @@ impl DemoPipeline {
             .await
             .map_err(|_| anyhow::anyhow!("the pipeline did not start streaming within 30 s"))?
             .context("the pipeline stopped")?;
-        Ok(DemoPipeline { pipeline, recorder })
+        wait_for_watermark(&settings.redis_url).await?;
+        Ok(DemoPipeline { pipeline })
     }
 
     /// Stops the pipeline and waits for it (what it read is applied and confirmed first).
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(super) async fn stop(self) -> anyhow::Result<()> {
         self.pipeline.stop().await.context("the pipeline failed")
+    }
+}
+
+/// Waits (at most 10 s) until the demo namespace's watermark was written under its current
+/// epoch: from then on a client's staleness breaker lets reads use the cache.
+async fn wait_for_watermark(redis_url: &str) -> anyhow::Result<()> {
+    let layout = NamespaceLayout::new(catalog::SLOT)?;
+    let mut conn =
+        cacheclear_protocol::connect::client(redis_url, None, "--redis-url", "redis.tls")?
+            .get_multiplexed_async_connection()
+            .await
+            .context("connecting to Redis")?;
+    let started = Instant::now();
+    loop {
+        let (epoch, watermark): (Option<u64>, Option<String>) = redis::pipe()
+            .get(layout.epoch())
+            .get(layout.watermark())
+            .query_async(&mut conn)
+            .await
+            .context("reading the demo namespace's epoch and watermark")?;
+        let current = watermark
+            .as_deref()
+            .and_then(|w| Watermark::parse(w).ok())
+            .is_some_and(|w| Some(w.epoch) == epoch);
+        if current {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "the pipeline wrote no watermark under the current epoch within 10 s (key {})",
+                layout.watermark()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -427,12 +481,14 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 
 /// Runs the admin job on its own thread and runtime, so that the moment its `COMMIT` returns is
 /// taken without waiting for a busy worker thread. `sale_xid` gets `1 << 32 | xid` before the
-/// commit is sent.
+/// commit is sent. With `stop_first` (`--fault`), the pipeline is taken down before the
+/// transaction begins: the thread asks the fault driver and waits (at most 30 s) for its answer.
 fn spawn_sale_end(
     pg_url: String,
     at: Instant,
     clock: Arc<Clock>,
     sale_xid: Arc<AtomicU64>,
+    stop_first: Option<tokio::sync::oneshot::Sender<StopRequest>>,
 ) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<SaleEnd>>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -446,6 +502,12 @@ fn spawn_sale_end(
                 rt.block_on(async {
                     let mut db = connect(&pg_url).await?;
                     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+                    if let Some(ask) = stop_first {
+                        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                        if ask.send(done_tx).is_ok() {
+                            let _ = tokio::time::timeout(Duration::from_secs(30), done_rx).await;
+                        }
+                    }
                     catalog::end_sale(&mut db, |xid| {
                         if let Ok(x) = xid.parse::<u64>() {
                             sale_xid.store((1 << 32) | (x & 0xFFFF_FFFF), Ordering::SeqCst);
@@ -516,12 +578,16 @@ pub(super) async fn run(
         .context("FLUSHALL")?;
 
     let sale_xid = Arc::new(AtomicU64::new(0));
+    let recorder = Arc::new(Mutex::new(LagRecorder::new()));
     let pipeline = match strategy {
         Strategy::TtlOnly => None,
         Strategy::Cacheclear => {
             progress.message(format!("{label}: starting the invalidation pipeline"));
             catalog::drop_replication(setup).await?;
-            Some(DemoPipeline::start(&settings, Arc::clone(&sale_xid)).await?)
+            Some(
+                DemoPipeline::start(&settings, Arc::clone(&sale_xid), Arc::clone(&recorder))
+                    .await?,
+            )
         }
     };
 
@@ -541,7 +607,13 @@ pub(super) async fn run(
             Strategy::Cacheclear => Cache::Cacheclear(
                 cacheclear_client::Client::connect(
                     &settings.redis_url,
-                    cacheclear_client::Config::default().with_ttl_base_ms(settings.ttl_s * 1000),
+                    cacheclear_client::Config::default()
+                        .with_ttl_base_ms(settings.ttl_s * 1000)
+                        .with_staleness(
+                            StalenessConfig::new(catalog::SLOT)
+                                .with_max_staleness_ms(settings.max_staleness_ms)
+                                .with_refresh_ms(settings.staleness_refresh_ms),
+                        ),
                 )
                 .await?,
             ),
@@ -562,11 +634,29 @@ pub(super) async fn run(
         t0,
         commit_sent: AtomicU64::new(0),
     });
+    let (stop_first, fault_driver) = match pipeline {
+        Some(pipeline) if settings.fault != Fault::None => {
+            let (ask, requests) = tokio::sync::oneshot::channel();
+            let driver = tokio::spawn(fault::drive(
+                settings.fault,
+                Arc::clone(&settings),
+                pipeline,
+                requests,
+                Arc::clone(&clock),
+                Arc::clone(&sale_xid),
+                Arc::clone(&recorder),
+            ));
+            (Some(ask), Driver::Fault(driver))
+        }
+        Some(pipeline) => (None, Driver::Steady(pipeline)),
+        None => (None, Driver::None),
+    };
     let sale_end = spawn_sale_end(
         settings.pg_url.clone(),
         t0 + settings.sale_end_at,
         Arc::clone(&clock),
         Arc::clone(&sale_xid),
+        stop_first,
     )?;
     let edits = tokio::spawn(catalog_edits(Arc::clone(&settings), deadline));
     let mut shoppers = JoinSet::new();
@@ -622,9 +712,14 @@ pub(super) async fn run(
     while let Some(out) = shoppers.join_next().await {
         outs.push(out.context("a shopper task failed")?);
     }
+    let mut bypassed_reads = None;
     for (i, cache) in caches.iter().enumerate() {
         if let Cache::Cacheclear(client) = cache {
-            tracing::debug!(app_server = i, stats = ?client.stats(), "cache client counters");
+            let stats = client.stats();
+            tracing::debug!(app_server = i, ?stats, "cache client counters");
+            *bypassed_reads.get_or_insert(0) += stats.bypassed_watermark_stale
+                + stats.bypassed_watermark_missing
+                + stats.bypassed_epoch_missing;
         }
     }
     ticker.abort();
@@ -642,12 +737,22 @@ pub(super) async fn run(
     progress.message(format!("{label}: auditing the orders"));
     let audit = catalog::audit_orders(setup, Some(&sale_end.xid)).await?;
 
-    let recorder = match pipeline {
-        Some(p) => {
-            // Let the last catalog edits' evictions arrive before stopping.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let recorder = Arc::clone(&p.recorder);
-            p.stop().await?;
+    let (pipeline, fault_times) = match fault_driver {
+        Driver::None => (None, None),
+        Driver::Steady(p) => (Some(p), None),
+        Driver::Fault(driver) => {
+            let (p, times) = driver.await.context("the fault driver failed")??;
+            (p, Some(times))
+        }
+    };
+    let lag = match strategy {
+        Strategy::TtlOnly => None,
+        Strategy::Cacheclear => {
+            if let Some(p) = pipeline {
+                // Let the last catalog edits' evictions arrive before stopping.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                p.stop().await?;
+            }
             drop_slot_when_released(setup).await;
             let r = recorder
                 .lock()
@@ -671,9 +776,13 @@ pub(super) async fn run(
                 hot_evictions: r.hot_evictions.clone(),
             })
         }
-        None => None,
     };
-    let (figures, first_error) = summarize(&settings, &clock, &sale_end, outs, recorder, audit)?;
+    let (mut figures, first_error) = summarize(&settings, &clock, &sale_end, outs, lag, audit)?;
+    figures.bypassed_reads = bypassed_reads;
+    if let Some(times) = fault_times {
+        figures.pipeline_stopped_at_s = times.stopped.map(|at| clock.ns(at) as f64 / 1e9);
+        figures.pipeline_resumed_at_s = times.resumed.map(|at| clock.ns(at) as f64 / 1e9);
+    }
     if let Some(e) = first_error {
         progress.suspend(|| {
             tracing::warn!(
@@ -686,6 +795,16 @@ pub(super) async fn run(
         });
     }
     Ok(figures)
+}
+
+/// Who holds the cacheclear run's pipeline while the shoppers shop.
+enum Driver {
+    /// ttl-only: no pipeline.
+    None,
+    /// `--fault none`: the pipeline runs to the end.
+    Steady(DemoPipeline),
+    /// `--fault …`: the fault driver takes it down (and for `slot-lost` back up).
+    Fault(tokio::task::JoinHandle<anyhow::Result<(Option<DemoPipeline>, FaultTimes)>>),
 }
 
 /// The slot stays active for a moment after the replication connection closes.
