@@ -273,3 +273,49 @@ async fn read_your_writes_never_returns_the_old_value() {
     assert!(stats.ryw_waits >= 1, "{stats:?}");
     pipeline.stop().await.expect("stop");
 }
+
+/// A process idle for longer than the bound holds a snapshot aged by the idle time alone: a
+/// burst of concurrent reads then waits for the one namespace read instead of judging that
+/// snapshot, so none of them bypasses the cache while the pipeline is healthy (before, all but
+/// the reader that refreshed went to the database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_an_idle_spell_does_not_bypass_a_healthy_pipeline() {
+    let env = Env::start();
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    tokio::time::sleep(Duration::from_millis(MAX_STALENESS_MS + 500)).await;
+
+    let before = client.stats();
+    let go = Arc::new(tokio::sync::Barrier::new(32));
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (client, pg, go) = (client.clone(), Arc::clone(&pg), Arc::clone(&go));
+        burst.spawn(async move {
+            go.wait().await;
+            read(&client, &pg).await
+        });
+    }
+    while let Some(price) = burst.join_next().await {
+        assert_eq!(price.expect("reader"), OLD);
+    }
+    let after = client.stats();
+    assert_eq!(
+        after.bypassed_watermark_stale + after.bypassed_watermark_missing,
+        before.bypassed_watermark_stale + before.bypassed_watermark_missing,
+        "a burst on a healthy pipeline bypassed the cache: {after:?}"
+    );
+    // One read from Redis; the others joined it in this process's single-flight table.
+    assert_eq!(
+        (after.hits + after.coalesced) - (before.hits + before.coalesced),
+        32,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.namespace_reads - before.namespace_reads,
+        1,
+        "{after:?}"
+    );
+    pipeline.stop().await.expect("stop");
+}

@@ -90,9 +90,15 @@ impl Breaker {
         })
     }
 
-    /// The verdict now, reading the namespace first when the last read is `refresh_ms` old
-    /// (one caller reads; the others judge by the previous snapshot, unless there is none yet,
-    /// then they wait for the read).
+    /// The verdict now, reading the namespace first when the last snapshot is `refresh_ms` old.
+    ///
+    /// The hit path (a fresh snapshot that lets reads use the cache) takes no lock: one
+    /// `RwLock` read and a clock read. When a refresh is due and the snapshot still lets reads
+    /// use the cache, one caller reads the namespace and the others go on with the snapshot.
+    /// When the snapshot would bypass the cache (none yet, or aged past the bound), callers
+    /// wait for the read in flight instead of judging it: after an idle spell longer than
+    /// `max_staleness_ms`, a burst of reads would otherwise all go to the database on a
+    /// snapshot that is old only because nobody read it (found by `cacheclear bench client`).
     pub(crate) async fn gate(
         &self,
         conn: &RedisConnection,
@@ -100,8 +106,14 @@ impl Breaker {
         counters: &Counters,
     ) -> Gate {
         let refresh_every = Duration::from_millis(self.cfg.refresh_ms);
-        let have = self.read().is_some();
-        let lock = if have {
+        let snapshot = self.read();
+        let verdict = self.verdict(snapshot);
+        let open = matches!(verdict, Gate::Open { .. });
+        let due = snapshot.is_none_or(|s| s.sent.elapsed() >= refresh_every);
+        if open && !due {
+            return verdict;
+        }
+        let lock = if open {
             self.refresh.try_lock().ok()
         } else {
             Some(self.refresh.lock().await)
@@ -123,7 +135,12 @@ impl Breaker {
 
     /// Judges the last snapshot, aged on this process's monotonic clock.
     pub(crate) fn judge(&self) -> Gate {
-        let Some(s) = self.read() else {
+        self.verdict(self.read())
+    }
+
+    /// Judges `snapshot`, aged on this process's monotonic clock.
+    fn verdict(&self, snapshot: Option<Snapshot>) -> Gate {
+        let Some(s) = snapshot else {
             return Gate::Bypass(Reason::WatermarkMissing);
         };
         let Some(epoch) = s.epoch else {
