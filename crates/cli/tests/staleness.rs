@@ -319,3 +319,43 @@ async fn a_burst_after_an_idle_spell_does_not_bypass_a_healthy_pipeline() {
     );
     pipeline.stop().await.expect("stop");
 }
+
+/// The epoch key lost while the pipeline runs (a Redis restart without persistence, an
+/// `allkeys-*` eviction): clients bypass the cache at once, the pipeline's next watermark write
+/// finds the epoch missing and bumps it in place, and the cache serves again under the new
+/// epoch — the value cached under the old one is a miss, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_epoch_key_bypasses_then_the_pipeline_bumps_it_in_place() {
+    let env = Env::start();
+    let pg = Arc::new(env.pg().await);
+    let pipeline = spawn(&env, pg_config(&env)).await;
+    let client = client(&env).await;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    let before = epoch(&env).await.expect("epoch");
+    let ns = NamespaceLayout::new("cacheclear").expect("namespace");
+    let _: i64 = redis::cmd("DEL")
+        .arg(ns.epoch())
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("DEL epoch");
+
+    wait_for("a new epoch", Duration::from_secs(20), || async {
+        epoch(&env).await.is_some_and(|e| e > before)
+    })
+    .await;
+    // Within one refresh interval of the bump a client may still judge by its last read
+    // (the bound is max_staleness_ms + refresh_ms); after it, it knows the new epoch.
+    tokio::time::sleep(Duration::from_millis(REFRESH_MS + 50)).await;
+    let misses_before = client.stats().epoch_misses;
+    wait_served_from_cache(&client, &pg, OLD).await;
+    let stats = client.stats();
+    assert!(
+        stats.epoch_misses > misses_before,
+        "the value filled under epoch {before} must be a miss: {stats:?}"
+    );
+    assert!(
+        !pipeline.is_finished(),
+        "the pipeline bumps in place and goes on"
+    );
+    pipeline.stop().await.expect("stop");
+}

@@ -1,7 +1,7 @@
 //! The staleness breaker: one process's view of its namespace's watermark and epoch
 //! (docs/architecture.md, "The staleness breaker"; [`crate::StalenessConfig`]).
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use cacheclear_protocol::connect::RedisConnection;
@@ -65,11 +65,125 @@ struct Snapshot {
     lsn: Lsn,
 }
 
+impl Reason {
+    fn code(self) -> u64 {
+        match self {
+            Reason::WatermarkStale => 0,
+            Reason::WatermarkMissing => 1,
+            Reason::EpochMissing => 2,
+        }
+    }
+
+    fn from_code(code: u64) -> Reason {
+        match code {
+            0 => Reason::WatermarkStale,
+            2 => Reason::EpochMissing,
+            _ => Reason::WatermarkMissing,
+        }
+    }
+}
+
+/// The last snapshot, judged ahead of time and published without a lock: a sequence lock over
+/// atomics (one writer, the namespace reader under `refresh`), so the hit path only loads — no
+/// read-modify-write bouncing a cache line between cores, which an `RwLock` read costs
+/// (measured by `cacheclear bench client`: 17% of the in-process tier's hit path with an
+/// `RwLock`).
+struct Published {
+    /// Instants are stored as ns since this one.
+    base: Instant,
+    /// Odd while the writer is storing.
+    seq: AtomicU64,
+    /// Reads may use the cache before this instant (ns since `base`; 0: never).
+    open_until: AtomicU64,
+    /// The snapshot is due for a refresh from this instant (ns since `base`; 0: none read yet).
+    refresh_at: AtomicU64,
+    epoch: AtomicU64,
+    lsn: AtomicU64,
+    /// [`Reason::code`] of the bypass once `open_until` has passed.
+    reason: AtomicU64,
+}
+
+/// One consistent read of [`Published`].
+#[derive(Debug, Clone, Copy)]
+struct View {
+    open_until: u64,
+    refresh_at: u64,
+    epoch: u64,
+    lsn: u64,
+    reason: u64,
+}
+
+impl Published {
+    fn new() -> Published {
+        Published {
+            base: Instant::now(),
+            seq: AtomicU64::new(0),
+            open_until: AtomicU64::new(0),
+            refresh_at: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            lsn: AtomicU64::new(0),
+            reason: AtomicU64::new(Reason::WatermarkMissing.code()),
+        }
+    }
+
+    /// ns since `base`, saturating.
+    fn ns(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn load(&self) -> View {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 {
+                let view = View {
+                    open_until: self.open_until.load(Ordering::Relaxed),
+                    refresh_at: self.refresh_at.load(Ordering::Relaxed),
+                    epoch: self.epoch.load(Ordering::Relaxed),
+                    lsn: self.lsn.load(Ordering::Relaxed),
+                    reason: self.reason.load(Ordering::Relaxed),
+                };
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before {
+                    return view;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Stores `view`. One writer at a time (the caller holds `Breaker::refresh`).
+    fn store(&self, view: View) {
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.open_until.store(view.open_until, Ordering::Relaxed);
+        self.refresh_at.store(view.refresh_at, Ordering::Relaxed);
+        self.epoch.store(view.epoch, Ordering::Relaxed);
+        self.lsn.store(view.lsn, Ordering::Relaxed);
+        self.reason.store(view.reason, Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+    }
+}
+
+impl View {
+    /// The verdict at `now` (ns since `base`).
+    fn verdict(self, now: u64) -> Gate {
+        if now < self.open_until {
+            Gate::Open {
+                epoch: self.epoch,
+                lsn: Lsn(self.lsn),
+            }
+        } else {
+            Gate::Bypass(Reason::from_code(self.reason))
+        }
+    }
+}
+
 pub(crate) struct Breaker {
     pub(crate) cfg: StalenessConfig,
     layout: NamespaceLayout,
     script: Script,
-    snapshot: RwLock<Option<Snapshot>>,
+    published: Published,
     /// When the last read was attempted; one read at a time.
     refresh: tokio::sync::Mutex<Option<Instant>>,
     /// Database loads while the breaker is open.
@@ -83,7 +197,7 @@ impl Breaker {
         Ok(Breaker {
             layout: NamespaceLayout::new(&cfg.namespace)?,
             script: scripts::read_namespace(),
-            snapshot: RwLock::new(None),
+            published: Published::new(),
             refresh: tokio::sync::Mutex::new(None),
             bypass: tokio::sync::Semaphore::new(cfg.max_bypass_loads),
             cfg,
@@ -92,8 +206,8 @@ impl Breaker {
 
     /// The verdict now, reading the namespace first when the last snapshot is `refresh_ms` old.
     ///
-    /// The hit path (a fresh snapshot that lets reads use the cache) takes no lock: one
-    /// `RwLock` read and a clock read. When a refresh is due and the snapshot still lets reads
+    /// The hit path (a fresh snapshot that lets reads use the cache) takes no lock: a few
+    /// atomic loads and one clock read. When a refresh is due and the snapshot still lets reads
     /// use the cache, one caller reads the namespace and the others go on with the snapshot.
     /// When the snapshot would bypass the cache (none yet, or aged past the bound), callers
     /// wait for the read in flight instead of judging it: after an idle spell longer than
@@ -105,12 +219,11 @@ impl Breaker {
         config: &Config,
         counters: &Counters,
     ) -> Gate {
-        let refresh_every = Duration::from_millis(self.cfg.refresh_ms);
-        let snapshot = self.read();
-        let verdict = self.verdict(snapshot);
+        let now = self.published.ns(Instant::now());
+        let view = self.published.load();
+        let verdict = view.verdict(now);
         let open = matches!(verdict, Gate::Open { .. });
-        let due = snapshot.is_none_or(|s| s.sent.elapsed() >= refresh_every);
-        if open && !due {
+        if open && now < view.refresh_at {
             return verdict;
         }
         let lock = if open {
@@ -118,6 +231,7 @@ impl Breaker {
         } else {
             Some(self.refresh.lock().await)
         };
+        let refresh_every = Duration::from_millis(self.cfg.refresh_ms);
         if let Some(mut last) = lock
             && last.is_none_or(|at| at.elapsed() >= refresh_every)
         {
@@ -128,32 +242,34 @@ impl Breaker {
         self.judge()
     }
 
-    /// The last snapshot read, if any.
-    fn read(&self) -> Option<Snapshot> {
-        *self.snapshot.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Judges the last snapshot, aged on this process's monotonic clock.
     pub(crate) fn judge(&self) -> Gate {
-        self.verdict(self.read())
+        let now = self.published.ns(Instant::now());
+        self.published.load().verdict(now)
     }
 
-    /// Judges `snapshot`, aged on this process's monotonic clock.
-    fn verdict(&self, snapshot: Option<Snapshot>) -> Gate {
-        let Some(s) = snapshot else {
-            return Gate::Bypass(Reason::WatermarkMissing);
+    /// Publishes `s`, judged ahead: reads may use the cache while `staleness_ms` plus the time
+    /// since `sent` (whole ms) stays within `max_staleness_ms`.
+    fn publish(&self, s: Snapshot) {
+        let sent = self.published.ns(s.sent);
+        let refresh_at = sent.saturating_add(self.cfg.refresh_ms.saturating_mul(1_000_000));
+        let (open_until, reason) = match (s.epoch, s.staleness_ms) {
+            (None, _) => (0, Reason::EpochMissing),
+            (Some(_), None) => (0, Reason::WatermarkMissing),
+            (Some(_), Some(st)) if st > self.cfg.max_staleness_ms => (0, Reason::WatermarkStale),
+            (Some(_), Some(st)) => (
+                sent.saturating_add((self.cfg.max_staleness_ms - st + 1).saturating_mul(1_000_000)),
+                Reason::WatermarkStale,
+            ),
         };
-        let Some(epoch) = s.epoch else {
-            return Gate::Bypass(Reason::EpochMissing);
-        };
-        let Some(staleness) = s.staleness_ms else {
-            return Gate::Bypass(Reason::WatermarkMissing);
-        };
-        let now = staleness.saturating_add(s.sent.elapsed().as_millis() as u64);
-        if now > self.cfg.max_staleness_ms {
-            return Gate::Bypass(Reason::WatermarkStale);
-        }
-        Gate::Open { epoch, lsn: s.lsn }
+        self.published.store(View {
+            open_until,
+            // Never 0 once something was read (0 means "due").
+            refresh_at: refresh_at.max(1),
+            epoch: s.epoch.unwrap_or(0),
+            lsn: s.lsn.0,
+            reason: reason.code(),
+        });
     }
 
     /// One round trip: `READ_NAMESPACE_LUA`. A failure leaves the old snapshot to age.
@@ -182,8 +298,7 @@ impl Breaker {
                 return;
             }
         };
-        let snapshot = parse(&self.cfg.namespace, &watermark, &epoch, &now, sent);
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
+        self.publish(parse(&self.cfg.namespace, &watermark, &epoch, &now, sent));
     }
 }
 
@@ -228,6 +343,64 @@ fn parse(namespace: &str, watermark: &str, epoch: &str, now: &str, sent: Instant
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn breaker(max_staleness_ms: u64) -> Breaker {
+        Breaker::new(
+            StalenessConfig::new("n")
+                .with_max_staleness_ms(max_staleness_ms)
+                .with_refresh_ms(100),
+        )
+        .expect("breaker")
+    }
+
+    fn snapshot(sent: Instant, staleness_ms: Option<u64>, epoch: Option<u64>) -> Snapshot {
+        Snapshot {
+            sent,
+            staleness_ms,
+            epoch,
+            lsn: Lsn(16),
+        }
+    }
+
+    #[test]
+    fn published_verdicts_age_on_the_monotonic_clock() {
+        let b = breaker(1_000);
+        // Nothing read yet: bypass, and due for a read.
+        let view = b.published.load();
+        assert_eq!(view.verdict(0), Gate::Bypass(Reason::WatermarkMissing));
+        assert_eq!(view.refresh_at, 0);
+
+        let sent = b.published.base + Duration::from_secs(10);
+        let at = |ms: u64| b.published.ns(sent + Duration::from_millis(ms));
+        b.publish(snapshot(sent, Some(300), Some(7)));
+        let view = b.published.load();
+        let open = Gate::Open {
+            epoch: 7,
+            lsn: Lsn(16),
+        };
+        assert_eq!(view.verdict(at(0)), open);
+        // 300 ms stale at the read: open while 300 + whole ms since ≤ 1 000.
+        assert_eq!(view.verdict(at(700)), open);
+        assert_eq!(view.verdict(at(700) + 999_999), open);
+        assert_eq!(view.verdict(at(701)), Gate::Bypass(Reason::WatermarkStale));
+        assert_eq!(view.refresh_at, at(100));
+
+        b.publish(snapshot(sent, Some(1_001), Some(7)));
+        assert_eq!(
+            b.published.load().verdict(at(0)),
+            Gate::Bypass(Reason::WatermarkStale)
+        );
+        b.publish(snapshot(sent, None, Some(7)));
+        assert_eq!(
+            b.published.load().verdict(at(0)),
+            Gate::Bypass(Reason::WatermarkMissing)
+        );
+        b.publish(snapshot(sent, Some(0), None));
+        assert_eq!(
+            b.published.load().verdict(at(0)),
+            Gate::Bypass(Reason::EpochMissing)
+        );
+    }
 
     #[test]
     fn parse_judges_the_reply() {
