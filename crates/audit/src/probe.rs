@@ -1,8 +1,11 @@
 //! The audit's read-only Redis access: `GET` of values and fences, `SCAN` for value keys.
 
+use std::time::Duration;
+
+use cacheclear_protocol::connect::{ConnectError, ConnectTimeouts, RedisConnection};
 use cacheclear_protocol::{KeyLayout, Lsn};
 use cacheclear_sink_redis::RedisConfig;
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, ConnectionManagerConfig};
 
 use crate::AuditError;
 
@@ -15,7 +18,7 @@ pub struct Probe {
 
 #[derive(Clone)]
 enum Conn {
-    Single(redis::aio::MultiplexedConnection),
+    Single(RedisConnection),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
@@ -23,30 +26,53 @@ fn redis_err(what: &'static str) -> impl FnOnce(redis::RedisError) -> AuditError
     move |source| AuditError::Redis { what, source }
 }
 
+/// How long connecting (and each reply) may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Probe {
-    /// Connects as `[redis]` `cfg` says (URL, or `cluster = true` with `urls`).
+    /// Connects as `[redis]` `cfg` says, the way `run` does (`cacheclear_protocol::connect`):
+    /// a URL (`redis://` or `rediss://`), a sentinel table, or `cluster = true` with `urls`,
+    /// with `[redis.tls]` and the URLs' ACL user.
     ///
     /// # Errors
-    /// The URL is invalid or Redis cannot be reached: [`AuditError::Redis`] (`connect`).
+    /// An invalid `[redis]` section or unreadable certificate: [`AuditError::Config`] naming
+    /// the field; Redis cannot be reached or refuses us: [`AuditError::Redis`] (`connect`).
     pub async fn connect(cfg: &RedisConfig) -> Result<Probe, AuditError> {
-        let conn = if cfg.cluster {
-            let client = redis::cluster::ClusterClient::new(cfg.urls.iter().map(String::as_str))
+        let conn =
+            if cfg.cluster {
+                let client = cacheclear_protocol::connect::cluster_client_builder(
+                    &cfg.urls,
+                    cfg.tls.as_ref(),
+                    "redis.urls",
+                    "redis.tls",
+                )
+                .map_err(|e| AuditError::Config(e.to_string()))?
+                .connection_timeout(TIMEOUT)
+                .response_timeout(TIMEOUT)
+                .build()
                 .map_err(redis_err("connect"))?;
-            Conn::Cluster(
-                client
-                    .get_async_connection()
-                    .await
-                    .map_err(redis_err("connect"))?,
-            )
-        } else {
-            let client = redis::Client::open(cfg.url.as_str()).map_err(redis_err("connect"))?;
-            Conn::Single(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(redis_err("connect"))?,
-            )
-        };
+                Conn::Cluster(
+                    client
+                        .get_async_connection()
+                        .await
+                        .map_err(redis_err("connect"))?,
+                )
+            } else {
+                let timeouts = ConnectTimeouts {
+                    connect: TIMEOUT,
+                    response: TIMEOUT,
+                };
+                let manager = ConnectionManagerConfig::new().set_number_of_retries(1);
+                Conn::Single(cfg.target().connect(timeouts, manager).await.map_err(
+                    |e| match e {
+                        ConnectError::Config(e) => AuditError::Config(e.to_string()),
+                        ConnectError::Redis(source) => AuditError::Redis {
+                            what: "connect",
+                            source,
+                        },
+                    },
+                )?)
+            };
         Ok(Probe { conn })
     }
 

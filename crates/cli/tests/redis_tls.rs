@@ -143,6 +143,47 @@ async fn run_evicts_through_tls_only_redis_as_an_acl_user() {
         "run connects as {ACL_USER}: {users}"
     );
     assert!(run.exited().is_none(), "run keeps running");
+
+    // `cacheclear audit` connects the way `run` does: over TLS, as the ACL user. A value the
+    // client filled (an envelope) is checked against PostgreSQL.
+    let client = cacheclear_client::Client::connect_to(
+        &cacheclear_protocol::connect::RedisTarget::url(env.redis.url_as(ACL_USER, ACL_PASSWORD))
+            .with_tls(Some(tls.clone())),
+        cacheclear_client::Config::default(),
+    )
+    .await
+    .expect("client over TLS");
+    let price: i64 = client
+        .get_or_load("product:8", || async {
+            let row = pg
+                .query_one("SELECT price_cents FROM product WHERE id = 8", &[])
+                .await?;
+            Ok::<_, tokio_postgres::Error>(cacheclear_client::Loaded::new(row.get::<_, i64>(0)))
+        })
+        .await
+        .expect("fill product:8");
+    assert!(price > 0);
+    let (status, stdout, stderr) = run_to_end(
+        command(&[
+            "audit".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--scan".as_ref(),
+            "100".as_ref(),
+            "--json".as_ref(),
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "audit over TLS failed: {stdout}\n{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("audit JSON");
+    assert!(report["checked"].as_u64().unwrap_or(0) >= 1, "{report}");
+    assert_eq!(report["inconsistent"], 0, "{report}");
+    assert!(!stderr.contains(ACL_PASSWORD), "password printed: {stderr}");
+
     run.kill();
     let text = run.log_text();
     assert!(!text.contains(ACL_PASSWORD), "password in the log: {text}");
