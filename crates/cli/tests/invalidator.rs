@@ -95,6 +95,10 @@ fn config_toml(kafka: &KafkaBroker, redis: &RedisInstance, group: &str) -> Strin
         r#"[kafka]
 brokers = "{brokers}"
 group_id = "{group}"
+# Static membership (README, "Static group membership"): the restarted member takes its
+# partitions back at once; without it tansu 0.6.0 leaves a kill -9'd member's partitions
+# unowned until its session is reaped, and the restart phase took 50-190 s here.
+instance_id = "{group}-1"
 topics = ["{TOPIC}"]
 dead_letter_topic = "cacheclear.dlq"
 batch_max_records = 300

@@ -8,7 +8,10 @@
 //!   1k and 10k row changes/s;
 //! - bulk: one UPDATE of N rows (default 1,000,000), rows/s from its commit to the last eviction;
 //! - peak RSS (VmHWM) of this process: pipeline plus load generator, an upper bound of the
-//!   pipeline's own.
+//!   pipeline's own;
+//! - the floor, first and alone (`bench/floor.rs`): commit → received at 1k rows/s and the
+//!   walsender's rate for the same bulk UPDATE, for a consumer that only receives; the figures
+//!   above as ratios against it (`lag_1k_p99_vs_floor`, `bulk_vs_floor`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use clap::{Args, Subcommand};
 
 mod client;
+mod floor;
 mod kafka;
 mod stages;
 
@@ -86,6 +90,15 @@ struct Recorder {
 #[derive(serde::Serialize)]
 struct Figures {
     command: String,
+    /// commit → received by a consumer that does nothing else, at 1k rows/s (the floor).
+    floor_lag_1k_p50_ms: f64,
+    floor_lag_1k_p99_ms: f64,
+    /// The walsender's own rate for the bulk UPDATE, decoded and thrown away (the floor).
+    floor_bulk_rows_per_s: f64,
+    /// lag_1k_p99_ms / floor_lag_1k_p99_ms (issue 12: ≤ 2).
+    lag_1k_p99_vs_floor: f64,
+    /// bulk_rows_per_s / floor_bulk_rows_per_s (issue 12: ≥ 0.85).
+    bulk_vs_floor: f64,
     lag_1k_p50_ms: f64,
     lag_1k_p99_ms: f64,
     lag_1k_max_ms: f64,
@@ -135,6 +148,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     progress(&format!("creating {} rows", args.bulk_rows));
     let db = create_bench_table(&pg_url, args.bulk_rows).await?;
+    let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
     let rules = Arc::new(bench_rules()?);
     let mut pg_cfg = PostgresConfig::new(pg_url.clone());
     pg_cfg.slot = "cacheclear_bench".into();
@@ -218,8 +232,14 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     source.stop().await?;
     drop_bench_objects(&db).await;
 
+    let bulk_rows_per_s = args.bulk_rows as f64 / bulk_seconds;
     let figures = Figures {
         command,
+        floor_lag_1k_p50_ms: floor.lag_p50_ms,
+        floor_lag_1k_p99_ms: floor.lag_p99_ms,
+        floor_bulk_rows_per_s: floor.bulk_rows_per_s,
+        lag_1k_p99_vs_floor: phases[0].0.p99 / floor.lag_p99_ms,
+        bulk_vs_floor: bulk_rows_per_s / floor.bulk_rows_per_s,
         lag_1k_p50_ms: phases[0].0.p50,
         lag_1k_p99_ms: phases[0].0.p99,
         lag_1k_max_ms: phases[0].0.max,
@@ -238,7 +258,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         achieved_10k_rows_per_s: phases[1].1,
         bulk_rows: args.bulk_rows,
         bulk_seconds,
-        bulk_rows_per_s: args.bulk_rows as f64 / bulk_seconds,
+        bulk_rows_per_s,
         peak_rss_mb: peak_rss_mb()?,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
     };
@@ -248,6 +268,83 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         print_table(&figures, &phases);
     }
     Ok(())
+}
+
+/// The floor's figures.
+struct Floor {
+    lag_p50_ms: f64,
+    lag_p99_ms: f64,
+    bulk_rows_per_s: f64,
+}
+
+/// Runs the floor consumer alone (no pipeline decoding): the steady 1k rows/s phase, then one
+/// UPDATE of every row, each measured as the pipeline's are.
+async fn measure_floor(
+    db: &tokio_postgres::Client,
+    pg_url: &str,
+    args: &PipelineArgs,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<Floor> {
+    floor::create(db, "cacheclear_bench_product").await?;
+    let consumer = floor::FloorConsumer::start(pg_url, args.bulk_rows)?;
+    progress(&format!(
+        "floor: a consumer that only receives, 1000 row changes/s for {} s",
+        args.seconds
+    ));
+    consumer.record(true);
+    steady_load(pg_url, 1_000, 1, args.seconds, args.bulk_rows).await?;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    consumer.record(false);
+    let (p50, p99, samples) = {
+        let s = consumer
+            .seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("floor: poisoned"))?;
+        (
+            s.lag_us.value_at_quantile(0.5) as f64 / 1000.0,
+            s.lag_us.value_at_quantile(0.99) as f64 / 1000.0,
+            s.lag_us.len(),
+        )
+    };
+    if samples == 0 {
+        bail!("floor: the consumer received no transaction in the steady phase");
+    }
+    progress(&format!("floor: one UPDATE of {} rows", args.bulk_rows));
+    db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1")
+        .await?;
+    let waited = Instant::now();
+    let bulk = loop {
+        if let Some(b) = consumer.seen.lock().ok().and_then(|s| s.bulk) {
+            break b;
+        }
+        if consumer.is_finished() || waited.elapsed() > Duration::from_secs(600) {
+            consumer.stop().await?;
+            bail!("floor: the bulk UPDATE was not received within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    consumer.stop().await?;
+    // The slot stays active for a moment after the connection closes.
+    for _ in 0..50 {
+        floor::drop_floor(db).await;
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&floor::FLOOR],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
+    Ok(Floor {
+        lag_p50_ms: p50,
+        lag_p99_ms: p99,
+        bulk_rows_per_s: bulk.0 as f64 / seconds,
+    })
 }
 
 /// The CDC source ([`Pipeline`]) on a tokio runtime of its own (see [`on_own_runtime`]).
@@ -426,6 +523,18 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
         row("  visible → Redis ack, p99", p.sink_p99);
         println!("{:<44} {:>12.0}", "  achieved rows/s", achieved);
     }
+    row(
+        "floor: commit → received p50 @ 1k rows/s",
+        f.floor_lag_1k_p50_ms,
+    );
+    row(
+        "floor: commit → received p99 @ 1k rows/s",
+        f.floor_lag_1k_p99_ms,
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "lag p99 @ 1k / floor p99 (target ≤ 2)", f.lag_1k_p99_vs_floor
+    );
     println!("{:<44} {:>12}", "bulk UPDATE rows", f.bulk_rows);
     println!(
         "{:<44} {:>10.2} s",
@@ -434,6 +543,14 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     println!(
         "{:<44} {:>12.0}",
         "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "floor: walsender's own bulk rows/s", f.floor_bulk_rows_per_s
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "bulk rows/s / floor (target ≥ 0.85)", f.bulk_vs_floor
     );
     println!(
         "{:<44} {:>9.1} MB",

@@ -98,6 +98,19 @@ pub mod fuzzing {
     }
 }
 pub use error::{Ended, SourceError};
+
+/// The replication connection's settings for `cfg` exactly as the source opens it (host, user,
+/// password, TLS from `postgres.url`; `cfg.slot`, `cfg.publication`; start LSN 0: the slot's
+/// confirmed position), for tools that read a slot themselves: `cacheclear bench pipeline`'s
+/// floor, a consumer that receives and throws away.
+///
+/// # Errors
+/// [`SourceError::Config`] (`postgres.url`) when the URL does not parse or names no user.
+pub fn replication_config(
+    cfg: &PostgresConfig,
+) -> Result<pgwire_replication::ReplicationConfig, SourceError> {
+    connect::replication_config(cfg)
+}
 pub use pipeline::Pipeline;
 pub use status::{BatchObserver, RunOptions, SourceStatus};
 pub use telemetry::{describe_metrics, register_metrics};

@@ -533,7 +533,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn print_table(f: &Figures) {
     println!("$ {}", f.command);
     println!(
-        "{} reads per round and variant, {} rounds (alternating order), {} concurrent readers, {} cores",
+        "{} reads per round and variant, {} round(s) (alternating order), {} concurrent readers, {} cores",
         f.reads_per_round, f.rounds, f.concurrency, f.cores
     );
     println!();

@@ -91,7 +91,7 @@
 //! | `postgres`, `redis` | string | `"private"` (started by the demo) or `"given"` (URL flag) |
 //! | `total_s` | number | wall time of the whole demo, setup included |
 //! | `fault` | string | `"none"`, `"pipeline-stop"` or `"slot-lost"` (`--fault`) |
-//! | `max_staleness_ms` | integer | the cacheclear clients' staleness bound (`--max-staleness-ms`) |
+//! | `max_staleness_ms` | integer | the cacheclear clients' staleness bound (`--max-staleness-ms`); not the per-strategy `max_staleness_ms`, the largest staleness measured |
 //! | `staleness_refresh_ms` | integer | watermark heartbeat and client refresh interval (100) |
 //!
 //! `strategies.ttl_only` and `strategies.cacheclear`, the same fields (`null` where a figure
@@ -280,7 +280,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     check_binaries(&args)?;
     if args.fault == Fault::SlotLost && args.postgres_url.is_some() {
         anyhow::bail!(
-            "--fault slot-lost needs the demo's private PostgreSQL (it lowers              max_slot_wal_keep_size and churns WAL until the slot is lost): leave out --postgres-url"
+            "--fault slot-lost needs the demo's private PostgreSQL (it lowers \
+             max_slot_wal_keep_size and churns WAL until the slot is lost): leave out --postgres-url"
         );
     }
     let tenths = args.duration * 10;
