@@ -9,7 +9,7 @@
 //! - bulk: one UPDATE of N rows (default 1,000,000), rows/s from its commit to the last eviction;
 //! - peak RSS (VmHWM) of this process: pipeline plus load generator, an upper bound of the
 //!   pipeline's own;
-//! - the floor, first and alone (`bench/floor.rs`): commit → received at 1k rows/s and the
+//! - the floor, last and alone (`bench/floor.rs`; the pipeline stopped): commit → received at 1k rows/s and the
 //!   walsender's rate for the same bulk UPDATE, for a consumer that only receives; the figures
 //!   above as ratios against it (`lag_1k_p99_vs_floor`, `bulk_vs_floor`).
 
@@ -148,7 +148,6 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     progress(&format!("creating {} rows", args.bulk_rows));
     let db = create_bench_table(&pg_url, args.bulk_rows).await?;
-    let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
     let rules = Arc::new(bench_rules()?);
     let mut pg_cfg = PostgresConfig::new(pg_url.clone());
     pg_cfg.slot = "cacheclear_bench".into();
@@ -230,6 +229,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     };
     let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
     source.stop().await?;
+    // Before the floor phase: its consumer's buffers are not the pipeline's.
+    let peak_rss_mb = peak_rss_mb()?;
+    let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
     drop_bench_objects(&db).await;
 
     let bulk_rows_per_s = args.bulk_rows as f64 / bulk_seconds;
@@ -259,7 +261,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         bulk_rows: args.bulk_rows,
         bulk_seconds,
         bulk_rows_per_s,
-        peak_rss_mb: peak_rss_mb()?,
+        peak_rss_mb,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
     };
     if args.json {
@@ -554,7 +556,7 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     );
     println!(
         "{:<44} {:>9.1} MB",
-        "peak RSS of the bench process (target < 50)", f.peak_rss_mb
+        "peak RSS before the floor phase (target < 50)", f.peak_rss_mb
     );
     println!("{:<44} {:>12}", "cores", f.cores);
 }
