@@ -207,11 +207,10 @@ impl Client {
     /// Reads cache key `key` through the cache ([`ReadPolicy::Cached`], unless `key` matches
     /// [`Config::strict_key_prefixes`]).
     ///
-    /// 1. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
+    /// 1. In-process single-flight: if this process already reads `key`, wait for that read.
+    /// 2. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
     ///    a hit near its expiry may refresh it early (see [`Config::xfetch_beta`]).
-    /// 2. Miss: in-process single-flight: if this process already loads `key`, wait for that
-    ///    read; otherwise lead it.
-    /// 3. The leader: `SET {K}:lease <128-bit random token> NX PX lease_ms`, pipelined with
+    /// 3. Miss: `SET {K}:lease <128-bit random token> NX PX lease_ms`, pipelined with
     ///    `GET {K}:fence` (kept as the envelope's `read_after`). The holder runs `loader`
     ///    and fills with the protocol's FILL script, which writes only if the lease still holds
     ///    our token and the fence is not newer than [`Loaded::version`], and releases the lease
@@ -245,7 +244,7 @@ impl Client {
     /// - **Following another call for `key` in this process** (single-flight): nothing. That
     ///   call's read goes on for its own caller and its other followers.
     /// - **Leading this process's read of `key`** (every case below except the local tier
-    ///   lookup, the first `GET` and a strict key's loader, which come before single-flight): the flight is
+    ///   lookup and a strict key's loader, which come before single-flight): the flight is
     ///   removed when the future is dropped, which wakes this process's followers; they retry,
     ///   and one of them leads a fresh read with its own loader (they never get the dropped
     ///   read's result).
@@ -323,26 +322,10 @@ impl Client {
             self.incr(Counter::local_hits);
             return Ok(v);
         }
-        // The hit path: one `GET`, outside single-flight, which coalesces loads: concurrent
-        // hits of one key each read Redis, with no flight to join and leave (measured by
-        // `cacheclear bench client`).
-        let mut conn = self.inner.conn.clone();
-        match self.get_value::<T>(&mut conn, &layout, epoch).await {
-            Err(e) => return self.redis_failed(key, "GET", e, loader).await,
-            Ok(Some(env)) => return self.serve_hit(&layout, env, epoch, loader).await,
-            Ok(None) => {}
-        }
-        // A miss: the first leader goes straight to the lease (it has just read `{K}`; the
-        // winner of the lease re-reads it anyway); a leader after a cancelled one reads again.
-        let mut just_missed = true;
         loop {
             match self.inner.flights.join(key) {
                 Role::Leader(leader) => {
-                    let result = if just_missed {
-                        self.load_through(&layout, epoch, loader).await
-                    } else {
-                        self.read_through(&layout, epoch, loader).await
-                    };
+                    let result = self.read_through(&layout, epoch, loader).await;
                     leader.finish_with(|| {
                         result
                             .clone()
@@ -360,10 +343,7 @@ impl Client {
                         },
                         Some(Err(e)) => return Err(e),
                         // The leader was cancelled or panicked: try again.
-                        None => {
-                            just_missed = false;
-                            continue;
-                        }
+                        None => continue,
                     }
                 }
             }
@@ -542,66 +522,33 @@ impl Client {
         E: Into<BoxError>,
     {
         let key = layout.key();
-        let mut conn = self.inner.conn.clone();
-        match self.get_value::<T>(&mut conn, layout, epoch).await {
-            Err(e) => self.redis_failed(key, "GET", e, loader).await,
-            Ok(Some(env)) => self.serve_hit(layout, env, epoch, loader).await,
-            Ok(None) => self.load_through(layout, epoch, loader).await,
-        }
-    }
-
-    /// A hit: returns the payload. XFetch: near expiry, one reader (the one that wins the draw
-    /// and the lease) reloads early; the others, and any refresh that fails, serve the cached
-    /// value.
-    async fn serve_hit<T, F, Fut, E>(
-        &self,
-        layout: &KeyLayout,
-        env: Envelope<T>,
-        epoch: Option<u64>,
-        loader: F,
-    ) -> Result<T, Error>
-    where
-        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Loaded<T>, E>>,
-        E: Into<BoxError>,
-    {
-        let key = layout.key();
-        if self.xfetch_due(&env) {
-            let mut conn = self.inner.conn.clone();
-            if let Ok(Lease::Acquired(held)) = self.try_lease(&mut conn, layout).await {
-                self.incr(Counter::early_refreshes);
-                match self.load_and_fill(layout, held, epoch, loader).await {
-                    Ok(v) => return Ok(v),
-                    Err(e) => {
-                        // The cached value is still valid (not invalidated): serve it.
-                        tracing::warn!(key, error = %e, "early refresh failed; serving the cached value");
-                    }
-                }
-            }
-        }
-        self.incr(Counter::hits);
-        self.local_put(key, &env.payload).await;
-        Ok(env.payload)
-    }
-
-    /// After a miss of `GET {K}`: the lease, the re-read under it, the load and the fill, or
-    /// the wait for another holder (steps 3 and 4 of [`Client::get_or_load`]).
-    async fn load_through<T, F, Fut, E>(
-        &self,
-        layout: &KeyLayout,
-        epoch: Option<u64>,
-        loader: F,
-    ) -> Result<T, Error>
-    where
-        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Loaded<T>, E>>,
-        E: Into<BoxError>,
-    {
-        let key = layout.key();
         let config = &self.inner.config;
         let mut conn = self.inner.conn.clone();
+
+        match self.get_value::<T>(&mut conn, layout, epoch).await {
+            Err(e) => return self.redis_failed(key, "GET", e, loader).await,
+            Ok(Some(env)) => {
+                // XFetch: near expiry, one reader (the one that wins the draw and the lease)
+                // reloads early; the others, and any refresh that fails, serve the cached value.
+                if self.xfetch_due(&env)
+                    && let Ok(Lease::Acquired(held)) = self.try_lease(&mut conn, layout).await
+                {
+                    self.incr(Counter::early_refreshes);
+                    match self.load_and_fill(layout, held, epoch, loader).await {
+                        Ok(v) => return Ok(v),
+                        Err(e) => {
+                            // The cached value is still valid (not invalidated): serve it.
+                            tracing::warn!(key, error = %e, "early refresh failed; serving the cached value");
+                        }
+                    }
+                }
+                self.incr(Counter::hits);
+                self.local_put(key, &env.payload).await;
+                return Ok(env.payload);
+            }
+            Ok(None) => {}
+        }
+
         self.incr(Counter::misses);
         #[cfg(feature = "test-util")]
         self.hook(HookPoint::Missed, key).await;
