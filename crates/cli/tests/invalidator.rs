@@ -194,11 +194,14 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     // Catch it mid-stream, deterministically: once 2,000 keys carry a fence, pause Redis writes
     // (its next batch then hangs inside its Redis calls), let the commits of the batches it
     // finished land, and kill -9 it there — between a batch's Redis writes and its commit.
+    // Up to 180 s: on tansu 0.6.0 a new member's first records sometimes arrive a minute or
+    // more after its assignment (seen in CI: assigned after 7 s, nothing applied 53 s later;
+    // not understood yet). The kill and the restart below are what this test is about.
     let start = Instant::now();
     while dbsize(&mut c).await < 2000 {
         assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no progress within 60 s"
+            start.elapsed() < Duration::from_secs(180),
+            "no progress within 180 s"
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
