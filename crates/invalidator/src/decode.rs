@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cacheclear_protocol::{BusRecord, ConfigError, KeyLayout, Lsn};
+use cacheclear_protocol::{BusControl, BusRecord, ConfigError, KeyLayout, Lsn, NamespaceLayout};
 use cacheclear_rules::{Column, KeyBuildError, MapRow, RowImage, Rules, TableRules};
 use serde_json::{Map, Value};
 
@@ -31,6 +31,9 @@ pub enum Decoded {
     /// Nothing to evict; the record is acknowledged (its offset committed) all the same. The
     /// string says why (`"tombstone"`, `"no rule for table public.x"`, …).
     Skip(String),
+    /// A bus control record (epoch or watermark), applied to the namespace's keys once every
+    /// record before it on its partition is acknowledged.
+    Control(BusControl),
 }
 
 /// The evictions of one record.
@@ -400,6 +403,16 @@ fn decode_bus(value: Option<&[u8]>) -> Result<Decoded, Malformed> {
     let Some(value) = value else {
         return Ok(Decoded::Skip("tombstone".into()));
     };
+    if BusControl::is_control(value) {
+        let c = BusControl::from_json(value)
+            .map_err(|e| malformed(format!("bus control record: {e}")))?;
+        NamespaceLayout::new(c.namespace())
+            .map_err(|e| malformed(format!("bus control record: namespace: {e}")))?;
+        if let BusControl::Watermark { partitions: 0, .. } = c {
+            return Err(malformed("bus control record: `partitions` is 0"));
+        }
+        return Ok(Decoded::Control(c));
+    }
     let r = BusRecord::from_json(value).map_err(|e| malformed(e.to_string()))?;
     let keys = match r.key {
         Some(k) => {
@@ -553,6 +566,7 @@ mod tests {
                 (e.keys, e.patterns)
             }
             Decoded::Skip(why) => panic!("skipped: {why}"),
+            Decoded::Control(c) => panic!("a control record: {c:?}"),
         }
     }
 
@@ -693,6 +707,14 @@ mod tests {
             bus(br#"{"key":"p:1","commit_lsn":"0/10","commit_time_us":7,"xid":1,"table":"t","op":"insert"}"#).unwrap(),
             Decoded::Evict(Evictions { keys: vec!["p:1".into()], patterns: vec![], lsn: Lsn(16), commit_time_us: 7 })
         );
+        assert!(matches!(
+            bus(br#"{"control":"epoch","namespace":"ns","open":1,"origin":"1/1"}"#).unwrap(),
+            Decoded::Control(BusControl::Epoch { open: 1, .. })
+        ));
+        let bad = bus(br#"{"control":"epoch","namespace":"n{s","open":1,"origin":"1/1"}"#);
+        assert!(bad.unwrap_err().0.contains("namespace"));
+        assert!(bus(br#"{"control":"watermark","namespace":"ns","open":1,"origin":"1/1","lsn":"0/1","commit_time_us":1,"lag_ms":0,"partitions":0}"#).is_err());
+        assert!(bus(br#"{"control":"epoch"}"#).is_err());
     }
 
     #[test]

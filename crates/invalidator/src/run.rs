@@ -5,9 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cacheclear_protocol::Lsn;
+use cacheclear_protocol::{BusControl, Lsn};
 use cacheclear_rules::Rules;
-use cacheclear_sink_redis::{RedisSink, RedisSinkError};
+use cacheclear_sink_redis::{BusWatermark, BusWatermarkOutcome, RedisSink, RedisSinkError};
 use futures::{FutureExt, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -527,8 +527,11 @@ async fn apply(
     let mut commit_times = Vec::with_capacity(batch.len());
     let mut kafka_times = Vec::with_capacity(batch.len());
     let mut skipped = 0u64;
+    // Control records in batch order (so in partition order): applied after the evictions.
+    let mut controls: Vec<(&BusControl, i32)> = Vec::new();
     for r in batch {
         match &r.outcome {
+            Ok(Decoded::Control(c)) => controls.push((c, r.tp.partition)),
             Ok(Decoded::Evict(e)) => {
                 keys.extend(e.keys.iter().map(|k| (k.as_str(), e.lsn)));
                 if !e.patterns.is_empty() {
@@ -561,6 +564,14 @@ async fn apply(
                     match sink.invalidate_matching(patterns, *lsn).await {
                         Ok(found) => n += found,
                         Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                if result.is_ok() {
+                    for (control, partition) in &controls {
+                        if let Err(e) = apply_control(sink, control, *partition).await {
                             result = Err(e);
                             break;
                         }
@@ -609,6 +620,71 @@ async fn apply(
     metrics::counter!(telemetry::RECORDS, "outcome" => "skipped").increment(skipped);
     metrics::counter!(telemetry::KEYS_EVICTED).increment(evicted);
     true
+}
+
+/// Applies one bus control record of `partition` (docs/architecture.md, "Watermark and epoch in
+/// bus mode"): an epoch record opens the namespace's epoch (once per source start), a watermark
+/// record moves the partition's progress and, once every partition reported, the namespace's
+/// watermark.
+async fn apply_control(
+    sink: &RedisSink,
+    control: &BusControl,
+    partition: i32,
+) -> Result<(), RedisSinkError> {
+    match control {
+        BusControl::Epoch {
+            namespace,
+            open,
+            origin,
+            gap,
+            continuity,
+        } => {
+            let opened = sink
+                .apply_bus_epoch(namespace, origin, gap.as_deref(), *continuity, *open)
+                .await?;
+            if let Some(reason) = &opened.bumped {
+                metrics::counter!(telemetry::EPOCH_BUMPS, "reason" => reason.clone()).increment(1);
+                tracing::warn!(%namespace, epoch = opened.epoch, reason, %origin, open,
+                    "bumped the namespace's epoch (bus epoch record): every value cached before is a miss");
+            }
+        }
+        BusControl::Watermark {
+            namespace,
+            open,
+            origin,
+            lsn,
+            commit_time_us,
+            lag_ms,
+            partitions,
+        } => {
+            let record = BusWatermark {
+                open: *open,
+                origin,
+                lsn: *lsn,
+                commit_time_us: *commit_time_us,
+                lag_ms: *lag_ms,
+                partitions: *partitions,
+            };
+            let applied = sink
+                .apply_bus_watermark(namespace, &record, partition)
+                .await?;
+            if let Some(reason) = &applied.bumped {
+                metrics::counter!(telemetry::EPOCH_BUMPS, "reason" => reason.clone()).increment(1);
+                tracing::warn!(%namespace, reason, open,
+                    "the namespace's epoch was gone from Redis (restarted without it?); opened a new one");
+            }
+            let outcome = match applied.outcome {
+                BusWatermarkOutcome::Written { lag_ms } => {
+                    metrics::gauge!(telemetry::WATERMARK_LAG).set(lag_ms as f64);
+                    "written"
+                }
+                BusWatermarkOutcome::Pending => "pending",
+                BusWatermarkOutcome::EarlierOpen => "earlier_open",
+            };
+            metrics::counter!(telemetry::WATERMARKS, "outcome" => outcome).increment(1);
+        }
+    }
+    Ok(())
 }
 
 /// The batch's keys for [`RedisSink::invalidate`]. (A named type rather than `iter().copied()`:

@@ -31,6 +31,13 @@ pub(crate) const REBALANCES: &str = "cacheclear_invalidator_rebalances_total";
 pub(crate) const TABLE_FALLBACKS: &str = "cacheclear_invalidator_table_fallbacks_total";
 /// Gauge: partitions this process owns.
 pub(crate) const ASSIGNED_PARTITIONS: &str = "cacheclear_invalidator_assigned_partitions";
+/// Counter, label `reason` (`new_slot`, `slot_lost`, `origin_changed`, `epoch_missing`): epoch
+/// bumps this process applied from the bus's control records.
+pub(crate) const EPOCH_BUMPS: &str = "cacheclear_invalidator_epoch_bumps_total";
+/// Gauge (ms): lag carried by the last namespace watermark this process wrote (bus mode).
+pub(crate) const WATERMARK_LAG: &str = "cacheclear_invalidator_watermark_lag_ms";
+/// Counter, label `outcome` (`written`, `pending`, `earlier_open`): bus watermark records applied.
+pub(crate) const WATERMARKS: &str = "cacheclear_invalidator_watermarks_total";
 
 /// Describes every metric of the invalidator to the installed `metrics` recorder.
 pub fn describe_metrics() {
@@ -74,6 +81,19 @@ pub fn describe_metrics() {
         "Debezium events answered by evicting their table whole because their keys could not be computed, by reason: unavailable_value, no_before_image, column_absent, unsupported_type, out_of_range."
     );
     describe_gauge!(ASSIGNED_PARTITIONS, "Partitions assigned to this process.");
+    describe_counter!(
+        EPOCH_BUMPS,
+        "Namespace epoch bumps applied from the bus's control records, by reason (new_slot, slot_lost, origin_changed, epoch_missing)."
+    );
+    describe_gauge!(
+        WATERMARK_LAG,
+        Unit::Milliseconds,
+        "Lag carried by the last namespace watermark written from the bus (max of the source's lag and Redis TIME minus the commit time)."
+    );
+    describe_counter!(
+        WATERMARKS,
+        "Bus watermark records applied, by outcome: written (the namespace's watermark moved), pending (another partition has not reported yet), earlier_open (a record of an earlier start of the source, ignored)."
+    );
 }
 
 /// Exports every counter and gauge of the invalidator at zero (each label value listed in its
@@ -110,4 +130,10 @@ pub fn register_metrics() {
         metrics::counter!(TABLE_FALLBACKS, "reason" => reason).increment(0);
     }
     metrics::gauge!(ASSIGNED_PARTITIONS).increment(0.0);
+    for reason in ["new_slot", "slot_lost", "origin_changed", "epoch_missing"] {
+        metrics::counter!(EPOCH_BUMPS, "reason" => reason).increment(0);
+    }
+    for outcome in ["written", "pending", "earlier_open"] {
+        metrics::counter!(WATERMARKS, "outcome" => outcome).increment(0);
+    }
 }

@@ -339,6 +339,7 @@ fn keys(d: Decoded, what: &str) -> Vec<String> {
             e.keys
         }
         Decoded::Skip(why) => panic!("skipped: {why}"),
+        Decoded::Control(c) => panic!("a control record: {c:?}"),
     }
 }
 
@@ -747,6 +748,7 @@ async fn timetz_is_never_rendered() {
     match d.decode(Format::Debezium, None, Some(&ev)) {
         Ok(Decoded::Evict(e)) => assert!(!e.patterns.is_empty(), "table-wide: {:?}", e.keys),
         Ok(Decoded::Skip(why)) => panic!("skipped: {why}"),
+        Ok(Decoded::Control(c)) => panic!("a control record: {c:?}"),
         Err(e) => panic!("dead-lettered: {}", e.0),
     }
 }

@@ -42,5 +42,5 @@ pub use invalidation::{Invalidation, Op};
 pub use layout::{KeyError, KeyLayout};
 pub use lsn::{Lsn, LsnParseError};
 pub use namespace::{NamespaceLayout, Watermark};
-pub use record::{BusRecord, RecordError};
+pub use record::{BusControl, BusRecord, CONTROL_KEY_PREFIX, RecordError};
 pub use sink::{EpochChanged, EpochOpened, Sink, SinkError};

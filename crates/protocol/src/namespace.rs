@@ -10,6 +10,8 @@
 //! | `{cacheclear.ns:N}:epoch` | the epoch, a decimal integer (`max(previous + 1, Redis TIME in ms)`) | none |
 //! | `{cacheclear.ns:N}:origin` | `system_identifier/timeline` of the PostgreSQL server last streamed from | none |
 //! | `{cacheclear.ns:N}:watermark` | `LSN commit_time_us lag_ms written_ms epoch` ([`Watermark`]) | [`WATERMARK_TTL_MS`] |
+//! | `{cacheclear.ns:N}:opened` | bus mode: the `open` id of the source start whose epoch record was applied | none |
+//! | `{cacheclear.ns:N}:partitions` | bus mode: a hash, partition number → `LSN commit_time_us lag_ms` of the newest watermark record applied from it under that open | none |
 //!
 //! The epoch and origin carry no TTL on purpose: under a `volatile-*` eviction policy Redis never
 //! evicts them; should they vanish anyway (a Redis restart without persistence, `allkeys-*`), the
@@ -61,6 +63,16 @@ impl NamespaceLayout {
     /// `{cacheclear.ns:N}:watermark`.
     pub fn watermark(&self) -> String {
         format!("{}:watermark", self.tag)
+    }
+
+    /// `{cacheclear.ns:N}:opened` (bus mode).
+    pub fn opened(&self) -> String {
+        format!("{}:opened", self.tag)
+    }
+
+    /// `{cacheclear.ns:N}:partitions` (bus mode).
+    pub fn partitions(&self) -> String {
+        format!("{}:partitions", self.tag)
     }
 }
 

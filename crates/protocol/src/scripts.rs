@@ -116,8 +116,19 @@ return 1
 /// changed). The new epoch is `max(previous + 1, Redis TIME in ms)`, so it exceeds every
 /// earlier epoch even when the key was lost. A bump deletes the watermark (it described the old
 /// epoch). The origin is stored in every case. Returns `{epoch, reason}` (reason empty: no bump).
+///
+/// Bus mode (the invalidator applying a [`crate::BusControl::Epoch`] record, which arrives once
+/// per partition) adds `KEYS[4]` `{cacheclear.ns:N}:opened`, `KEYS[5]`
+/// `{cacheclear.ns:N}:partitions` and `ARGV[4]` the record's `open` id: when `opened` already
+/// holds that id, the open was applied (from another partition) and nothing changes; otherwise
+/// the open is applied as above, `opened` is set to the id and the partitions' watermark progress
+/// is cleared (it belonged to the previous open).
 pub const OPEN_EPOCH_LUA: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
+local bus = #KEYS >= 5
+if bus and epoch and redis.call('GET', KEYS[4]) == ARGV[4] then
+  return {epoch, ''}
+end
 local origin = redis.call('GET', KEYS[2])
 local reason = ARGV[2]
 if reason == '' then
@@ -139,8 +150,86 @@ if reason ~= '' then
   redis.call('DEL', KEYS[3])
 end
 redis.call('SET', KEYS[2], ARGV[1])
+if bus then
+  redis.call('SET', KEYS[4], ARGV[4])
+  redis.call('DEL', KEYS[5])
+end
 return {epoch, reason}
 "#;
+
+/// Source of [`bus_watermark`]: the invalidator applying a [`crate::BusControl::Watermark`]
+/// record of one partition. `KEYS`: `{cacheclear.ns:N}:watermark`, `:epoch`, `:origin`,
+/// `:opened`, `:partitions`. `ARGV`: `[1]` the record's `open` id, `[2]` its origin, `[3]` the
+/// partition number, `[4]` the topic's partition count, `[5]` the LSN (fixed hex), `[6]` its
+/// commit time in µs, `[7]` the source's lag in ms, `[8]` the watermark TTL in ms.
+///
+/// - Epoch or `opened` absent (Redis lost the namespace): opens a new epoch in place
+///   (`max(1, Redis TIME in ms)`, reason `epoch_missing`) under this record's open, as the Redis
+///   sink's publisher does; clients bypassed meanwhile (no epoch), so nothing was filled under
+///   the lost one.
+/// - `opened` holds another id: a record of an earlier start; ignored.
+/// - Otherwise records the partition's progress (its LSN only moves forward) and, once every
+///   partition `0 .. ARGV[4]` has delivered a watermark under this open, writes the namespace's
+///   watermark at the *smallest* of their LSNs (or the stored one, if larger: the LSN only moves
+///   forward) — every commit up to it is applied on every partition — with
+///   `lag_ms = max(source lag, Redis TIME − commit time)`: the one comparison of two hosts'
+///   clocks in the protocol (PostgreSQL's commit timestamp against Redis's `TIME`;
+///   docs/architecture.md says why and what a skew does). Returns `{1, reason, lag_ms}` when
+///   written, `{0, reason, 0}` while a partition has not reported yet, `{-1, '', 0}` for an
+///   earlier open (reason: `epoch_missing` or empty).
+pub const BUS_WATERMARK_LUA: &str = r#"
+local epoch = redis.call('GET', KEYS[2])
+local opened = redis.call('GET', KEYS[4])
+local reason = ''
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not epoch or not opened then
+  local next = tonumber(epoch or '0') + 1
+  if now > next then
+    next = now
+  end
+  epoch = string.format('%d', next)
+  redis.call('SET', KEYS[2], epoch)
+  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('SET', KEYS[4], ARGV[1])
+  redis.call('DEL', KEYS[1], KEYS[5])
+  reason = 'epoch_missing'
+elseif opened ~= ARGV[1] then
+  return {-1, '', 0}
+end
+local mine = ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. ARGV[7]
+local held = redis.call('HGET', KEYS[5], ARGV[3])
+if held and string.sub(held, 1, 16) > ARGV[5] then
+  mine = held
+end
+redis.call('HSET', KEYS[5], ARGV[3], mine)
+local low = nil
+for p = 0, tonumber(ARGV[4]) - 1 do
+  local v = redis.call('HGET', KEYS[5], tostring(p))
+  if not v then
+    return {0, reason, 0}
+  end
+  if not low or string.sub(v, 1, 16) < string.sub(low, 1, 16) then
+    low = v
+  end
+end
+local lsn, commit_us, lag = string.match(low, '^(%x+) (%-?%d+) (%d+)$')
+local behind = now - math.floor(tonumber(commit_us) / 1000)
+if behind > tonumber(lag) then
+  lag = string.format('%d', behind)
+end
+local old = redis.call('GET', KEYS[1])
+if old and string.sub(old, 1, 16) > lsn then
+  lsn = string.sub(old, 1, 16)
+end
+redis.call('SET', KEYS[1], lsn .. ' ' .. commit_us .. ' ' .. lag .. ' ' .. string.format('%d', now) .. ' ' .. epoch, 'PX', ARGV[8])
+return {1, reason, tonumber(lag)}
+"#;
+
+/// The bus-mode watermark script ([`BUS_WATERMARK_LUA`]).
+pub fn bus_watermark() -> Script {
+    Script::new(BUS_WATERMARK_LUA)
+}
 
 /// Source of [`read_namespace`]. `KEYS`: `{cacheclear.ns:N}:watermark`, `{cacheclear.ns:N}:epoch`.
 /// Returns `{watermark, epoch, now_ms}`: the stored watermark and epoch (empty strings when

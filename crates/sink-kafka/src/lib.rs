@@ -40,7 +40,11 @@ mod telemetry;
 
 use std::time::Duration;
 
-use cacheclear_protocol::{Batch, BusRecord, Sink, SinkError};
+use std::sync::PoisonError;
+
+use cacheclear_protocol::{
+    Batch, BusControl, BusRecord, CONTROL_KEY_PREFIX, EpochOpened, Sink, SinkError, Watermark,
+};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rdkafka::ClientConfig;
@@ -89,6 +93,14 @@ pub enum KafkaSinkError {
         /// Advice for common causes, starting with a separator, or empty.
         hint: &'static str,
     },
+    /// The topic's partition count could not be read (control records go to every partition).
+    #[error("kafka: cannot read the partitions of topic `{topic}`: {reason}")]
+    Metadata {
+        /// The topic.
+        topic: String,
+        /// librdkafka's error, or what the metadata lacked.
+        reason: String,
+    },
     /// The producer dropped a delivery report without reporting (it was shut down).
     #[error("kafka: the producer for topic `{topic}` shut down before reporting a delivery")]
     Canceled {
@@ -103,7 +115,30 @@ pub struct KafkaSink {
     /// The current producer and its generation (bumped by every replacement). Batches in
     /// flight share it; a failed batch replaces it only if it is still the one that failed.
     producer: std::sync::RwLock<(u64, FutureProducer)>,
+    /// The open the control records belong to (set by [`Sink::open_epoch`]).
+    control: std::sync::Mutex<Option<ControlState>>,
 }
+
+/// What the control records of the current source start carry, and when the last watermark
+/// records went out.
+#[derive(Debug, Clone)]
+struct ControlState {
+    namespace: String,
+    open: u64,
+    origin: String,
+    /// The topic's partition count and when it was read.
+    partitions: (u32, std::time::Instant),
+    /// When the last watermark records were acknowledged.
+    last_watermark: Option<std::time::Instant>,
+}
+
+/// Watermark records go out at most this often (each is one record per partition); positions
+/// acknowledged meanwhile are carried by the next one, at the latest with the next heartbeat.
+const WATERMARK_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The topic's partition count is read again after this long (partitions may be added).
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
+/// Timeout of the metadata request that reads the partition count.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +162,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             cfg,
             producer: std::sync::RwLock::new((0, producer)),
+            control: std::sync::Mutex::new(None),
         })
     }
 
@@ -215,6 +251,83 @@ impl KafkaSink {
         result
     }
 
+    /// How many partitions the topic has (a metadata request, off the async threads).
+    ///
+    /// # Errors
+    /// [`KafkaSinkError::Metadata`] when the brokers do not answer or the topic is unknown.
+    pub async fn partition_count(&self) -> Result<u32, KafkaSinkError> {
+        let (_, producer) = self.current_producer();
+        let topic = self.cfg.topic.clone();
+        let metadata = move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let t = md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .ok_or_else(|| "the broker did not describe it".to_owned())?;
+            if let Some(e) = t.error() {
+                return Err(format!(
+                    "{:?} (create the topic: the sink does not)",
+                    RDKafkaErrorCode::from(e)
+                ));
+            }
+            match t.partitions().len() {
+                0 => Err("it has no partitions".to_owned()),
+                n => Ok(n as u32),
+            }
+        };
+        let topic = self.cfg.topic.clone();
+        match tokio::task::spawn_blocking(metadata).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(reason)) => Err(KafkaSinkError::Metadata { topic, reason }),
+            Err(e) => Err(KafkaSinkError::Metadata {
+                topic,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Sends `control` to every one of `partitions` partitions (explicit partition numbers, Kafka
+    /// key `cacheclear.control:<namespace>`) and waits for every delivery report.
+    async fn send_control(
+        &self,
+        control: &BusControl,
+        partitions: u32,
+    ) -> Result<(), KafkaSinkError> {
+        let (generation, producer) = self.current_producer();
+        let key = format!("{CONTROL_KEY_PREFIX}{}", control.namespace());
+        let payload = control.to_json();
+        let mut window = Window {
+            producer: &producer,
+            topic: &self.cfg.topic,
+            max: self.cfg.max_in_flight,
+            in_flight: FuturesUnordered::new(),
+            delivered: 0,
+        };
+        let result = async {
+            for p in 0..partitions {
+                window
+                    .send_to(key.as_bytes(), &payload, Some(p as i32))
+                    .await?;
+            }
+            window.drain().await
+        }
+        .await;
+        drop(window);
+        if result.is_err() {
+            if let Err(e) = self.replace_producer(generation) {
+                tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
+            }
+        }
+        if self.current_generation() != generation {
+            drop_off_async_threads(producer);
+        }
+        result
+    }
+
     /// The producer in use and its generation (a cheap clone: `FutureProducer` is shared).
     fn current_producer(&self) -> (u64, FutureProducer) {
         let guard = self
@@ -274,6 +387,86 @@ impl Sink for KafkaSink {
     async fn apply(&self, batch: &Batch) -> Result<(), SinkError> {
         self.publish(batch).await.map_err(SinkError::from)
     }
+
+    /// Bus mode has no Redis here: the epoch is opened where the records are applied. Sends a
+    /// [`BusControl::Epoch`] record with a new `open` id to every partition and returns once all
+    /// are acknowledged, before the stream starts; every invalidator group applies the first
+    /// copy it reads (docs/architecture.md, "Watermark and epoch in bus mode").
+    /// `EpochOpened::epoch` is that `open` id; `bumped` the gap the source knows of (an origin
+    /// change is judged, and counted, by the invalidators).
+    async fn open_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+    ) -> Result<Option<EpochOpened>, SinkError> {
+        let open = cacheclear_protocol::now_us().max(1) as u64;
+        let partitions = self.partition_count().await?;
+        let record = BusControl::Epoch {
+            namespace: namespace.to_owned(),
+            open,
+            origin: origin.to_owned(),
+            gap: gap.map(str::to_owned),
+            continuity,
+        };
+        self.send_control(&record, partitions).await?;
+        *self.control.lock().unwrap_or_else(PoisonError::into_inner) = Some(ControlState {
+            namespace: namespace.to_owned(),
+            open,
+            origin: origin.to_owned(),
+            partitions: (partitions, std::time::Instant::now()),
+            last_watermark: None,
+        });
+        Ok(Some(EpochOpened {
+            epoch: open,
+            bumped: gap.map(str::to_owned),
+        }))
+    }
+
+    /// Sends a [`BusControl::Watermark`] record to every partition (at most one round every
+    /// 100 ms; a skipped position goes out with the next one) and waits for every delivery
+    /// report. Nothing is sent before [`Sink::open_epoch`].
+    async fn publish_watermark(
+        &self,
+        namespace: &str,
+        watermark: &Watermark,
+    ) -> Result<(), SinkError> {
+        let Some(mut state) = self
+            .control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return Ok(());
+        };
+        if state.namespace != namespace
+            || state
+                .last_watermark
+                .is_some_and(|at| at.elapsed() < WATERMARK_MIN_INTERVAL)
+        {
+            return Ok(());
+        }
+        if state.partitions.1.elapsed() >= PARTITIONS_REFRESH {
+            state.partitions = (self.partition_count().await?, std::time::Instant::now());
+        }
+        let record = BusControl::Watermark {
+            namespace: namespace.to_owned(),
+            open: state.open,
+            origin: state.origin.clone(),
+            lsn: watermark.lsn,
+            commit_time_us: watermark.commit_time_us,
+            lag_ms: watermark.lag_ms,
+            partitions: state.partitions.0,
+        };
+        self.send_control(&record, state.partitions.0).await?;
+        let mut guard = self.control.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = guard.as_mut().filter(|c| c.open == state.open) {
+            current.partitions = state.partitions;
+            current.last_watermark = Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
 }
 
 fn create_producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaSinkError> {
@@ -297,11 +490,24 @@ impl Window<'_> {
     /// Queues one record, first waiting for reports while the window is full (or librdkafka's
     /// own queue is).
     async fn send(&mut self, key: &[u8], payload: &[u8]) -> Result<(), KafkaSinkError> {
+        self.send_to(key, payload, None).await
+    }
+
+    /// [`Window::send`] to an explicit partition (`None`: by the key's hash).
+    async fn send_to(
+        &mut self,
+        key: &[u8],
+        payload: &[u8],
+        partition: Option<i32>,
+    ) -> Result<(), KafkaSinkError> {
         while self.in_flight.len() >= self.max {
             self.next().await?;
         }
         loop {
-            let record = FutureRecord::to(self.topic).key(key).payload(payload);
+            let mut record = FutureRecord::to(self.topic).key(key).payload(payload);
+            if let Some(p) = partition {
+                record = record.partition(p);
+            }
             match self.producer.send_result(record) {
                 Ok(delivery) => {
                     self.in_flight.push(delivery);

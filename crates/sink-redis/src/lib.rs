@@ -225,6 +225,36 @@ impl RedisSink {
         gap: Option<&str>,
         continuity: bool,
     ) -> Result<EpochOpened, RedisSinkError> {
+        self.open_epoch_script(namespace, origin, gap, continuity, None)
+            .await
+    }
+
+    /// Applies a bus [`cacheclear_protocol::BusControl::Epoch`] record (the invalidator): as
+    /// [`RedisSink::open_namespace_epoch`], once per `open` id — the record's copies on the
+    /// other partitions find the open applied and change nothing (`bumped: None`).
+    ///
+    /// # Errors
+    /// As [`RedisSink::open_namespace_epoch`].
+    pub async fn apply_bus_epoch(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+        open: u64,
+    ) -> Result<EpochOpened, RedisSinkError> {
+        self.open_epoch_script(namespace, origin, gap, continuity, Some(open))
+            .await
+    }
+
+    async fn open_epoch_script(
+        &self,
+        namespace: &str,
+        origin: &str,
+        gap: Option<&str>,
+        continuity: bool,
+        open: Option<u64>,
+    ) -> Result<EpochOpened, RedisSinkError> {
         let ns = NamespaceLayout::new(namespace)?;
         let script = scripts::open_epoch();
         let mut invocation = script.prepare_invoke();
@@ -235,6 +265,9 @@ impl RedisSink {
             .arg(origin)
             .arg(gap.unwrap_or(""))
             .arg(if continuity { "1" } else { "" });
+        if let Some(open) = open {
+            invocation.key(ns.opened()).key(ns.partitions()).arg(open);
+        }
         let (epoch, reason): (String, String) = self.run_ns_script(&invocation).await?;
         let epoch = epoch.parse::<u64>().map_err(|e| {
             RedisSinkError::Cluster(format!(
@@ -282,6 +315,53 @@ impl RedisSink {
                 "the watermark script of namespace `{namespace}` returned {other}"
             ))),
         }
+    }
+
+    /// Applies a bus [`cacheclear_protocol::BusControl::Watermark`] record of `partition`
+    /// ([`scripts::BUS_WATERMARK_LUA`]).
+    ///
+    /// # Errors
+    /// A Redis error or timeout; [`RedisSinkError::Key`] for a namespace containing a brace;
+    /// [`RedisSinkError::Cluster`] for a reply of another shape.
+    pub async fn apply_bus_watermark(
+        &self,
+        namespace: &str,
+        record: &BusWatermark<'_>,
+        partition: i32,
+    ) -> Result<BusWatermarkApplied, RedisSinkError> {
+        let ns = NamespaceLayout::new(namespace)?;
+        let script = scripts::bus_watermark();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(ns.watermark())
+            .key(ns.epoch())
+            .key(ns.origin())
+            .key(ns.opened())
+            .key(ns.partitions())
+            .arg(record.open)
+            .arg(record.origin)
+            .arg(partition)
+            .arg(record.partitions)
+            .arg(record.lsn.to_fixed_hex())
+            .arg(record.commit_time_us)
+            .arg(record.lag_ms)
+            .arg(WATERMARK_TTL_MS);
+        let (outcome, reason, lag_ms): (i64, String, u64) =
+            self.run_ns_script(&invocation).await?;
+        let outcome = match outcome {
+            1 => BusWatermarkOutcome::Written { lag_ms },
+            0 => BusWatermarkOutcome::Pending,
+            -1 => BusWatermarkOutcome::EarlierOpen,
+            other => {
+                return Err(RedisSinkError::Cluster(format!(
+                    "the bus watermark script of namespace `{namespace}` returned {other}"
+                )));
+            }
+        };
+        Ok(BusWatermarkApplied {
+            outcome,
+            bumped: (!reason.is_empty()).then_some(reason),
+        })
     }
 
     /// `WAIT wait_replicas wait_timeout_ms` (no-op when `wait_replicas` is 0): on the one
@@ -483,6 +563,47 @@ pub fn cache_key_of(redis_key: &str) -> Option<&str> {
     let end = rest.find('}')?;
     let (key, suffix) = (&rest[..end], &rest[end + 1..]);
     (!key.is_empty() && matches!(suffix, "" | ":lease" | ":fence")).then_some(key)
+}
+
+/// The fields of a bus watermark record [`RedisSink::apply_bus_watermark`] needs (see
+/// [`cacheclear_protocol::BusControl::Watermark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BusWatermark<'a> {
+    /// The id of the source start that sent it.
+    pub open: u64,
+    /// `system_identifier/timeline`.
+    pub origin: &'a str,
+    /// Commit end LSN.
+    pub lsn: Lsn,
+    /// Its commit time, µs since the Unix epoch.
+    pub commit_time_us: i64,
+    /// The source's lag at acknowledgement, ms.
+    pub lag_ms: u64,
+    /// Partitions of the topic.
+    pub partitions: u32,
+}
+
+/// What [`RedisSink::apply_bus_watermark`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusWatermarkApplied {
+    /// Written, pending or ignored.
+    pub outcome: BusWatermarkOutcome,
+    /// `Some("epoch_missing")` when Redis had lost the namespace and a new epoch was opened.
+    pub bumped: Option<String>,
+}
+
+/// The outcome of one bus watermark record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusWatermarkOutcome {
+    /// The namespace's watermark was written (every partition has reported), carrying this lag.
+    Written {
+        /// `max(source lag, Redis TIME − commit time)`, ms.
+        lag_ms: u64,
+    },
+    /// The partition's progress was recorded; another partition has not reported yet.
+    Pending,
+    /// The record belongs to an earlier start of the source; ignored.
+    EarlierOpen,
 }
 
 impl Sink for RedisSink {
