@@ -1,0 +1,145 @@
+//! The bus control records' scripts (`OPEN_EPOCH_LUA` with an `open` id, `BUS_WATERMARK_LUA`)
+//! as the invalidator applies them, on a real 3-master Redis Cluster: the namespace's keys share
+//! one slot, the epoch opens once per `open` whatever the number of copies, the watermark waits
+//! for every partition and takes the smallest LSN, records of an earlier open are ignored, and a
+//! lost epoch is reopened in place.
+
+use cacheclear_harness::RedisCluster;
+use cacheclear_harness::fixtures::cluster_conn;
+use cacheclear_protocol::{Lsn, NamespaceLayout, Watermark};
+use cacheclear_sink_redis::{BusWatermark, BusWatermarkOutcome, RedisConfig, RedisSink};
+
+const NS: &str = "shop";
+const ORIGIN: &str = "7301/00000001";
+
+fn record(open: u64, lsn: u64, commit_time_us: i64) -> BusWatermark<'static> {
+    BusWatermark {
+        open,
+        origin: ORIGIN,
+        lsn: Lsn(lsn),
+        commit_time_us,
+        lag_ms: 3,
+        partitions: 2,
+    }
+}
+
+fn now_us() -> i64 {
+    cacheclear_protocol::now_us()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_records_open_once_and_the_watermark_takes_the_smallest_partition() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+        .await
+        .expect("join")
+        .expect("start the Redis Cluster");
+    let sink = RedisSink::connect(RedisConfig::cluster(cluster.seeds())).expect("cluster sink");
+    let conn = cluster_conn(&cluster).await;
+    let ns = NamespaceLayout::new(NS).expect("namespace");
+    let get = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .expect("GET")
+        }
+    };
+
+    // The epoch record of open 100 (new slot) arrives on both partitions: one bump.
+    let first = sink
+        .apply_bus_epoch(NS, ORIGIN, Some("new_slot"), false, 100)
+        .await
+        .expect("epoch record, partition 0");
+    assert_eq!(first.bumped.as_deref(), Some("new_slot"));
+    let copy = sink
+        .apply_bus_epoch(NS, ORIGIN, Some("new_slot"), false, 100)
+        .await
+        .expect("epoch record, partition 1");
+    assert_eq!(copy.bumped, None, "the copy on the other partition changes nothing");
+    assert_eq!(copy.epoch, first.epoch);
+    assert_eq!(get(ns.opened()).await.as_deref(), Some("100"));
+
+    // Partition 0 reports first: nothing written until partition 1 has reported too.
+    let t = now_us();
+    let p0 = sink
+        .apply_bus_watermark(NS, &record(100, 0x30, t), 0)
+        .await
+        .expect("watermark, partition 0");
+    assert_eq!(p0.outcome, BusWatermarkOutcome::Pending);
+    assert_eq!(get(ns.watermark()).await, None);
+    let p1 = sink
+        .apply_bus_watermark(NS, &record(100, 0x20, t - 5_000_000), 1)
+        .await
+        .expect("watermark, partition 1");
+    // The smaller LSN wins, with its commit time: 5 s behind Redis's clock.
+    let BusWatermarkOutcome::Written { lag_ms } = p1.outcome else {
+        panic!("{p1:?}")
+    };
+    assert!((4_900..60_000).contains(&lag_ms), "lag {lag_ms} ms");
+    let w = Watermark::parse(&get(ns.watermark()).await.expect("watermark")).expect("parse");
+    assert_eq!((w.lsn, w.epoch, w.lag_ms), (Lsn(0x20), first.epoch, lag_ms));
+    assert_eq!(w.commit_time_us, t - 5_000_000);
+
+    // Partition 1 catches up: the watermark moves to partition 0's LSN; the source's own lag
+    // counts when the commit is fresh.
+    let p1 = sink
+        .apply_bus_watermark(NS, &record(100, 0x40, now_us()), 1)
+        .await
+        .expect("watermark");
+    assert!(matches!(
+        p1.outcome,
+        BusWatermarkOutcome::Written { lag_ms } if lag_ms < 4_900
+    ));
+    let w = Watermark::parse(&get(ns.watermark()).await.expect("watermark")).expect("parse");
+    assert_eq!(w.lsn, Lsn(0x30));
+
+    // The source restarts without a gap (open 200): no bump, the progress starts afresh, and a
+    // lagging partition's record of open 100 is ignored.
+    let reopened = sink
+        .apply_bus_epoch(NS, ORIGIN, None, false, 200)
+        .await
+        .expect("epoch record of open 200");
+    assert_eq!((reopened.epoch, reopened.bumped), (first.epoch, None));
+    let late = sink
+        .apply_bus_watermark(NS, &record(100, 0x50, now_us()), 0)
+        .await
+        .expect("late record");
+    assert_eq!(late.outcome, BusWatermarkOutcome::EarlierOpen);
+    let p0 = sink
+        .apply_bus_watermark(NS, &record(200, 0x28, now_us()), 0)
+        .await
+        .expect("watermark of open 200");
+    assert_eq!(p0.outcome, BusWatermarkOutcome::Pending);
+
+    // Another origin without continuity bumps; a stale open's epoch record does not either way.
+    let moved = sink
+        .apply_bus_epoch(NS, "9999/00000002", None, false, 300)
+        .await
+        .expect("epoch record, another origin");
+    assert_eq!(moved.bumped.as_deref(), Some("origin_changed"));
+    assert!(moved.epoch > first.epoch);
+    assert_eq!(get(ns.watermark()).await, None, "a bump deletes the watermark");
+
+    // Redis loses the epoch: the next watermark record reopens it in place (at Redis TIME in
+    // ms, so past every earlier epoch once a millisecond has passed).
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let _: () = redis::cmd("DEL")
+        .arg(ns.epoch())
+        .query_async(&mut conn.clone())
+        .await
+        .expect("DEL");
+    let reopened = sink
+        .apply_bus_watermark(NS, &record(300, 0x60, now_us()), 0)
+        .await
+        .expect("watermark after the loss");
+    assert_eq!(reopened.bumped.as_deref(), Some("epoch_missing"));
+    assert_eq!(reopened.outcome, BusWatermarkOutcome::Pending);
+    let epoch: u64 = get(ns.epoch())
+        .await
+        .expect("a new epoch")
+        .parse()
+        .expect("integer");
+    assert!(epoch > moved.epoch, "{epoch} after {}", moved.epoch);
+}
