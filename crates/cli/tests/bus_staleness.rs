@@ -210,7 +210,10 @@ async fn the_invalidator_publishes_the_watermark_and_the_breaker_tracks_it() {
         .invalidator_log()
         .matches("bumped the namespace's epoch (bus epoch record)")
         .count();
-    assert_eq!(bumps, 1, "one bump for the new slot, whatever the partitions");
+    assert_eq!(
+        bumps, 1,
+        "one bump for the new slot, whatever the partitions"
+    );
     assert!(
         bus.invalidator_log().contains("reason=\"new_slot\"")
             || bus.invalidator_log().contains("reason=new_slot"),
@@ -219,9 +222,15 @@ async fn the_invalidator_publishes_the_watermark_and_the_breaker_tracks_it() {
     );
     // The watermark keeps moving while the database is idle (heartbeats through the bus).
     let written = w.written_ms;
-    wait_for("the watermark to be rewritten", Duration::from_secs(30), || async {
-        bus.watermark().await.is_some_and(|w| w.written_ms > written)
-    })
+    wait_for(
+        "the watermark to be rewritten",
+        Duration::from_secs(30),
+        || async {
+            bus.watermark()
+                .await
+                .is_some_and(|w| w.written_ms > written)
+        },
+    )
     .await;
 
     // The invalidator is killed, then the sale ends: nothing evicts product:5.
@@ -248,7 +257,11 @@ async fn the_invalidator_publishes_the_watermark_and_the_breaker_tracks_it() {
     // Restarted: it applies the UPDATE's eviction and the newer watermarks; the cache serves.
     let _invalidator = bus.invalidator();
     wait_served_from_cache(&client, &pg, NEW, FIRST).await;
-    assert_eq!(bus.epoch().await, Some(first_epoch), "no gap: the epoch is kept");
+    assert_eq!(
+        bus.epoch().await,
+        Some(first_epoch),
+        "no gap: the epoch is kept"
+    );
 
     // Redis loses the namespace's keys (a restart without persistence): clients bypass, and the
     // next watermark record opens a new epoch in place.
@@ -258,9 +271,11 @@ async fn the_invalidator_publishes_the_watermark_and_the_breaker_tracks_it() {
         .query_async(&mut bus.redis().await)
         .await
         .expect("DEL");
-    wait_for("a new epoch opened in place", Duration::from_secs(30), || async {
-        bus.epoch().await.is_some_and(|e| e > first_epoch)
-    })
+    wait_for(
+        "a new epoch opened in place",
+        Duration::from_secs(30),
+        || async { bus.epoch().await.is_some_and(|e| e > first_epoch) },
+    )
     .await;
     assert!(bus.invalidator_log().contains("opened a new one"));
     wait_served_from_cache(&client, &pg, NEW, Duration::from_secs(30)).await;
@@ -280,9 +295,11 @@ async fn a_new_slot_bumps_the_epoch_through_the_bus() {
     let first_epoch = bus.epoch().await.expect("epoch");
 
     source.kill();
-    wait_for("the slot to be released", Duration::from_secs(30), || async {
-        slot_active(&pg).await == Some(false)
-    })
+    wait_for(
+        "the slot to be released",
+        Duration::from_secs(30),
+        || async { slot_active(&pg).await == Some(false) },
+    )
     .await;
     pg.execute("SELECT pg_drop_replication_slot('cacheclear')", &[])
         .await

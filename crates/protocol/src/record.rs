@@ -231,6 +231,8 @@ mod tests {
         assert_eq!(BusControl::from_json(&json).unwrap(), w);
         assert!(!BusControl::is_control(br#"{"key":"k"}"#));
         assert!(BusControl::from_json(br#"{"control":"reset","namespace":"n"}"#).is_err());
-        assert!(BusControl::from_json(br#"{"control":"watermark","namespace":"n","open":1}"#).is_err());
+        assert!(
+            BusControl::from_json(br#"{"control":"watermark","namespace":"n","open":1}"#).is_err()
+        );
     }
 }

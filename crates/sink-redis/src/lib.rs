@@ -346,8 +346,7 @@ impl RedisSink {
             .arg(record.commit_time_us)
             .arg(record.lag_ms)
             .arg(WATERMARK_TTL_MS);
-        let (outcome, reason, lag_ms): (i64, String, u64) =
-            self.run_ns_script(&invocation).await?;
+        let (outcome, reason, lag_ms): (i64, String, u64) = self.run_ns_script(&invocation).await?;
         let outcome = match outcome {
             1 => BusWatermarkOutcome::Written { lag_ms },
             0 => BusWatermarkOutcome::Pending,

@@ -57,7 +57,10 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
         .apply_bus_epoch(NS, ORIGIN, Some("new_slot"), false, 100)
         .await
         .expect("epoch record, partition 1");
-    assert_eq!(copy.bumped, None, "the copy on the other partition changes nothing");
+    assert_eq!(
+        copy.bumped, None,
+        "the copy on the other partition changes nothing"
+    );
     assert_eq!(copy.epoch, first.epoch);
     assert_eq!(get(ns.opened()).await.as_deref(), Some("100"));
 
@@ -120,7 +123,11 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
         .expect("epoch record, another origin");
     assert_eq!(moved.bumped.as_deref(), Some("origin_changed"));
     assert!(moved.epoch > first.epoch);
-    assert_eq!(get(ns.watermark()).await, None, "a bump deletes the watermark");
+    assert_eq!(
+        get(ns.watermark()).await,
+        None,
+        "a bump deletes the watermark"
+    );
 
     // Redis loses the epoch: the next watermark record reopens it in place (at Redis TIME in
     // ms, so past every earlier epoch once a millisecond has passed).
