@@ -19,8 +19,17 @@ use crate::error::Ended;
 use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
 use crate::{drift, housekeeping, pgoutput, telemetry, watermark};
 
-/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats.
-const POOL_SIZE: usize = 3;
+/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats, and the
+/// slot lease (held for the whole run).
+const POOL_SIZE: usize = 4;
+
+/// First key of the slot lease's advisory lock (`pg_try_advisory_lock(LEASE_CLASS,
+/// hashtext(slot))`): "cclr".
+const LEASE_CLASS: i32 = 0x6363_6c72;
+
+/// How often a standby tries the slot lease: the takeover bound, once PostgreSQL has ended the
+/// active process's session.
+pub(crate) const STANDBY_POLL: Duration = Duration::from_millis(500);
 
 /// Runs the source until `stop` resolves or an error stops it.
 ///
@@ -46,7 +55,8 @@ pub(crate) async fn run<S: Sink>(
     let pool = connect::pool(&cfg.url, POOL_SIZE)?;
     let sink = Arc::new(sink);
     let namespace = cfg.namespace().to_owned();
-    let (slot_state, tables, epoch, origin) = {
+    tokio::pin!(stop);
+    let (slot_state, tables, epoch, origin, lease) = {
         let client = pool.get().await?;
         let tables = catalog::check_rules(&client, &rules, &cfg.publication).await?;
         catalog::ensure_publication(
@@ -57,6 +67,11 @@ pub(crate) async fn run<S: Sink>(
             cfg.create_publication,
         )
         .await?;
+        // One active process per slot; the others wait here, before anything that changes the
+        // slot or the namespace's epoch (docs/architecture.md, "Active and standby").
+        let Some(lease) = take_slot_lease(&pool, &cfg.slot, stop.as_mut()).await? else {
+            return Ok(()); // stopped while standby
+        };
         if cfg.failover_slot {
             catalog::check_failover_slot(&client, &cfg.slot).await?;
         }
@@ -104,7 +119,7 @@ pub(crate) async fn run<S: Sink>(
             }
             other => other,
         };
-        (slot_state, tables, opened.map(|o| o.epoch), origin)
+        (slot_state, tables, opened.map(|o| o.epoch), origin, lease)
     };
     let mut repl = ReplicationClient::connect(connect::replication_config(&cfg)?).await?;
     repl.wait_started().await?;
@@ -181,6 +196,7 @@ pub(crate) async fn run<S: Sink>(
     ]);
 
     let mut reader = Reader {
+        _lease: lease,
         pool: pool.clone(),
         mapper: ChangeMapper::new(Arc::clone(&rules), cfg.max_txn_keys),
         repl,
@@ -211,13 +227,58 @@ pub(crate) async fn run<S: Sink>(
             reader.streaming.send_replace(true);
         }
     }
-    reader.stream(cfg.max_batch_keys, stop).await?;
+    reader.stream(cfg.max_batch_keys, stop.as_mut()).await?;
     reader.drain(&cfg).await;
     Ok(())
 }
 
+/// Takes the slot lease: a session-level advisory lock, `pg_try_advisory_lock(LEASE_CLASS,
+/// hashtext(slot))`, on a connection held until the pipeline ends. While another process holds
+/// it this process is the **standby**: it says so once at INFO, sets `cacheclear_source_role`,
+/// and tries again every [`STANDBY_POLL`]. PostgreSQL releases the lock when the holder's session
+/// ends (a clean stop, a crash, `kill -9`: the socket closes), so the standby takes over within
+/// one poll of that. Returns `None` when `stop` resolved first.
+async fn take_slot_lease(
+    pool: &deadpool_postgres::Pool,
+    slot: &str,
+    mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<deadpool_postgres::Object>, SourceError> {
+    let client = pool.get().await?;
+    let mut standby_since: Option<std::time::Instant> = None;
+    loop {
+        let held: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1::int4, hashtext($2::text))",
+                &[&LEASE_CLASS, &slot],
+            )
+            .await?
+            .try_get(0)?;
+        if held {
+            telemetry::set_role(true);
+            match standby_since {
+                Some(since) => tracing::warn!(%slot, standby_for_s = since.elapsed().as_secs(),
+                    "taking over: the active process released slot `{slot}`; this one is now active"),
+                None => tracing::debug!(%slot, "slot lease taken: active"),
+            }
+            return Ok(Some(client));
+        }
+        if standby_since.is_none() {
+            telemetry::set_role(false);
+            tracing::info!(%slot, poll_ms = STANDBY_POLL.as_millis() as u64,
+                "standby: another `cacheclear run` is active on slot `{slot}`; taking over when it stops");
+            standby_since = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            () = stop.as_mut() => return Ok(None),
+            () = tokio::time::sleep(STANDBY_POLL) => {}
+        }
+    }
+}
+
 /// The reader's state between start-up and the end of the drain.
 struct Reader {
+    /// The slot lease's connection ([`take_slot_lease`]): held, never used, until the end.
+    _lease: deadpool_postgres::Object,
     /// For partition look-ups ([`Reader::resolve_partition`]).
     pool: deadpool_postgres::Pool,
     mapper: ChangeMapper,

@@ -39,6 +39,16 @@ pub(crate) const EPOCH_BUMPS: &str = "cacheclear_epoch_bumps_total";
 /// was emitted).
 pub(crate) const WATERMARK_LAG: &str = "cacheclear_watermark_lag_ms";
 
+/// Gauge, label `role` (`active`, `standby`): 1 for the role this process has now, 0 for the
+/// other ("Active and standby" in docs/architecture.md).
+pub(crate) const ROLE: &str = "cacheclear_source_role";
+
+/// Sets [`ROLE`]: active (holds the slot lease) or standby (waits for it).
+pub(crate) fn set_role(active: bool) {
+    metrics::gauge!(ROLE, "role" => "active").set(if active { 1.0 } else { 0.0 });
+    metrics::gauge!(ROLE, "role" => "standby").set(if active { 0.0 } else { 1.0 });
+}
+
 /// Describes every metric of the CDC source to the installed `metrics` recorder (call it after
 /// installing one; without a recorder it does nothing).
 pub fn describe_metrics() {
@@ -97,6 +107,10 @@ pub fn describe_metrics() {
         BARRIER_WAITS,
         "Snapshots re-taken because a committed xid was not yet visible."
     );
+    describe_gauge!(
+        ROLE,
+        "1 for this process's role: active (holds the slot lease and streams) or standby (waits to take over); 0 for the other."
+    );
     describe_counter!(
         TABLE_FALLBACKS,
         "Table-wide evictions made instead of a row's keys, by reason (unrenderable_row, key_too_large, replica_identity, publication_drift)."
@@ -127,4 +141,7 @@ pub fn register_metrics(sink: &'static str) {
     }
     metrics::gauge!(CONFIRMED_LSN).increment(0.0);
     metrics::gauge!(SLOT_RETAINED_WAL).increment(0.0);
+    for role in ["active", "standby"] {
+        metrics::gauge!(ROLE, "role" => role).increment(0.0);
+    }
 }
