@@ -248,6 +248,39 @@ pub(crate) async fn check_rules(
 }
 
 /// `name` as a quoted SQL identifier.
+/// `e` when it is not SQLSTATE 42501 (insufficient privilege); otherwise a [`ConfigError`] on
+/// `field` carrying the server's message and `fix(role)`, where `role` is the connected role,
+/// quoted as an identifier (the fix is a statement to run).
+async fn privilege_error(
+    client: &tokio_postgres::Client,
+    e: tokio_postgres::Error,
+    field: &'static str,
+    fix: impl FnOnce(&str) -> String,
+) -> SourceError {
+    if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return e.into();
+    }
+    let role = match client.query_one("SELECT current_user::text", &[]).await {
+        Ok(row) => row
+            .try_get::<_, String>(0)
+            .map_or_else(|_| "<role>".to_owned(), |r| quote_ident(&r)),
+        Err(_) => "<role>".to_owned(),
+    };
+    ConfigError::new(
+        field,
+        format!("{}; {}", cacheclear_pg_tls::describe(&e), fix(&role)),
+    )
+    .into()
+}
+
+/// The fix for a role that may not use replication slots.
+fn replication_fix(role: &str) -> String {
+    format!(
+        "role {role} needs the REPLICATION attribute: ALTER ROLE {role} REPLICATION; \
+         (Amazon RDS and Aurora: GRANT rds_replication TO {role};)"
+    )
+}
+
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -288,13 +321,21 @@ pub(crate) async fn ensure_publication(
         // publish_via_partition_root stays false (the default): with it, PostgreSQL does not send
         // a TRUNCATE of a single partition at all; partitions are mapped to their root's rule by
         // the reader instead.
-        client
-            .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(name),
-                tables.join(", ")
-            ))
-            .await?;
+        let create = format!(
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(name),
+            tables.join(", ")
+        );
+        if let Err(e) = client.batch_execute(&create).await {
+            return Err(privilege_error(client, e, "postgres.publication", |role| {
+                format!(
+                    "role {role} may not create the publication (it needs CREATE on the database and \
+                     ownership of every rule table); have the tables' owner or a superuser run \
+                     `{create};` and set create_publication = false"
+                )
+            })
+            .await);
+        }
         tracing::info!(publication = name, tables = ?tables, "created publication");
         return Ok(());
     };
@@ -467,9 +508,12 @@ pub(crate) async fn create_slot(
             slot,
             "slot was invalidated (wal_status = lost: WAL it needed was removed, see max_slot_wal_keep_size); invalidations since it fell behind are lost. on_slot_lost = flush_and_recreate: the namespace's epoch was bumped (every cached value is a miss); recreating the slot"
         );
-        client
+        if let Err(e) = client
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await?;
+            .await
+        {
+            return Err(privilege_error(client, e, "postgres.url", replication_fix).await);
+        }
     }
     // The five-argument form (temporary, two-phase, failover) exists from PostgreSQL 17 on.
     let row = if failover {
@@ -478,14 +522,18 @@ pub(crate) async fn create_slot(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
                 &[&slot],
             )
-            .await?
+            .await
     } else {
         client
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&slot],
             )
-            .await?
+            .await
+    };
+    let row = match row {
+        Ok(row) => row,
+        Err(e) => return Err(privilege_error(client, e, "postgres.url", replication_fix).await),
     };
     let at: String = row.try_get(0)?;
     let at = at
