@@ -136,4 +136,5 @@ pub fn register_metrics() {
     for outcome in ["written", "pending", "earlier_open"] {
         metrics::counter!(WATERMARKS, "outcome" => outcome).increment(0);
     }
+    metrics::gauge!(WATERMARK_LAG).increment(0.0);
 }

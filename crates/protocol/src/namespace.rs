@@ -11,6 +11,7 @@
 //! | `{cacheclear.ns:N}:origin` | `system_identifier/timeline` of the PostgreSQL server last streamed from | none |
 //! | `{cacheclear.ns:N}:watermark` | `LSN commit_time_us lag_ms written_ms epoch` ([`Watermark`]) | [`WATERMARK_TTL_MS`] |
 //! | `{cacheclear.ns:N}:opened` | bus mode: the `open` id of the source start whose epoch record was applied | none |
+//! | `{cacheclear.ns:N}:bumped_open` | bus mode: the `open` id of the newest source start whose epoch record bumped the epoch | none |
 //! | `{cacheclear.ns:N}:partitions` | bus mode: a hash, partition number → `LSN commit_time_us lag_ms` of the newest watermark record applied from it under that open | none |
 //!
 //! The epoch and origin carry no TTL on purpose: under a `volatile-*` eviction policy Redis never
@@ -73,6 +74,11 @@ impl NamespaceLayout {
     /// `{cacheclear.ns:N}:partitions` (bus mode).
     pub fn partitions(&self) -> String {
         format!("{}:partitions", self.tag)
+    }
+
+    /// `{cacheclear.ns:N}:bumped_open` (bus mode).
+    pub fn bumped_open(&self) -> String {
+        format!("{}:bumped_open", self.tag)
     }
 }
 

@@ -7,8 +7,12 @@
 //! All LSNs are passed and stored as [`crate::Lsn::to_fixed_hex`] strings and compared as strings.
 //! Lua's numbers are doubles, exact only up to 2^53, and LSNs are 64-bit.
 //!
-//! Scripts run with `redis::Script`, which sends `EVALSHA` and falls back to `EVAL` on
-//! `NOSCRIPT`, so a restarted or failed-over Redis needs no preloading.
+//! Scripts run with `redis::Script`, which sends `EVALSHA` and, on `NOSCRIPT`, loads the script
+//! and sends it again, so a restarted or failed-over Redis needs no preloading.
+//!
+//! The script bodies live in `crates/protocol/lua/*.lua`, one file per script, included here with
+//! `include_str!`: clients in other languages load the same files (docs/protocol.md), so there is
+//! one copy.
 
 use redis::Script;
 
@@ -19,21 +23,7 @@ use redis::Script;
 /// commutative: replays and reordering leave the same state. Returns the number of cache keys.
 ///
 /// In Redis Cluster every key of one call must hash to one slot: the sinks group by slot.
-pub const INVALIDATE_LUA: &str = r#"
-local ttl = ARGV[1]
-local n = 0
-for i = 1, #KEYS, 3 do
-  n = n + 1
-  local lsn = ARGV[n + 1]
-  redis.call('DEL', KEYS[i], KEYS[i + 1])
-  local fence = redis.call('GET', KEYS[i + 2])
-  if fence and fence > lsn then
-    lsn = fence
-  end
-  redis.call('SET', KEYS[i + 2], lsn, 'PX', ttl)
-end
-return n
-"#;
+pub const INVALIDATE_LUA: &str = include_str!("../lua/invalidate.lua");
 
 /// Source of [`fill`]. `KEYS`: `{K}`, `{K}:lease`, `{K}:fence`. `ARGV[1]` lease token,
 /// `ARGV[2]` version the loader read at (fixed-hex LSN, or empty when reading the primary under
@@ -47,30 +37,11 @@ return n
 /// its first write that may grow memory, so under `maxmemory` with nothing evictable the fill
 /// fails cleanly (nothing written, lease untouched — the client then releases it) instead of
 /// deleting the lease and pushing memory past the limit.
-pub const FILL_LUA: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return 0
-end
-if ARGV[2] ~= '' then
-  local fence = redis.call('GET', KEYS[3])
-  if fence and fence > ARGV[2] then
-    redis.call('DEL', KEYS[2])
-    return -1
-  end
-end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
-redis.call('DEL', KEYS[2])
-return 1
-"#;
+pub const FILL_LUA: &str = include_str!("../lua/fill.lua");
 
 /// Source of [`release`]. `KEYS[1]` `{K}:lease`, `ARGV[1]` token: delete the lease only if it
 /// still holds our token. Returns 1 if released, 0 if it was no longer ours.
-pub const RELEASE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
+pub const RELEASE_LUA: &str = include_str!("../lua/release.lua");
 
 /// Source of [`watermark`]. `KEYS`: `{cacheclear.ns:N}:watermark`, `{cacheclear.ns:N}:epoch`.
 /// `ARGV`: `[1]` the acknowledged commit LSN (fixed hex), `[2]` its commit time in µs, `[3]` the
@@ -83,27 +54,7 @@ return 0
 /// stops, and its restart opens a new epoch before streaming). The LSN only moves
 /// forward; `written_ms` is Redis `TIME` in ms, so readers age the watermark by the clock of the
 /// Redis that stored it, never by their own.
-pub const WATERMARK_LUA: &str = r#"
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  return 0
-end
-if epoch ~= ARGV[4] then
-  return -1
-end
-local lsn = ARGV[1]
-local old = redis.call('GET', KEYS[1])
-if old then
-  local o = string.sub(old, 1, 16)
-  if o > lsn then
-    lsn = o
-  end
-end
-local t = redis.call('TIME')
-local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-redis.call('SET', KEYS[1], lsn .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. now .. ' ' .. ARGV[4], 'PX', ARGV[5])
-return 1
-"#;
+pub const WATERMARK_LUA: &str = include_str!("../lua/watermark.lua");
 
 /// Source of [`open_epoch`]. `KEYS`: `{cacheclear.ns:N}:epoch`, `{cacheclear.ns:N}:origin`,
 /// `{cacheclear.ns:N}:watermark`. `ARGV`: `[1]` the origin `system_identifier/timeline` of the
@@ -118,54 +69,26 @@ return 1
 /// epoch). The origin is stored in every case. Returns `{epoch, reason}` (reason empty: no bump).
 ///
 /// Bus mode (the invalidator applying a [`crate::BusControl::Epoch`] record, which arrives once
-/// per partition) adds `KEYS[4]` `{cacheclear.ns:N}:opened`, `KEYS[5]`
-/// `{cacheclear.ns:N}:partitions` and `ARGV[4]` the record's `open` id: when `opened` already
-/// holds that id, the open was applied (from another partition) and nothing changes; otherwise
-/// the open is applied as above, `opened` is set to the id and the partitions' watermark progress
-/// is cleared (it belonged to the previous open).
-pub const OPEN_EPOCH_LUA: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
-local bus = #KEYS >= 5
-if bus and epoch and redis.call('GET', KEYS[4]) == ARGV[4] then
-  return {epoch, ''}
-end
-local origin = redis.call('GET', KEYS[2])
-local reason = ARGV[2]
-if reason == '' then
-  if not epoch then
-    reason = 'epoch_missing'
-  elseif origin ~= ARGV[1] and ARGV[3] ~= '1' then
-    reason = 'origin_changed'
-  end
-end
-if reason ~= '' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local next = tonumber(epoch or '0') + 1
-  if now > next then
-    next = now
-  end
-  epoch = string.format('%d', next)
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[3])
-end
-redis.call('SET', KEYS[2], ARGV[1])
-if bus then
-  redis.call('SET', KEYS[4], ARGV[4])
-  redis.call('DEL', KEYS[5])
-end
-return {epoch, reason}
-"#;
+/// per partition) adds `KEYS[4]` `{cacheclear.ns:N}:opened` (the newest source start applied),
+/// `KEYS[5]` `{cacheclear.ns:N}:partitions`, `KEYS[6]` `{cacheclear.ns:N}:bumped_open` (the
+/// newest start whose record bumped the epoch) and `ARGV[4]` the record's `open` id (µs at the
+/// source's start, compared as numbers). A copy of the start in `opened` changes nothing. A
+/// record of an *earlier* start (its partition lagged behind another that already delivered a
+/// later one) changes nothing either — unless it names a gap that no bump at or after its start
+/// covers, which then bumps without moving `opened` back: a bump makes every value filled before
+/// it a miss, so it covers every gap that happened before it. A *newer* start is applied as
+/// above; `opened` becomes its id and the partitions' watermark progress is cleared.
+pub const OPEN_EPOCH_LUA: &str = include_str!("../lua/open_epoch.lua");
 
 /// Source of [`bus_watermark`]: the invalidator applying a [`crate::BusControl::Watermark`]
 /// record of one partition. `KEYS`: `{cacheclear.ns:N}:watermark`, `:epoch`, `:origin`,
-/// `:opened`, `:partitions`. `ARGV`: `[1]` the record's `open` id, `[2]` its origin, `[3]` the
+/// `:opened`, `:partitions`, `:bumped_open`. `ARGV`: `[1]` the record's `open` id, `[2]` its origin, `[3]` the
 /// partition number, `[4]` the topic's partition count, `[5]` the LSN (fixed hex), `[6]` its
 /// commit time in µs, `[7]` the source's lag in ms, `[8]` the watermark TTL in ms.
 ///
 /// - Epoch or `opened` absent (Redis lost the namespace): opens a new epoch in place
-///   (`max(1, Redis TIME in ms)`, reason `epoch_missing`) under this record's open, as the Redis
-///   sink's publisher does; clients bypassed meanwhile (no epoch), so nothing was filled under
+///   (`max(1, Redis TIME in ms)`, reason `epoch_missing`) under this record's open (`KEYS[6]`
+///   `:bumped_open` becomes its id), as the Redis sink's publisher does; clients bypassed meanwhile (no epoch), so nothing was filled under
 ///   the lost one.
 /// - `opened` holds another id: a record of an earlier start; ignored.
 /// - Otherwise records the partition's progress (its LSN only moves forward) and, once every
@@ -177,54 +100,7 @@ return {epoch, reason}
 ///   docs/architecture.md says why and what a skew does). Returns `{1, reason, lag_ms}` when
 ///   written, `{0, reason, 0}` while a partition has not reported yet, `{-1, '', 0}` for an
 ///   earlier open (reason: `epoch_missing` or empty).
-pub const BUS_WATERMARK_LUA: &str = r#"
-local epoch = redis.call('GET', KEYS[2])
-local opened = redis.call('GET', KEYS[4])
-local reason = ''
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if not epoch or not opened then
-  local next = tonumber(epoch or '0') + 1
-  if now > next then
-    next = now
-  end
-  epoch = string.format('%d', next)
-  redis.call('SET', KEYS[2], epoch)
-  redis.call('SET', KEYS[3], ARGV[2])
-  redis.call('SET', KEYS[4], ARGV[1])
-  redis.call('DEL', KEYS[1], KEYS[5])
-  reason = 'epoch_missing'
-elseif opened ~= ARGV[1] then
-  return {-1, '', 0}
-end
-local mine = ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. ARGV[7]
-local held = redis.call('HGET', KEYS[5], ARGV[3])
-if held and string.sub(held, 1, 16) > ARGV[5] then
-  mine = held
-end
-redis.call('HSET', KEYS[5], ARGV[3], mine)
-local low = nil
-for p = 0, tonumber(ARGV[4]) - 1 do
-  local v = redis.call('HGET', KEYS[5], tostring(p))
-  if not v then
-    return {0, reason, 0}
-  end
-  if not low or string.sub(v, 1, 16) < string.sub(low, 1, 16) then
-    low = v
-  end
-end
-local lsn, commit_us, lag = string.match(low, '^(%x+) (%-?%d+) (%d+)$')
-local behind = now - math.floor(tonumber(commit_us) / 1000)
-if behind > tonumber(lag) then
-  lag = string.format('%d', behind)
-end
-local old = redis.call('GET', KEYS[1])
-if old and string.sub(old, 1, 16) > lsn then
-  lsn = string.sub(old, 1, 16)
-end
-redis.call('SET', KEYS[1], lsn .. ' ' .. commit_us .. ' ' .. lag .. ' ' .. string.format('%d', now) .. ' ' .. epoch, 'PX', ARGV[8])
-return {1, reason, tonumber(lag)}
-"#;
+pub const BUS_WATERMARK_LUA: &str = include_str!("../lua/bus_watermark.lua");
 
 /// The bus-mode watermark script ([`BUS_WATERMARK_LUA`]).
 pub fn bus_watermark() -> Script {
@@ -234,11 +110,7 @@ pub fn bus_watermark() -> Script {
 /// Source of [`read_namespace`]. `KEYS`: `{cacheclear.ns:N}:watermark`, `{cacheclear.ns:N}:epoch`.
 /// Returns `{watermark, epoch, now_ms}`: the stored watermark and epoch (empty strings when
 /// absent) and Redis `TIME` in ms, all from the one node that holds them, in one round trip.
-pub const READ_NAMESPACE_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-return {redis.call('GET', KEYS[1]) or '', redis.call('GET', KEYS[2]) or '', now}
-"#;
+pub const READ_NAMESPACE_LUA: &str = include_str!("../lua/read_namespace.lua");
 
 /// [`WATERMARK_LUA`] returned: the watermark was written.
 pub const WATERMARK_WRITTEN: i64 = 1;

@@ -76,6 +76,9 @@ pub struct EpochOpened {
     /// Why it was bumped (`new_slot`, `slot_lost`, `epoch_missing`, `origin_changed`); `None`
     /// when the epoch was kept.
     pub bumped: Option<String>,
+    /// Bus mode: the epoch is opened where the records are applied (the invalidators), so
+    /// `epoch` is the id of this source start (`open`) and `bumped` the gap sent with it.
+    pub deferred: bool,
 }
 
 /// [`Sink::publish_watermark`] refused: the namespace's epoch is no longer the one the

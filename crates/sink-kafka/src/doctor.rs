@@ -231,6 +231,17 @@ fn owners(
             "cannot tell which partitions have an owner here: compare kafka.group's lag over time, or check with the broker's own tools",
         );
     }
+    if members > 0 && owned.is_empty() {
+        // Members but no readable assignment at all (tansu 0.6.0 answers so): every partition
+        // would look unowned, including those being consumed.
+        return Check::warn(
+            id,
+            format!(
+                "group `{group}`: {members} member(s), but the broker describes no member's assignment (tansu 0.6.0 does this)"
+            ),
+            "cannot tell which partitions have an owner here: compare kafka.group's lag over time, or check with the broker's own tools",
+        );
+    }
     if members == 0 {
         return Check::warn(
             id,

@@ -132,8 +132,8 @@ struct ControlState {
     last_watermark: Option<std::time::Instant>,
 }
 
-/// Watermark records go out at most this often (each is one record per partition); positions
-/// acknowledged meanwhile are carried by the next one, at the latest with the next heartbeat.
+/// Watermark records go out at most this often (each is one record per partition); a call within
+/// it waits for the rest of it, and positions acknowledged meanwhile go with the next call.
 const WATERMARK_MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// The topic's partition count is read again after this long (partitions may be added).
 const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
@@ -421,12 +421,13 @@ impl Sink for KafkaSink {
         Ok(Some(EpochOpened {
             epoch: open,
             bumped: gap.map(str::to_owned),
+            deferred: true,
         }))
     }
 
     /// Sends a [`BusControl::Watermark`] record to every partition (at most one round every
-    /// 100 ms; a skipped position goes out with the next one) and waits for every delivery
-    /// report. Nothing is sent before [`Sink::open_epoch`].
+    /// 100 ms: a call within that waits for the rest of it) and waits for every delivery report.
+    /// Nothing is sent before [`Sink::open_epoch`].
     async fn publish_watermark(
         &self,
         namespace: &str,
@@ -440,12 +441,16 @@ impl Sink for KafkaSink {
         else {
             return Ok(());
         };
-        if state.namespace != namespace
-            || state
-                .last_watermark
-                .is_some_and(|at| at.elapsed() < WATERMARK_MIN_INTERVAL)
-        {
+        if state.namespace != namespace {
             return Ok(());
+        }
+        // At most one round per WATERMARK_MIN_INTERVAL: wait out the rest of it (positions
+        // acknowledged meanwhile go with the next call, which the source makes at once).
+        if let Some(wait) = state
+            .last_watermark
+            .and_then(|at| WATERMARK_MIN_INTERVAL.checked_sub(at.elapsed()))
+        {
+            tokio::time::sleep(wait).await;
         }
         if state.partitions.1.elapsed() >= PARTITIONS_REFRESH {
             state.partitions = (self.partition_count().await?, std::time::Instant::now());

@@ -266,7 +266,11 @@ impl RedisSink {
             .arg(gap.unwrap_or(""))
             .arg(if continuity { "1" } else { "" });
         if let Some(open) = open {
-            invocation.key(ns.opened()).key(ns.partitions()).arg(open);
+            invocation
+                .key(ns.opened())
+                .key(ns.partitions())
+                .key(ns.bumped_open())
+                .arg(open);
         }
         let (epoch, reason): (String, String) = self.run_ns_script(&invocation).await?;
         let epoch = epoch.parse::<u64>().map_err(|e| {
@@ -277,6 +281,7 @@ impl RedisSink {
         Ok(EpochOpened {
             epoch,
             bumped: (!reason.is_empty()).then_some(reason),
+            deferred: false,
         })
     }
 
@@ -338,6 +343,7 @@ impl RedisSink {
             .key(ns.origin())
             .key(ns.opened())
             .key(ns.partitions())
+            .key(ns.bumped_open())
             .arg(record.open)
             .arg(record.origin)
             .arg(partition)

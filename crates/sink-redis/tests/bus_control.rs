@@ -149,4 +149,50 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
         .parse()
         .expect("integer");
     assert!(epoch > moved.epoch, "{epoch} after {}", moved.epoch);
+
+    // Interleaved starts on another namespace: start 500 (a new slot) and start 600 (a plain
+    // restart) each send a copy per partition; partition 1 lags. Partition 0 delivers 500 then
+    // 600; partition 1's late copy of 500 is covered by the bump already made for it: one bump.
+    let ns2 = "shop2";
+    let a = sink
+        .apply_bus_epoch(ns2, ORIGIN, Some("new_slot"), false, 500)
+        .await
+        .expect("500 on p0");
+    assert_eq!(a.bumped.as_deref(), Some("new_slot"));
+    let b = sink
+        .apply_bus_epoch(ns2, ORIGIN, None, false, 600)
+        .await
+        .expect("600 on p0");
+    assert_eq!(b.bumped, None);
+    let late = sink
+        .apply_bus_epoch(ns2, ORIGIN, Some("new_slot"), false, 500)
+        .await
+        .expect("500 on p1");
+    assert_eq!(
+        (late.epoch, late.bumped),
+        (a.epoch, None),
+        "a gap already covered is not bumped again"
+    );
+    let opened = NamespaceLayout::new(ns2).expect("namespace").opened();
+    assert_eq!(get(opened.clone()).await.as_deref(), Some("600"));
+    // Partition 0 delivers start 800 (plain) before partition 1 delivers start 700 (a lost
+    // slot): 700's gap is not covered by any bump, so it bumps — without taking `opened` back.
+    let c = sink
+        .apply_bus_epoch(ns2, ORIGIN, None, false, 800)
+        .await
+        .expect("800 on p0");
+    assert_eq!(c.bumped, None);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let d = sink
+        .apply_bus_epoch(ns2, ORIGIN, Some("slot_lost"), false, 700)
+        .await
+        .expect("700 on p1");
+    assert_eq!(d.bumped.as_deref(), Some("slot_lost"));
+    assert!(d.epoch > c.epoch);
+    assert_eq!(get(opened.clone()).await.as_deref(), Some("800"));
+    let again = sink
+        .apply_bus_epoch(ns2, ORIGIN, Some("slot_lost"), false, 700)
+        .await
+        .expect("700 on p0");
+    assert_eq!(again.bumped, None, "bumped once for 700");
 }

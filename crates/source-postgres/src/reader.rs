@@ -19,9 +19,9 @@ use crate::error::Ended;
 use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
 use crate::{drift, housekeeping, pgoutput, telemetry, watermark};
 
-/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats, and the
-/// slot lease (held for the whole run).
-const POOL_SIZE: usize = 4;
+/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats (the slot
+/// lease's connection is taken from it and detached, so it does not count).
+const POOL_SIZE: usize = 3;
 
 /// First key of the slot lease's advisory lock (`pg_try_advisory_lock(LEASE_CLASS,
 /// hashtext(slot))`): "cclr".
@@ -97,7 +97,11 @@ pub(crate) async fn run<S: Sink>(
                     SourceError::SinkEpoch(e)
                 }
             })?;
-        if let Some(opened) = &opened {
+        if let Some(opened) = opened.as_ref().filter(|o| o.deferred) {
+            tracing::info!(%namespace, open = opened.epoch, gap = opened.bumped.as_deref().unwrap_or("none"), %origin,
+                "sent the epoch records to every partition; the invalidators open the epoch (and count any bump)");
+        }
+        if let Some(opened) = opened.as_ref().filter(|o| !o.deferred) {
             match &opened.bumped {
                 Some(reason) => {
                     metrics::counter!(telemetry::EPOCH_BUMPS, "reason" => reason.clone())
@@ -242,7 +246,7 @@ async fn take_slot_lease(
     pool: &deadpool_postgres::Pool,
     slot: &str,
     mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> Result<Option<deadpool_postgres::Object>, SourceError> {
+) -> Result<Option<deadpool_postgres::ClientWrapper>, SourceError> {
     let client = pool.get().await?;
     let mut standby_since: Option<std::time::Instant> = None;
     loop {
@@ -260,7 +264,10 @@ async fn take_slot_lease(
                     "taking over: the active process released slot `{slot}`; this one is now active"),
                 None => tracing::debug!(%slot, "slot lease taken: active"),
             }
-            return Ok(Some(client));
+            // Detached from the pool: whenever this run ends, early or late, the connection
+            // closes and PostgreSQL releases the lease at once (a pooled connection could outlive
+            // the run, holding the lock).
+            return Ok(Some(deadpool_postgres::Object::take(client)));
         }
         if standby_since.is_none() {
             telemetry::set_role(false);
@@ -278,7 +285,7 @@ async fn take_slot_lease(
 /// The reader's state between start-up and the end of the drain.
 struct Reader {
     /// The slot lease's connection ([`take_slot_lease`]): held, never used, until the end.
-    _lease: deadpool_postgres::Object,
+    _lease: deadpool_postgres::ClientWrapper,
     /// For partition look-ups ([`Reader::resolve_partition`]).
     pool: deadpool_postgres::Pool,
     mapper: ChangeMapper,

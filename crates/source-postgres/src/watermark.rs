@@ -20,23 +20,33 @@ use tokio::time::Instant;
 
 use crate::{SourceError, telemetry};
 
-/// Heartbeats emitted and not yet seen acknowledged: `(message LSN, emitted at)`, oldest first.
+/// Heartbeats emitted and not yet seen acknowledged: `(message LSN, emitted at)`, oldest first,
+/// and a wake-up for the publisher when one is added.
 #[derive(Debug, Default)]
-pub(crate) struct Heartbeats(Mutex<VecDeque<(Lsn, Instant)>>);
+pub(crate) struct Heartbeats {
+    queue: Mutex<VecDeque<(Lsn, Instant)>>,
+    /// Notified after every push: the heartbeat's commit may have streamed and been acknowledged
+    /// before `pg_logical_emit_message` returned its LSN to us, and the publisher must not wait
+    /// for the next acknowledgement (a whole `watermark_interval_ms`) to count it.
+    pushed: tokio::sync::Notify,
+}
 
 impl Heartbeats {
     fn push(&self, lsn: Lsn, at: Instant) {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Bounded: a pipeline stuck for hours keeps at most the newest 10,000.
-        if q.len() >= 10_000 {
-            q.pop_front();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded: a pipeline stuck for hours keeps at most the newest 10,000.
+            if q.len() >= 10_000 {
+                q.pop_front();
+            }
+            q.push_back((lsn, at));
         }
-        q.push_back((lsn, at));
+        self.pushed.notify_one();
     }
 
     /// Removes every heartbeat at or before `acked`; returns the newest one's emission instant.
     fn take_through(&self, acked: Lsn) -> Option<Instant> {
-        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let mut newest = None;
         while q.front().is_some_and(|(lsn, _)| *lsn <= acked) {
             newest = q.pop_front().map(|(_, at)| at);
@@ -91,15 +101,29 @@ pub(crate) async fn publish<S: Sink>(
     beats: Arc<Heartbeats>,
 ) -> SourceError {
     let mut last_beat: Option<Instant> = None;
+    // The acknowledged LSN of the last watermark written.
+    let mut published: Option<Lsn> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
-        if acked.changed().await.is_err() {
-            // The apply stage ended; the reader notices it on its own.
-            std::future::pending::<()>().await;
+        tokio::select! {
+            changed = acked.changed() => {
+                if changed.is_err() {
+                    // The apply stage ended; the reader notices it on its own.
+                    std::future::pending::<()>().await;
+                }
+            }
+            // A heartbeat registered after its commit was already acknowledged.
+            () = beats.pushed.notified() => {}
         }
         loop {
             let (lsn, commit_time_us) = *acked.borrow_and_update();
-            if let Some(at) = beats.take_through(lsn) {
+            let taken = beats.take_through(lsn);
+            if taken.is_none() && published == Some(lsn) {
+                // Woken by a heartbeat the acknowledgements have not reached yet: the
+                // acknowledgement that reaches it publishes.
+                break;
+            }
+            if let Some(at) = taken {
                 last_beat = Some(at);
             }
             // Until a heartbeat came back the lag is unknown: publish nothing.
@@ -113,6 +137,7 @@ pub(crate) async fn publish<S: Sink>(
             };
             match sink.publish_watermark(&namespace, &watermark).await {
                 Ok(()) => {
+                    published = Some(lsn);
                     metrics::gauge!(telemetry::WATERMARK_LAG).set(watermark.lag_ms as f64);
                     backoff = Duration::from_millis(100);
                     break;

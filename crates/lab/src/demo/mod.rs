@@ -196,8 +196,8 @@ pub struct DemoArgs {
     /// PostgreSQL). The clients' staleness breaker bounds what shoppers see.
     #[arg(long, value_enum, default_value_t = Fault::None)]
     pub fault: Fault,
-    /// The cacheclear clients' staleness bound, ms: while the pipeline's watermark is older,
-    /// reads bypass the cache (database, no fill).
+    /// The cacheclear clients' staleness bound, ms (200–600000): while the pipeline's watermark
+    /// is older, reads bypass the cache (database, no fill).
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
     pub max_staleness_ms: u64,
 }
