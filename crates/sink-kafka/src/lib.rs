@@ -178,19 +178,8 @@ impl KafkaSink {
     /// retried as a whole (records already delivered are then published again). The producer is
     /// replaced before returning the error.
     pub async fn publish(&self, batch: &Batch) -> Result<(), KafkaSinkError> {
-        let (mut generation, mut producer) = self.current_producer();
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it");
-            self.replace_producer(generation)?;
-            (generation, producer) = self.current_producer();
-        }
-        let mut window = Window {
-            producer: &producer,
-            topic: &self.cfg.topic,
-            max: self.cfg.max_in_flight,
-            in_flight: FuturesUnordered::new(),
-            delivered: 0,
-        };
+        let (generation, producer) = self.usable_producer()?;
+        let mut window = Window::new(&producer, &self.cfg);
         let result = async {
             for txn in &batch.txns {
                 let mut record = BusRecord {
@@ -233,22 +222,40 @@ impl KafkaSink {
         }
         .await;
         metrics::counter!(crate::telemetry::RECORDS_DELIVERED).increment(window.delivered);
-        if result.is_err() {
-            // The batch will be sent again in full, so nothing the old producer still holds is
-            // needed — and its state may be what failed: a broker that lost our producer id
-            // (restarted, or expired it) answers UNKNOWN_PRODUCER_ID to every retry of an
-            // idempotent producer, forever. A fresh producer gets a new id and new connections.
-            if let Err(e) = self.replace_producer(generation) {
-                tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
-            }
-        }
         drop(window);
-        // If the producer was replaced meanwhile (by this batch or another), this clone may be
-        // the last one: dropping it purges the queue and may block, so not on an async thread.
+        self.settle(generation, producer, result.is_err());
+        result
+    }
+
+    /// The producer to send with and its generation: the current one, replaced first when
+    /// librdkafka reports it fatally failed.
+    ///
+    /// # Errors
+    /// [`KafkaSinkError::Create`] when the replacement cannot be created.
+    fn usable_producer(&self) -> Result<(u64, FutureProducer), KafkaSinkError> {
+        let (generation, producer) = self.current_producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(?code, %reason, "kafka producer hit a fatal error; replacing it");
+            self.replace_producer(generation)?;
+            return Ok(self.current_producer());
+        }
+        Ok((generation, producer))
+    }
+
+    /// After a send with `producer` (of `generation`): when it `failed`, replaces the producer —
+    /// the records will be sent again in full, so nothing the old producer still holds is
+    /// needed, and its state may be what failed: a broker that lost our producer id (restarted,
+    /// or expired it) answers UNKNOWN_PRODUCER_ID to every retry of an idempotent producer,
+    /// forever; a fresh producer gets a new id and new connections. If the producer was replaced
+    /// meanwhile (by this send or another), `producer` may be the last clone: dropping it purges
+    /// the queue and may block, so not on an async thread.
+    fn settle(&self, generation: u64, producer: FutureProducer, failed: bool) {
+        if failed && let Err(e) = self.replace_producer(generation) {
+            tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
+        }
         if self.current_generation() != generation {
             drop_off_async_threads(producer);
         }
-        result
     }
 
     /// How many partitions the topic has (a metadata request, off the async threads).
@@ -297,16 +304,10 @@ impl KafkaSink {
         control: &BusControl,
         partitions: u32,
     ) -> Result<(), KafkaSinkError> {
-        let (generation, producer) = self.current_producer();
+        let (generation, producer) = self.usable_producer()?;
         let key = format!("{CONTROL_KEY_PREFIX}{}", control.namespace());
         let payload = control.to_json();
-        let mut window = Window {
-            producer: &producer,
-            topic: &self.cfg.topic,
-            max: self.cfg.max_in_flight,
-            in_flight: FuturesUnordered::new(),
-            delivered: 0,
-        };
+        let mut window = Window::new(&producer, &self.cfg);
         let result = async {
             for p in 0..partitions {
                 window
@@ -317,14 +318,7 @@ impl KafkaSink {
         }
         .await;
         drop(window);
-        if result.is_err() {
-            if let Err(e) = self.replace_producer(generation) {
-                tracing::warn!(error = %e, "could not replace the kafka producer; keeping it");
-            }
-        }
-        if self.current_generation() != generation {
-            drop_off_async_threads(producer);
-        }
+        self.settle(generation, producer, result.is_err());
         result
     }
 
@@ -491,7 +485,18 @@ struct Window<'a> {
     delivered: u64,
 }
 
-impl Window<'_> {
+impl<'a> Window<'a> {
+    /// An empty window on `producer`, for `cfg`'s topic and `max_in_flight`.
+    fn new(producer: &'a FutureProducer, cfg: &'a KafkaConfig) -> Window<'a> {
+        Window {
+            producer,
+            topic: &cfg.topic,
+            max: cfg.max_in_flight,
+            in_flight: FuturesUnordered::new(),
+            delivered: 0,
+        }
+    }
+
     /// Queues one record, first waiting for reports while the window is full (or librdkafka's
     /// own queue is).
     async fn send(&mut self, key: &[u8], payload: &[u8]) -> Result<(), KafkaSinkError> {
