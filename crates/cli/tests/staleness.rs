@@ -18,6 +18,8 @@ const NEW: i64 = 1;
 /// The client's bound in these tests, and its refresh interval.
 const MAX_STALENESS_MS: u64 = 1_500;
 const REFRESH_MS: u64 = 100;
+/// How long a healthy pipeline may take to have reads served from the cache.
+const CACHED_WITHIN: Duration = Duration::from_secs(30);
 
 fn pg_config(env: &Env) -> PostgresConfig {
     let mut cfg = env.pg_config();
@@ -36,20 +38,6 @@ async fn client(env: &Env) -> Client {
         .expect("client")
 }
 
-/// Reads `product:5`'s price through the cache (the loader reads PostgreSQL).
-async fn read(client: &Client, pg: &Arc<tokio_postgres::Client>) -> i64 {
-    let pg = Arc::clone(pg);
-    client
-        .get_or_load("product:5", || async move {
-            let row = pg
-                .query_one("SELECT price_cents FROM product WHERE id = 5", &[])
-                .await?;
-            Ok::<_, tokio_postgres::Error>(Loaded::new(row.get::<_, i64>(0)))
-        })
-        .await
-        .expect("read product:5")
-}
-
 /// The value envelope Redis holds for `product:5`, if any.
 async fn cached(env: &Env) -> Option<String> {
     get(&mut env.redis().await, "{product:5}").await
@@ -60,21 +48,6 @@ async fn epoch(env: &Env) -> Option<u64> {
     get(&mut env.redis().await, &ns.epoch())
         .await
         .map(|e| e.parse().expect("epoch is an integer"))
-}
-
-/// Waits until reads are served from Redis again (the breaker is closed and the value cached),
-/// asserting that every read meanwhile returns `expected`.
-async fn wait_served_from_cache(client: &Client, pg: &Arc<tokio_postgres::Client>, expected: i64) {
-    wait_for(
-        "reads served from the cache",
-        Duration::from_secs(30),
-        || async {
-            let before = client.stats().hits;
-            assert_eq!(read(client, pg).await, expected);
-            client.stats().hits > before
-        },
-    )
-    .await;
 }
 
 async fn spawn(env: &Env, cfg: PostgresConfig) -> Pipeline {
@@ -92,7 +65,7 @@ async fn pipeline_killed_bypasses_within_the_bound_and_recovers() {
     let pg = Arc::new(env.pg().await);
     let pipeline = spawn(&env, pg_config(&env)).await;
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     assert!(client.stats().fills >= 1);
 
     // Killed (dropped without draining), then the sale ends: nothing evicts product:5.
@@ -106,7 +79,7 @@ async fn pipeline_killed_bypasses_within_the_bound_and_recovers() {
     let bound = Duration::from_millis(MAX_STALENESS_MS + REFRESH_MS + 3_000);
     let stale_reads = std::sync::atomic::AtomicU64::new(0);
     wait_for("the breaker to open", bound, || async {
-        let price = read(&client, &pg).await;
+        let price = read_product_5(&client, &pg).await;
         if price == OLD {
             stale_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -117,7 +90,11 @@ async fn pipeline_killed_bypasses_within_the_bound_and_recovers() {
     let opened_after = killed.elapsed();
     // Until the bound the old price may be served; after it, never.
     for _ in 0..20 {
-        assert_eq!(read(&client, &pg).await, NEW, "the breaker stays open");
+        assert_eq!(
+            read_product_5(&client, &pg).await,
+            NEW,
+            "the breaker stays open"
+        );
     }
     let stats = client.stats();
     assert!(stats.bypassed_watermark_stale >= 21, "{stats:?}");
@@ -128,7 +105,7 @@ async fn pipeline_killed_bypasses_within_the_bound_and_recovers() {
 
     // Restarted: the slot replays the UPDATE, the watermark is fresh, the cache serves again.
     let pipeline = spawn(&env, pg_config(&env)).await;
-    wait_served_from_cache(&client, &pg, NEW).await;
+    wait_served_from_cache(&client, &pg, NEW, CACHED_WITHIN).await;
     pipeline.stop().await.expect("stop");
 }
 
@@ -148,7 +125,7 @@ async fn slot_lost_bumps_the_epoch_and_the_old_value_is_never_served() {
     let pipeline = spawn(&env, pg_config(&env)).await;
     let before = epoch(&env).await.expect("an epoch after the first start");
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     pipeline.stop().await.expect("stop");
 
     pg.execute("UPDATE product SET price_cents = $1 WHERE id = 5", &[&NEW])
@@ -181,9 +158,9 @@ async fn slot_lost_bumps_the_epoch_and_the_old_value_is_never_served() {
     // The recreated slot also evicted every rule table (the backstop for clients without a
     // namespace); with or without it, the old value is never served: every read from now on
     // returns the new price, also once the cache serves again.
-    wait_served_from_cache(&client, &pg, NEW).await;
+    wait_served_from_cache(&client, &pg, NEW, CACHED_WITHIN).await;
     for _ in 0..20 {
-        assert_eq!(read(&client, &pg).await, NEW);
+        assert_eq!(read_product_5(&client, &pg).await, NEW);
     }
     pipeline.stop().await.expect("stop");
 }
@@ -196,7 +173,7 @@ async fn another_system_identifier_bumps_the_epoch_before_streaming() {
     let pg = Arc::new(env.pg().await);
     let pipeline = spawn(&env, pg_config(&env)).await;
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     pipeline.stop().await.expect("stop");
     let before = epoch(&env).await.expect("epoch");
 
@@ -235,7 +212,7 @@ async fn another_system_identifier_bumps_the_epoch_before_streaming() {
         .expect("connect");
     tokio::spawn(conn);
     let other_pg = Arc::new(other_pg);
-    wait_served_from_cache(&client, &other_pg, NEW).await;
+    wait_served_from_cache(&client, &other_pg, NEW, CACHED_WITHIN).await;
     pipeline.stop().await.expect("stop");
 }
 
@@ -247,7 +224,7 @@ async fn read_your_writes_never_returns_the_old_value() {
     let pg = Arc::new(env.pg().await);
     let pipeline = spawn(&env, pg_config(&env)).await;
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     for round in 0..20i64 {
         let price = 2_000 + round;
         pg.execute(
@@ -284,7 +261,7 @@ async fn a_burst_after_an_idle_spell_does_not_bypass_a_healthy_pipeline() {
     let pg = Arc::new(env.pg().await);
     let pipeline = spawn(&env, pg_config(&env)).await;
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     tokio::time::sleep(Duration::from_millis(MAX_STALENESS_MS + 500)).await;
 
     let before = client.stats();
@@ -294,7 +271,7 @@ async fn a_burst_after_an_idle_spell_does_not_bypass_a_healthy_pipeline() {
         let (client, pg, go) = (client.clone(), Arc::clone(&pg), Arc::clone(&go));
         burst.spawn(async move {
             go.wait().await;
-            read(&client, &pg).await
+            read_product_5(&client, &pg).await
         });
     }
     while let Some(price) = burst.join_next().await {
@@ -364,7 +341,7 @@ async fn a_lost_epoch_key_bypasses_then_the_pipeline_bumps_it_in_place() {
     let pg = Arc::new(env.pg().await);
     let pipeline = spawn(&env, pg_config(&env)).await;
     let client = client(&env).await;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     let before = epoch(&env).await.expect("epoch");
     let ns = NamespaceLayout::new("cacheclear").expect("namespace");
     let _: i64 = redis::cmd("DEL")
@@ -381,7 +358,7 @@ async fn a_lost_epoch_key_bypasses_then_the_pipeline_bumps_it_in_place() {
     // (the bound is max_staleness_ms + refresh_ms); after it, it knows the new epoch.
     tokio::time::sleep(Duration::from_millis(REFRESH_MS + 50)).await;
     let misses_before = client.stats().epoch_misses;
-    wait_served_from_cache(&client, &pg, OLD).await;
+    wait_served_from_cache(&client, &pg, OLD, CACHED_WITHIN).await;
     let stats = client.stats();
     assert!(
         stats.epoch_misses > misses_before,

@@ -389,3 +389,38 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
         .map(|o| o.unwrap_or(-1))
         .collect()
 }
+
+// ---- Reads through the client library (the staleness tests) ----
+
+/// Reads `product:5`'s price through `client`'s cache (the loader reads PostgreSQL).
+pub async fn read_product_5(
+    client: &cacheclear_client::Client,
+    pg: &Arc<tokio_postgres::Client>,
+) -> i64 {
+    let pg = Arc::clone(pg);
+    client
+        .get_or_load("product:5", || async move {
+            let row = pg
+                .query_one("SELECT price_cents FROM product WHERE id = 5", &[])
+                .await?;
+            Ok::<_, tokio_postgres::Error>(cacheclear_client::Loaded::new(row.get::<_, i64>(0)))
+        })
+        .await
+        .expect("read product:5")
+}
+
+/// Waits (`timeout` at most) until reads of `product:5` are served from Redis (the breaker is
+/// closed and the value cached), asserting that every read meanwhile returns `expected`.
+pub async fn wait_served_from_cache(
+    client: &cacheclear_client::Client,
+    pg: &Arc<tokio_postgres::Client>,
+    expected: i64,
+    timeout: Duration,
+) {
+    wait_for("reads served from the cache", timeout, || async {
+        let before = client.stats().hits;
+        assert_eq!(read_product_5(client, pg).await, expected);
+        client.stats().hits > before
+    })
+    .await;
+}
