@@ -196,3 +196,130 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
         .expect("700 on p0");
     assert_eq!(again.bumped, None, "bumped once for 700");
 }
+
+/// README's ACL rules for `cacheclear invalidate` ("Least privilege"), with its Redis Cluster
+/// addition (`+cluster|slots`: the slot map).
+const INVALIDATOR_CLUSTER_ACL: &[&str] = &[
+    "~*",
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+get",
+    "+set",
+    "+del",
+    "+time",
+    "+scan",
+    "+ping",
+    "+hget",
+    "+hset",
+    "+cluster|slots",
+];
+
+/// Everything the invalidator asks of Redis — the start-up check, the bus epoch and watermark
+/// records, key evictions and table-wide (SCAN) evictions on every master — as an ACL user with
+/// exactly README's rules, on a 3-master cluster; and nothing more is allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidators_acl_rules_suffice_on_a_cluster() {
+    use cacheclear_harness::RedisOptions;
+    let cluster = tokio::task::spawn_blocking(|| {
+        RedisCluster::start_with(
+            3,
+            0,
+            RedisOptions::default().password("admin-Secret-1").acl_user(
+                "invalidator",
+                "inv-Secret-2",
+                INVALIDATOR_CLUSTER_ACL,
+            ),
+        )
+    })
+    .await
+    .expect("join")
+    .expect("start the Redis Cluster with an ACL user");
+    let seeds: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.url_as("invalidator", "inv-Secret-2"))
+        .collect();
+    let sink = RedisSink::connect(RedisConfig::cluster(seeds.clone())).expect("cluster sink");
+    sink.check()
+        .await
+        .expect("the start-up check as the ACL user");
+    let admin = cluster_conn(&cluster).await;
+    let get = |key: String| {
+        let mut conn = admin.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(key)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .expect("GET")
+        }
+    };
+    let ns = NamespaceLayout::new(NS).expect("namespace");
+
+    let opened = sink
+        .apply_bus_epoch(NS, ORIGIN, Some("new_slot"), false, 100)
+        .await
+        .expect("the epoch record as the ACL user");
+    assert_eq!(opened.bumped.as_deref(), Some("new_slot"));
+    for partition in [0, 1] {
+        sink.apply_bus_watermark(NS, &record(100, 0x30, now_us()), partition)
+            .await
+            .expect("a watermark record as the ACL user");
+    }
+    let w = Watermark::parse(&get(ns.watermark()).await.expect("watermark")).expect("parse");
+    assert_eq!((w.lsn, w.epoch), (Lsn(0x30), opened.epoch));
+
+    // Values on every master (keys spread over the slots), evicted by key and by pattern.
+    let mut conn = admin.clone();
+    let keys: Vec<String> = (0..30).map(|i| format!("product:{i}")).collect();
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{{{key}}}"))
+            .arg("cached")
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+    }
+    let n = sink
+        .invalidate(keys[..10].iter().map(|k| (k.as_str(), Lsn(0x31))))
+        .await
+        .expect("key evictions as the ACL user");
+    assert_eq!(n, 10);
+    sink.invalidate_matching(&["{product:*}*".to_owned()], Lsn(0x32))
+        .await
+        .expect("table-wide eviction (SCAN on every master) as the ACL user");
+    for key in &keys {
+        assert_eq!(get(format!("{{{key}}}")).await, None, "{key} evicted");
+    }
+    assert_eq!(
+        get("{product:20}:fence".to_owned()).await.as_deref(),
+        Some(Lsn(0x32).to_fixed_hex().as_str())
+    );
+
+    // Nothing beyond the list.
+    let mut user = redis::Client::open(seeds[0].as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect as the ACL user");
+    for args in [
+        &["FLUSHALL"][..],
+        &["CLUSTER", "INFO"],
+        &["CONFIG", "GET", "*"],
+        &["KEYS", "*"],
+    ] {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        let e = c
+            .query_async::<redis::Value>(&mut user)
+            .await
+            .expect_err("refused");
+        assert!(
+            e.to_string().to_lowercase().contains("noperm"),
+            "{args:?}: {e}"
+        );
+    }
+}
