@@ -18,7 +18,7 @@ use crate::config::HookPoint;
 use crate::config::{BypassFullPolicy, Config, ReadPolicy, RedisErrorPolicy, WaitTimeoutPolicy};
 use crate::envelope::{Envelope, FORMAT};
 use crate::error::{BoxError, Error};
-use crate::singleflight::{Flights, Role};
+use crate::singleflight::{Flights, Observed, Role};
 use crate::stats::{Counter, Counters, Stats};
 use crate::ttl::{jittered_ttl_ms, xfetch_should_refresh};
 
@@ -207,9 +207,13 @@ impl Client {
     /// Reads cache key `key` through the cache ([`ReadPolicy::Cached`], unless `key` matches
     /// [`Config::strict_key_prefixes`]).
     ///
-    /// 1. In-process single-flight: if this process already reads `key`, wait for that read.
-    /// 2. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
+    /// 1. Local tier (if configured), then `GET {K}`: a hit returns the payload. With XFetch on,
     ///    a hit near its expiry may refresh it early (see [`Config::xfetch_beta`]).
+    /// 2. In-process single-flight of misses: if this process already reads `key` after a miss,
+    ///    wait for that read, and take its answer only if it was observed after this call
+    ///    joined (the `GET` that found it sent, the loader started, or the accepted fill sent
+    ///    after the join): a shared answer is never older than an invalidation applied before
+    ///    this call. Otherwise read again (`coalesced_retries`).
     /// 3. Miss: `SET {K}:lease <128-bit random token> NX PX lease_ms`, pipelined with
     ///    `GET {K}:fence` (kept as the envelope's `read_after`). The holder runs `loader`
     ///    and fills with the protocol's FILL script, which writes only if the lease still holds
@@ -244,7 +248,8 @@ impl Client {
     /// - **Following another call for `key` in this process** (single-flight): nothing. That
     ///   call's read goes on for its own caller and its other followers.
     /// - **Leading this process's read of `key`** (every case below except the local tier
-    ///   lookup and a strict key's loader, which come before single-flight): the flight is
+    ///   lookup, the first `GET` and a hit's XFetch refresh, and a strict key's loader, which
+    ///   come before single-flight): the flight is
     ///   removed when the future is dropped, which wakes this process's followers; they retry,
     ///   and one of them leads a fresh read with its own loader (they never get the dropped
     ///   read's result).
@@ -322,28 +327,54 @@ impl Client {
             self.incr(Counter::local_hits);
             return Ok(v);
         }
+        // A hit needs no coordination: every reader sends its own `GET`, as a raw `GET` would.
+        let mut conn = self.inner.conn.clone();
+        match self.get_value::<T>(&mut conn, &layout, epoch).await {
+            Err(e) => return self.redis_failed(key, "GET", e, loader).await,
+            Ok(Some(env)) => return self.hit(&layout, env, epoch, loader).await,
+            Ok(None) => self.missed(key).await,
+        }
+        // A miss: concurrent misses of `key` in this process share one read, and a follower
+        // takes its answer only if it was observed after the follower joined (module docs of
+        // `singleflight`): never a value older than an invalidation applied before this call.
         loop {
             match self.inner.flights.join(key) {
                 Role::Leader(leader) => {
-                    let result = self.read_through(&layout, epoch, loader).await;
+                    let result = self.miss(&layout, epoch, loader).await;
                     leader.finish_with(|| {
-                        result
-                            .clone()
-                            .map(|v| Arc::new(v) as Arc<dyn Any + Send + Sync>)
+                        result.clone().map(|(v, obs)| Observed {
+                            value: Arc::new(v) as Arc<dyn Any + Send + Sync>,
+                            obs,
+                        })
                     });
-                    return result;
+                    return result.map(|(v, _)| v);
                 }
                 Role::Follower(follower) => {
                     self.incr(Counter::coalesced);
+                    let joined = follower.joined;
                     match follower.wait().await {
-                        Some(Ok(any)) => match any.downcast::<T>() {
-                            Ok(v) => return Ok(T::clone(&v)),
-                            // The same key read as another type in this process: read on our own.
-                            Err(_) => return self.read_through(&layout, epoch, loader).await,
-                        },
+                        Some(Ok(shared)) if joined < shared.obs => {
+                            match shared.value.downcast::<T>() {
+                                Ok(v) => return Ok(T::clone(&v)),
+                                // The same key read as another type in this process: read on
+                                // our own.
+                                Err(_) => return self.read_through(&layout, epoch, loader).await,
+                            }
+                        }
+                        // Observed before this call joined: read again.
+                        Some(Ok(_)) => self.incr(Counter::coalesced_retries),
                         Some(Err(e)) => return Err(e),
-                        // The leader was cancelled or panicked: try again.
-                        None => continue,
+                        // The leader was cancelled or panicked: read again.
+                        None => {}
+                    }
+                    match self.get_value::<T>(&mut conn, &layout, epoch).await {
+                        Err(e) => return self.redis_failed(key, "GET", e, loader).await,
+                        Ok(Some(env)) => {
+                            self.incr(Counter::hits);
+                            self.local_put(key, &env.payload).await;
+                            return Ok(env.payload);
+                        }
+                        Ok(None) => {}
                     }
                 }
             }
@@ -509,6 +540,9 @@ impl Client {
 
     // ----- the read path -----
 
+    /// One read of `key` without single-flight: `GET`, then the hit or the miss path
+    /// (`get_at_least`, which never joins another caller's read, and a follower whose leader
+    /// read the key as another type).
     async fn read_through<T, F, Fut, E>(
         &self,
         layout: &KeyLayout,
@@ -521,37 +555,79 @@ impl Client {
         Fut: Future<Output = Result<Loaded<T>, E>>,
         E: Into<BoxError>,
     {
-        let key = layout.key();
-        let config = &self.inner.config;
         let mut conn = self.inner.conn.clone();
-
         match self.get_value::<T>(&mut conn, layout, epoch).await {
-            Err(e) => return self.redis_failed(key, "GET", e, loader).await,
-            Ok(Some(env)) => {
-                // XFetch: near expiry, one reader (the one that wins the draw and the lease)
-                // reloads early; the others, and any refresh that fails, serve the cached value.
-                if self.xfetch_due(&env)
-                    && let Ok(Lease::Acquired(held)) = self.try_lease(&mut conn, layout).await
-                {
-                    self.incr(Counter::early_refreshes);
-                    match self.load_and_fill(layout, held, epoch, loader).await {
-                        Ok(v) => return Ok(v),
-                        Err(e) => {
-                            // The cached value is still valid (not invalidated): serve it.
-                            tracing::warn!(key, error = %e, "early refresh failed; serving the cached value");
-                        }
-                    }
-                }
-                self.incr(Counter::hits);
-                self.local_put(key, &env.payload).await;
-                return Ok(env.payload);
-            }
-            Ok(None) => {}
+            Err(e) => return self.redis_failed(layout.key(), "GET", e, loader).await,
+            Ok(Some(env)) => return self.hit(layout, env, epoch, loader).await,
+            Ok(None) => self.missed(layout.key()).await,
         }
+        self.miss(layout, epoch, loader).await.map(|(v, _)| v)
+    }
 
+    /// Counts a miss (the first `GET` found nothing usable).
+    async fn missed(&self, key: &str) {
         self.incr(Counter::misses);
         #[cfg(feature = "test-util")]
         self.hook(HookPoint::Missed, key).await;
+        #[cfg(not(feature = "test-util"))]
+        let _ = key;
+    }
+
+    /// A hit: serves `env`, unless XFetch picks this read to refresh the value early.
+    async fn hit<T, F, Fut, E>(
+        &self,
+        layout: &KeyLayout,
+        env: Envelope<T>,
+        epoch: Option<u64>,
+        loader: F,
+    ) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = layout.key();
+        // XFetch: near expiry, one reader (the one that wins the draw and the lease) reloads
+        // early; the others, and any refresh that fails, serve the cached value.
+        if self.xfetch_due(&env)
+            && let Ok(Lease::Acquired(held)) =
+                self.try_lease(&mut self.inner.conn.clone(), layout).await
+        {
+            self.incr(Counter::early_refreshes);
+            match self.load_and_fill(layout, held, epoch, loader).await {
+                Ok((v, _)) => return Ok(v),
+                Err(e) => {
+                    // The cached value is still valid (not invalidated): serve it.
+                    tracing::warn!(key, error = %e, "early refresh failed; serving the cached value");
+                }
+            }
+        }
+        self.incr(Counter::hits);
+        self.local_put(key, &env.payload).await;
+        Ok(env.payload)
+    }
+
+    /// After a miss: the lease, the wait for another holder, or a load outside the lease
+    /// protocol. Returns the value and the [`Flights::tick`] of the observation it came from
+    /// (taken before the `GET` that found it, the loader's start, or the accepted `FILL`), which
+    /// decides whether a single-flight follower may take it.
+    async fn miss<T, F, Fut, E>(
+        &self,
+        layout: &KeyLayout,
+        epoch: Option<u64>,
+        loader: F,
+    ) -> Result<(T, u64), Error>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Loaded<T>, E>>,
+        E: Into<BoxError>,
+    {
+        let key = layout.key();
+        let config = &self.inner.config;
+        let flights = &self.inner.flights;
+        let mut conn = self.inner.conn.clone();
         let started = Instant::now();
         let deadline = started + config.lease_wait();
         let mut backoff = ms(config.backoff_initial_ms);
@@ -566,12 +642,13 @@ impl Client {
                         lease_key: layout.lease(),
                         token,
                     };
+                    let obs = flights.tick();
                     match self.get_value::<T>(&mut conn, layout, epoch).await {
                         Ok(Some(env)) => {
                             guard.release().await;
                             self.incr(Counter::hits);
                             self.local_put(key, &env.payload).await;
-                            return Ok(env.payload);
+                            return Ok((env.payload, obs));
                         }
                         Ok(None) => {
                             let token = guard.into_token();
@@ -580,14 +657,27 @@ impl Client {
                         }
                         Err(e) => {
                             guard.release_in_background();
-                            return self.redis_failed(key, "GET", e, loader).await;
+                            let obs = flights.tick();
+                            return self
+                                .redis_failed(key, "GET", e, loader)
+                                .await
+                                .map(|v| (v, obs));
                         }
                     }
                 }
                 Ok(Lease::HeldElsewhere) => {}
                 // Redis is full: "don't cache" (not a Redis failure, whatever the policy).
-                Ok(Lease::OutOfMemory) => return self.run_loader(key, loader).await,
-                Err(e) => return self.redis_failed(key, "lease", e, loader).await,
+                Ok(Lease::OutOfMemory) => {
+                    let obs = flights.tick();
+                    return self.run_loader(key, loader).await.map(|v| (v, obs));
+                }
+                Err(e) => {
+                    let obs = flights.tick();
+                    return self
+                        .redis_failed(key, "lease", e, loader)
+                        .await
+                        .map(|v| (v, obs));
+                }
             }
             if !waiting {
                 waiting = true;
@@ -597,6 +687,7 @@ impl Client {
             if now >= deadline {
                 self.incr(Counter::lease_wait_timeouts);
                 let waited_ms = millis(started.elapsed());
+                let obs = flights.tick();
                 return match config.on_wait_timeout {
                     WaitTimeoutPolicy::LoadWithoutFilling => {
                         tracing::debug!(
@@ -605,7 +696,7 @@ impl Client {
                             "lease wait timed out; loading without filling"
                         );
                         self.incr(Counter::unfilled_loads);
-                        self.run_loader(key, loader).await
+                        self.run_loader(key, loader).await.map(|v| (v, obs))
                     }
                     WaitTimeoutPolicy::Error => Err(Error::LeaseWaitTimeout {
                         key: key.to_owned(),
@@ -619,14 +710,21 @@ impl Client {
             let pause = half + half.mul_f64(rand::random::<f64>());
             tokio::time::sleep(pause.min(deadline - now)).await;
             backoff = (backoff * 2).min(ms(config.backoff_max_ms));
+            let obs = flights.tick();
             match self.get_value::<T>(&mut conn, layout, epoch).await {
                 Ok(Some(env)) => {
                     self.incr(Counter::hits);
                     self.local_put(key, &env.payload).await;
-                    return Ok(env.payload);
+                    return Ok((env.payload, obs));
                 }
                 Ok(None) => {}
-                Err(e) => return self.redis_failed(key, "poll", e, loader).await,
+                Err(e) => {
+                    let obs = flights.tick();
+                    return self
+                        .redis_failed(key, "poll", e, loader)
+                        .await
+                        .map(|v| (v, obs));
+                }
             }
         }
     }
@@ -641,14 +739,16 @@ impl Client {
         xfetch_should_refresh(now_ms(), env.delta_ms, env.expiry_ms, beta, unit)
     }
 
-    /// The lease holder's part: load, then fill-and-release, or release on failure.
+    /// The lease holder's part: load, then fill-and-release, or release on failure. Returns the
+    /// value and its observation tick (see [`Client::miss`]): the accepted `FILL`'s, else the
+    /// loader's start.
     async fn load_and_fill<T, F, Fut, E>(
         &self,
         layout: &KeyLayout,
         held: LeaseHeld,
         epoch: Option<u64>,
         loader: F,
-    ) -> Result<T, Error>
+    ) -> Result<(T, u64), Error>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Fut,
@@ -667,6 +767,7 @@ impl Client {
         #[cfg(feature = "test-util")]
         self.hook(HookPoint::LeaseAcquired, key).await;
         self.incr(Counter::loads);
+        let load_obs = self.inner.flights.tick();
         let started = Instant::now();
         let loaded = loader().await;
         let delta_ms = millis(started.elapsed());
@@ -707,6 +808,7 @@ impl Client {
         };
         let version = env.version.map(Lsn::to_fixed_hex).unwrap_or_default();
         let mut conn = self.inner.conn.clone();
+        let fill_obs = self.inner.flights.tick();
         let reply: RedisResult<i64> = self
             .bounded(
                 self.inner
@@ -721,11 +823,14 @@ impl Client {
                     .invoke_async(&mut conn),
             )
             .await;
+        let mut obs = load_obs;
         match reply {
             Ok(scripts::FILLED) => {
                 guard.disarm();
                 self.incr(Counter::fills);
                 self.local_put(key, &env.payload).await;
+                // No invalidation came between the lease and this fill.
+                obs = fill_obs;
             }
             Ok(scripts::LEASE_LOST) => {
                 guard.disarm();
@@ -756,7 +861,7 @@ impl Client {
                 guard.release().await;
             }
         }
-        Ok(env.payload)
+        Ok((env.payload, obs))
     }
 
     /// Runs the loader outside the lease protocol (strict reads, fallbacks, wait timeouts).

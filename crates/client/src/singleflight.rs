@@ -1,9 +1,16 @@
-//! In-process single-flight: concurrent reads of one key in one process share one read (one
+//! In-process single-flight: concurrent misses of one key in one process share one read (one
 //! Redis lease attempt, at most one loader run).
 //!
 //! The first caller (the leader) registers a flight and runs the read in its own task; later
 //! callers (followers) wait for its result. If the leader is cancelled or panics before
 //! answering, its flight is removed and the followers retry (one of them becomes the leader).
+//!
+//! A shared answer must not be older than the follower's own start: the leader may have read
+//! its value before an invalidation that was applied before the follower began. So every
+//! answer carries the sequence number ([`Flights::tick`]) taken when the observation behind it
+//! began — the `GET` that found it sent, the loader started, or the accepted `FILL` sent (an
+//! accepted fill proves no invalidation came between the lease and the fill) — and a follower
+//! that joined at `j` takes it only if `j < obs`; otherwise it reads again.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -14,7 +21,14 @@ use tokio::sync::watch;
 use crate::Error;
 
 /// A finished read, type-erased (the value is an `Arc<T>`).
-pub(crate) type Shared = Result<Arc<dyn Any + Send + Sync>, Error>;
+pub(crate) type Shared = Result<Observed, Error>;
+
+/// A leader's value and the sequence number of the observation it came from.
+#[derive(Clone)]
+pub(crate) struct Observed {
+    pub(crate) value: Arc<dyn Any + Send + Sync>,
+    pub(crate) obs: u64,
+}
 
 type Slot = watch::Receiver<Option<Shared>>;
 
@@ -22,6 +36,8 @@ type Slot = watch::Receiver<Option<Shared>>;
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, (u64, Slot)>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// The process's observation order (see the module docs).
+    seq: std::sync::atomic::AtomicU64,
 }
 
 /// What [`Flights::join`] made of the caller.
@@ -41,13 +57,24 @@ pub(crate) struct Leader<'a> {
 
 pub(crate) struct Follower {
     rx: Slot,
+    /// [`Flights::tick`] when this caller joined.
+    pub(crate) joined: u64,
 }
 
 impl Flights {
+    /// The next number of the process's observation order: taken before a `GET` is sent, a
+    /// loader starts, a `FILL` is sent, or a follower joins. Always ≥ 1.
+    pub(crate) fn tick(&self) -> u64 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
     pub(crate) fn join(&self, key: &str) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((_, rx)) = map.get(key) {
-            return Role::Follower(Follower { rx: rx.clone() });
+            return Role::Follower(Follower {
+                rx: rx.clone(),
+                joined: self.tick(),
+            });
         }
         let id = self
             .next_id
@@ -132,10 +159,18 @@ mod tests {
         let Role::Leader(other) = flights.join("other") else {
             panic!("other key leads")
         };
-        leader.finish_with(|| Ok(Arc::new(7u32)));
+        let obs = flights.tick();
+        assert!(f1.joined < f2.joined && f2.joined < obs);
+        leader.finish_with(|| {
+            Ok(Observed {
+                value: Arc::new(7u32),
+                obs,
+            })
+        });
         for f in [f1, f2] {
             let v = f.wait().await.unwrap().unwrap();
-            assert_eq!(v.downcast_ref::<u32>(), Some(&7));
+            assert_eq!(v.value.downcast_ref::<u32>(), Some(&7));
+            assert_eq!(v.obs, obs);
         }
         assert_eq!(flights.len(), 1);
         drop(other);

@@ -207,6 +207,62 @@ async fn t1_read_old_invalidate_set_old_never_stores_the_old_value() -> TestResu
     Ok(())
 }
 
+/// Single-flight never hands a read an answer older than its own start: the leader's loader
+/// read the old price and pauses before its fill; the invalidation is applied; only then does a
+/// second read of the key start in the same process, and it joins the leader's flight. The
+/// leader's fill is refused, so its value was observed before the second read joined: the
+/// second read must read again and get the new price, not the leader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_joining_after_an_invalidation_never_gets_the_older_shared_value() -> TestResult {
+    let redis = RedisInstance::start()?;
+    let mut r = redis_conn(&redis).await;
+    let gate = Gate::new(HookPoint::BeforeFill);
+    let client = Client::connect(
+        &redis.url(),
+        quick(Config::default()).with_hook(gate.hook()),
+    )
+    .await?;
+    let db_price = Arc::new(AtomicUsize::new(100));
+    let read = |client: Client, db_price: Arc<AtomicUsize>| async move {
+        client
+            .get_or_load("product:1", move || async move {
+                Ok::<_, std::convert::Infallible>(cacheclear_client::Loaded::new(
+                    db_price.load(Ordering::SeqCst),
+                ))
+            })
+            .await
+    };
+    let leader = tokio::spawn(read(client.clone(), db_price.clone()));
+    gate.wait_reached().await; // the leader's loader returned 100; its fill has not run
+
+    db_price.store(50, Ordering::SeqCst);
+    invalidate(&mut r, "product:1", Lsn(0x200)).await;
+    let follower = tokio::spawn(read(client.clone(), db_price.clone()));
+    // The follower has missed and joined the leader's flight.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while client.stats().coalesced == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await?;
+    gate.resume();
+    assert_eq!(
+        leader.await??,
+        100,
+        "the leader returns what it read, uncached"
+    );
+    assert_eq!(
+        follower.await??,
+        50,
+        "a read that started after the invalidation got the value read before it"
+    );
+    let stats = client.stats();
+    assert_eq!(stats.fills_refused_lease_lost, 1);
+    assert_eq!(stats.coalesced_retries, 1);
+    assert_eq!(stats.loads, 2);
+    Ok(())
+}
+
 /// The fence half of the protocol: a loader reading a lagging replica (its version is older than
 /// an invalidation already applied) cannot fill, even though it holds a valid lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
