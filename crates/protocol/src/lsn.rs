@@ -24,7 +24,7 @@ impl Lsn {
     /// # Errors
     /// [`LsnParseError`] when the text is not exactly 16 hex digits.
     pub fn from_fixed_hex(s: &str) -> Result<Lsn, LsnParseError> {
-        if s.len() != 16 {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(LsnParseError(s.to_owned()));
         }
         u64::from_str_radix(s, 16)
@@ -51,6 +51,11 @@ impl FromStr for Lsn {
     fn from_str(s: &str) -> Result<Lsn, LsnParseError> {
         let err = || LsnParseError(s.to_owned());
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
+        // `from_str_radix` alone would also take a leading `+`.
+        let hex = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex(hi) || !hex(lo) {
+            return Err(err());
+        }
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
         Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
@@ -82,6 +87,10 @@ mod tests {
         assert_eq!("16/B374D848".parse::<Lsn>(), Ok(Lsn(0x16_B374_D848)));
         assert!("16-B374D848".parse::<Lsn>().is_err());
         assert!("1/100000000".parse::<Lsn>().is_err());
+        assert!("+1/0".parse::<Lsn>().is_err());
+        assert!("1/+0".parse::<Lsn>().is_err());
+        assert!(Lsn::from_fixed_hex("+000000000000001").is_err());
+        assert_eq!(Lsn::from_fixed_hex("000000000000001a"), Ok(Lsn(0x1a)));
     }
 
     proptest! {
