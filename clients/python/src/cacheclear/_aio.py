@@ -352,8 +352,8 @@ class AsyncClient:
             if lease == _OOM:
                 # Redis is full: "don't cache" (not a Redis failure, whatever the policy).
                 return await self._load_unfilled(key, loader)
-            if lease != _HELD:
-                token, read_after = lease  # type: ignore[misc]
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
                 obs = self._tick()
                 try:
                     env = await self._get_env(key, epoch)
@@ -481,8 +481,8 @@ class AsyncClient:
                 lease = await self._try_lease(key)
             except REDIS_FAILURES:
                 lease = _HELD
-            if lease != _HELD and lease != _OOM:
-                token, read_after = lease  # type: ignore[misc]
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
                 st.early_refreshes += 1
                 try:
                     return (await self._load_and_fill(key, token, read_after, epoch, loader))[0]
@@ -500,7 +500,7 @@ class AsyncClient:
         except Exception as e:
             self._stats.loader_errors += 1
             raise LoaderError(key, e) from e
-        return result.value if type(result) is Loaded else result  # type: ignore[no-any-return]
+        return result.value if type(result) is Loaded else result  # type: ignore[no-any-return,return-value]
 
     async def _load_unfilled(self, key: str, loader: AsyncLoader[T]) -> Tuple[T, int]:
         obs = self._tick()
@@ -533,7 +533,7 @@ class AsyncClient:
             return None
         return env
 
-    async def _try_lease(self, key: str) -> Union[str, Tuple[str, Optional[int]]]:
+    async def _try_lease(self, key: str) -> Union[str, c.LeaseHeld]:
         """``SET {K}:lease <token> NX PX lease_ms`` pipelined with ``GET {K}:fence``.
         Returns ``(token, read_after)``, ``_HELD`` or ``_OOM``; raises Redis failures."""
         token = c.new_token()
@@ -562,7 +562,7 @@ class AsyncClient:
             reset = pipe.reset()
             if inspect.isawaitable(reset):
                 await reset
-        return token, c.read_fence(key, fence_reply)
+        return c.LeaseHeld(token, c.read_fence(key, fence_reply))
 
     async def _script(self, script: Script, keys: Tuple[str, ...], args: Tuple[Any, ...]) -> Any:
         """``EVALSHA``; on ``NOSCRIPT`` (restarted or failed-over Redis) loads it and retries."""

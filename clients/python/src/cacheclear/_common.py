@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, Generic, Optional, Tuple, TypeVar
+from typing import Any, Generic, NamedTuple, Optional, Tuple, TypeVar
 
 import redis.exceptions
 
@@ -224,6 +224,14 @@ def script_int(reply: Any) -> Optional[int]:
     if isinstance(reply, int) and not isinstance(reply, bool):
         return reply
     return None
+
+
+class LeaseHeld(NamedTuple):
+    """A lease this client took: its token and the key's fence at that moment (``0`` when
+    there was none, ``None`` when unreadable): the envelope's ``read_after``."""
+
+    token: str
+    read_after: Optional[int]
 
 
 def new_token() -> str:

@@ -93,7 +93,7 @@ def decode_envelope(raw: Union[bytes, str, Any]) -> Optional[Dict[str, Any]]:
     else ``None`` (a miss). Unknown fields are kept and ignored."""
     try:
         text = raw.decode("utf-8") if type(raw) is bytes else raw
-        obj = _DECODER.decode(text)
+        obj = _DECODER.decode(text)  # type: ignore[arg-type]  # non-str: TypeError, a miss
     except (ValueError, TypeError, AttributeError):
         return None
     if type(obj) is not dict:

@@ -297,6 +297,7 @@ class Client:
         while True:
             with self._flights_lock:
                 flight = self._flights.get(key)
+                event: Optional[threading.Event] = None
                 if flight is None:
                     flight = _Flight()
                     self._flights[key] = flight
@@ -320,6 +321,7 @@ class Client:
                 self._finish(key, flight, (OK, value, obs))
                 return value
             self._stats.coalesced += 1
+            assert event is not None
             event.wait()
             assert flight.result is not None
             kind, result, obs = flight.result
@@ -364,8 +366,8 @@ class Client:
             if lease == _OOM:
                 # Redis is full: "don't cache" (not a Redis failure, whatever the policy).
                 return self._load_unfilled(key, loader)
-            if lease != _HELD:
-                token, read_after = lease  # type: ignore[misc]
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
                 obs = self._tick()
                 try:
                     env = self._get_env(key, epoch)
@@ -491,8 +493,8 @@ class Client:
                 lease = self._try_lease(key)
             except REDIS_FAILURES:
                 lease = _HELD
-            if lease != _HELD and lease != _OOM:
-                token, read_after = lease  # type: ignore[misc]
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
                 st.early_refreshes += 1
                 try:
                     return (self._load_and_fill(key, token, read_after, epoch, loader))[0]
@@ -508,7 +510,7 @@ class Client:
         except Exception as e:
             self._stats.loader_errors += 1
             raise LoaderError(key, e) from e
-        return result.value if type(result) is Loaded else result  # type: ignore[no-any-return]
+        return result.value if type(result) is Loaded else result  # type: ignore[no-any-return,return-value]
 
     def _load_unfilled(self, key: str, loader: Loader[T]) -> Tuple[T, int]:
         obs = self._tick()
@@ -541,7 +543,7 @@ class Client:
             return None
         return env
 
-    def _try_lease(self, key: str) -> Union[str, Tuple[str, Optional[int]]]:
+    def _try_lease(self, key: str) -> Union[str, c.LeaseHeld]:
         """``SET {K}:lease <token> NX PX lease_ms`` pipelined with ``GET {K}:fence``.
         Returns ``(token, read_after)``, ``_HELD`` or ``_OOM``; raises Redis failures."""
         token = c.new_token()
@@ -568,7 +570,7 @@ class Client:
             raise
         finally:
             pipe.reset()
-        return token, c.read_fence(key, fence_reply)
+        return c.LeaseHeld(token, c.read_fence(key, fence_reply))
 
     def _script(self, script: Script, keys: Tuple[str, ...], args: Tuple[Any, ...]) -> Any:
         """``EVALSHA``; on ``NOSCRIPT`` (restarted or failed-over Redis) loads it and retries."""
