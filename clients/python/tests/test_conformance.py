@@ -130,6 +130,8 @@ class Runner:
         self.admin.execute_command("CONFIG", "SET", "maxmemory", "0")
         if self.mode == "async":
             self.loop = asyncio.new_event_loop()
+            # redis.asyncio's pools take the current loop when built (Python 3.9).
+            asyncio.set_event_loop(self.loop)
         try:
             self.client = self.new_client()
             self.run_steps(self.scenario["steps"], "")
@@ -147,6 +149,7 @@ class Runner:
                     pass
             if self.loop is not None:
                 self.loop.close()
+                asyncio.set_event_loop(None)
             self.admin.execute_command("CONFIG", "SET", "maxmemory", "0")
             self.admin.close()
 
