@@ -1,0 +1,687 @@
+"""The asyncio client (:class:`AsyncClient`) on ``redis.asyncio``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from time import monotonic
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, Tuple, TypeVar, Union
+
+import redis.asyncio
+
+from . import _common as c
+from ._breaker import Breaker, parse_namespace_reply
+from ._common import OK, ERROR, RETRY, REDIS_FAILURES, SCRIPTS, Loaded, Script, Stats
+from ._config import (
+    BypassFullPolicy,
+    Config,
+    ReadPolicy,
+    RedisErrorPolicy,
+    WaitTimeoutPolicy,
+)
+from ._envelope import decode_envelope, encode_envelope
+from ._errors import (
+    BypassOverloaded,
+    CacheclearError,
+    EncodeError,
+    InvalidConfig,
+    InvalidKey,
+    LeaseWaitTimeout,
+    LoaderError,
+    RedisError,
+)
+from ._lsn import LsnLike, as_lsn, to_fixed_hex
+from ._ttl import backoff_pause_ms, jittered_ttl_ms, next_backoff_ms, xfetch_should_refresh
+
+__all__ = ["AsyncClient", "AsyncLoader"]
+
+log = logging.getLogger("cacheclear")
+
+T = TypeVar("T")
+
+#: A loader for :class:`AsyncClient`: a callable without arguments returning an awaitable of
+#: the value or of a :class:`Loaded` (a plain callable returning them directly is accepted too).
+AsyncLoader = Callable[[], Union[Awaitable[Union[T, Loaded[T]]], T, Loaded[T]]]
+
+_HELD = "held"
+_OOM = "oom"
+
+
+class _Flight:
+    """One in-process load of a key; ``fut`` is created when the first follower arrives."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self) -> None:
+        self.fut: Optional[asyncio.Future] = None  # type: ignore[type-arg]
+
+
+class AsyncClient:
+    """The cacheclear cache-aside client for asyncio applications.
+
+    Args:
+        redis_client_or_url: a ``redis.asyncio.Redis`` (or ``RedisCluster``) you own, or a URL
+            (``redis://[user:password@]host:port/db``, ``rediss://…``) from which the client
+            builds its own connection pool with ``socket_timeout = redis_timeout_ms`` and
+            ``socket_connect_timeout = redis_connect_timeout_ms`` (closed by :meth:`aclose`).
+            With your own client, set its ``socket_timeout``: it bounds every command.
+        config: the options (:class:`cacheclear.Config`); default ``Config()``.
+
+    One instance per process (or per event loop) is the intended use: its single-flight table,
+    namespace snapshot and counters are per instance. Use it from one event loop.
+
+    Raises:
+        InvalidConfig: ``config`` is not a :class:`cacheclear.Config`.
+    """
+
+    def __init__(self, redis_client_or_url: Union[str, "redis.asyncio.Redis"], config: Optional[Config] = None) -> None:
+        if config is None:
+            config = Config()
+        if not isinstance(config, Config):
+            raise InvalidConfig("config", config, "a cacheclear.Config")
+        self._cfg = config
+        self._url: Optional[str] = None
+        if isinstance(redis_client_or_url, str):
+            self._url = c.redact_url(redis_client_or_url)
+            self._redis = redis.asyncio.Redis.from_url(
+                redis_client_or_url,
+                socket_timeout=config.redis_timeout_ms / 1000.0,
+                socket_connect_timeout=config.redis_connect_timeout_ms / 1000.0,
+            )
+            self._owns = True
+        else:
+            self._redis = redis_client_or_url
+            self._owns = False
+        self._stats = Stats()
+        self._flights: Dict[str, _Flight] = {}
+        self._seq = 0
+        self._strict = config.strict_key_prefixes
+        self._breaker = Breaker(config.staleness) if config.staleness is not None else None
+        self._ns_lock: Optional[asyncio.Lock] = None
+        self._bypass_sem: Optional[asyncio.Semaphore] = None
+        self._background: Set[asyncio.Task] = set()  # type: ignore[type-arg]
+
+    # ----- public API -----
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self._cfg
+
+    @property
+    def redis(self) -> "redis.asyncio.Redis":
+        """The Redis client in use."""
+        return self._redis
+
+    def stats(self) -> Stats:
+        """A snapshot of this instance's counters."""
+        return self._stats.copy()
+
+    async def aclose(self) -> None:
+        """Waits for background lease releases, and closes the Redis connection pool if the
+        client built it from a URL (a client you passed in stays open)."""
+        if self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self._owns:
+            close = getattr(self._redis, "aclose", None) or self._redis.close
+            await close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        target = self._url if self._url is not None else type(self._redis).__name__
+        return f"AsyncClient(redis={target!r}, config={self._cfg!r})"
+
+    async def get_or_load(self, key: str, loader: AsyncLoader[T], *, strict: bool = False) -> T:
+        """Reads cache key ``key`` through Redis, running ``loader`` on a miss
+        (docs/protocol.md §4).
+
+        1. ``strict=True``, or a key under ``strict_key_prefixes``: run the loader, touch
+           nothing else.
+        2. With a staleness bound: while the breaker is open, run the loader without filling.
+        3. ``GET {K}``: a format-1 envelope (of the namespace's epoch or newer) is a hit.
+        4. Miss: concurrent misses of ``key`` in this client share one load (single-flight);
+           the leader takes the lease (``SET {K}:lease <token> NX PX lease_ms`` with
+           ``GET {K}:fence``), re-reads under it, runs the loader and fills through
+           ``fill.lua`` with TTL ``ttl_base_ms × (1 ± ttl_jitter)``. The loaded value is
+           returned whatever the fill replied. A failed or cancelled loader releases the lease
+           (``release.lua``) and caches nothing.
+        5. Lease held by another process: poll ``GET`` and retry the lease with jittered
+           doubling backoff (``backoff_initial_ms`` → ``backoff_max_ms``) for up to
+           ``lease_wait_ms``, then apply ``on_wait_timeout``.
+
+        Args:
+            key: the cache key ``K`` (render it with :class:`cacheclear.Template`).
+            loader: reads the database: an async callable returning the value or
+                :class:`cacheclear.Loaded`. It runs at most once per call, and only when this
+                call must read the database; concurrent callers of one key share one run, so
+                every loader of a key must read the same thing.
+            strict: read strictly (never cached) for this call.
+
+        Returns:
+            the cached payload (as ``json.loads`` gives it) or the loader's value.
+
+        Raises:
+            InvalidKey: ``key`` is empty or contains ``{`` / ``}`` (nothing ran).
+            LoaderError: the loader raised (its exception is ``__cause__``).
+            LeaseWaitTimeout: ``on_wait_timeout = "error"`` and the wait ran out.
+            RedisError: Redis failed and ``on_redis_error = "error"``.
+            BypassOverloaded: the breaker is open and too many bypass loads run.
+            EncodeError: the value has no JSON form.
+        """
+        if type(key) is not str or not key or "{" in key or "}" in key:
+            raise InvalidKey(key if isinstance(key, str) else repr(key))
+        if strict or (self._strict and key.startswith(self._strict)):
+            self._stats.strict_loads += 1
+            return await self._run_loader(key, loader)
+        epoch: Optional[int] = None
+        b = self._breaker
+        if b is not None:
+            now = monotonic()
+            v = b.view
+            if now < v.open_until and now < v.refresh_at:
+                epoch = v.epoch
+            else:
+                is_open, epoch, _lsn, reason = await self._gate(now)
+                if not is_open:
+                    return await self._bypass(key, reason, loader)
+        vkey = "{" + key + "}"
+        try:
+            raw = await self._redis.execute_command("GET", vkey)
+        except REDIS_FAILURES as e:
+            self._redis_error(key, "GET", e)
+            return (await self._redis_failed(key, "GET", e, loader))[0]
+        if raw is not None:
+            env = decode_envelope(raw)
+            if env is not None:
+                if epoch is None or (env.get("epoch") or 0) >= epoch:
+                    if self._cfg.xfetch_beta is not None:
+                        return await self._maybe_refresh(key, env, epoch, loader)
+                    self._stats.hits += 1
+                    return env["payload"]  # type: ignore[no-any-return]
+                self._stats.epoch_misses += 1
+            else:
+                self._decode_error(key)
+        return await self._miss_coalesced(key, epoch, loader)
+
+    async def get_with(self, key: str, policy: Union[ReadPolicy, str], loader: AsyncLoader[T]) -> T:
+        """:meth:`get_or_load` with an explicit :class:`cacheclear.ReadPolicy` (``"cached"`` or
+        ``"strict"``) for this call.
+
+        Raises:
+            As :meth:`get_or_load`; ``ValueError`` for an unknown policy.
+        """
+        return await self.get_or_load(key, loader, strict=ReadPolicy(policy) is ReadPolicy.STRICT)
+
+    async def get_strict(self, loader: AsyncLoader[T]) -> T:
+        """Runs ``loader`` and returns its value, touching no cache: for data that must never
+        be stale (balances, stock, checkout totals). Its version, if any, is ignored.
+
+        Raises:
+            LoaderError: the loader raised (with ``key == ""``).
+        """
+        self._stats.strict_loads += 1
+        return await self._run_loader("", loader)
+
+    async def get_at_least(self, key: str, lsn: LsnLike, loader: AsyncLoader[T]) -> T:
+        """Read-your-writes: reads ``key`` through the cache only once the namespace's watermark
+        has passed ``lsn`` — the ``pg_current_wal_lsn()`` the application read after its commit
+        (``X/X`` text or an ``int``) — so that commit's invalidation has been applied. Until
+        then it re-reads the namespace every ``refresh_ms`` for up to
+        ``read_your_writes_wait_ms``, then runs the loader without filling. Never joins another
+        caller's in-flight read. Without a staleness config there is no watermark: the loader
+        runs (counted in ``ryw_loads``).
+
+        Raises:
+            As :meth:`get_or_load`; ``ValueError`` if ``lsn`` is not an LSN.
+        """
+        if type(key) is not str or not key or "{" in key or "}" in key:
+            raise InvalidKey(key if isinstance(key, str) else repr(key))
+        min_lsn = as_lsn(lsn)
+        if self._strict and key.startswith(self._strict):
+            self._stats.strict_loads += 1
+            return await self._run_loader(key, loader)
+        b = self._breaker
+        if b is None:
+            self._stats.ryw_loads += 1
+            return await self._run_loader(key, loader)
+        deadline = monotonic() + b.cfg.read_your_writes_wait_ms / 1000.0
+        waited = False
+        while True:
+            now = monotonic()
+            v = b.view
+            if now < v.open_until and now < v.refresh_at:
+                is_open, epoch, wm_lsn, reason = b.verdict(now)
+            else:
+                is_open, epoch, wm_lsn, reason = await self._gate(now)
+            if not is_open:
+                return await self._bypass(key, reason, loader)
+            if wm_lsn >= min_lsn:
+                return await self._read_uncoalesced(key, epoch, loader)
+            now = monotonic()
+            if now >= deadline:
+                self._stats.ryw_loads += 1
+                return await self._run_loader(key, loader)
+            if not waited:
+                waited = True
+                self._stats.ryw_waits += 1
+            await asyncio.sleep(min(b.cfg.refresh_ms / 1000.0, deadline - now))
+
+    # ----- the read path -----
+
+    def _tick(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def _read_uncoalesced(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> T:
+        try:
+            env = await self._get_env(key, epoch)
+        except REDIS_FAILURES as e:
+            return (await self._redis_failed(key, "GET", e, loader))[0]
+        if env is not None:
+            self._stats.hits += 1
+            return env["payload"]  # type: ignore[no-any-return]
+        return (await self._miss(key, epoch, loader))[0]
+
+    async def _miss_coalesced(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> T:
+        """A miss: lead this client's load of ``key``, or follow the one in flight."""
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = _Flight()
+                self._flights[key] = flight
+                try:
+                    value, obs = await self._miss(key, epoch, loader)
+                except Exception as e:
+                    self._finish(key, flight, (ERROR, e, 0))
+                    raise
+                except BaseException:
+                    # Cancelled: the followers read again, one of them leads.
+                    self._finish(key, flight, (RETRY, None, 0))
+                    raise
+                self._finish(key, flight, (OK, value, obs))
+                return value
+            joined = self._tick()
+            self._stats.coalesced += 1
+            fut = flight.fut
+            if fut is None:
+                fut = flight.fut = asyncio.get_running_loop().create_future()
+            kind, result, obs = await asyncio.shield(fut)
+            if kind == OK:
+                if joined < obs:
+                    return result  # type: ignore[no-any-return]
+                self._stats.coalesce_retries += 1
+            elif kind == ERROR:
+                raise result
+            # Read again: the value may be there now.
+            try:
+                env = await self._get_env(key, epoch)
+            except REDIS_FAILURES as e:
+                return (await self._redis_failed(key, "GET", e, loader))[0]
+            if env is not None:
+                self._stats.hits += 1
+                return env["payload"]  # type: ignore[no-any-return]
+
+    def _finish(self, key: str, flight: _Flight, result: c.FlightResult) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        fut = flight.fut
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    async def _miss(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> Tuple[T, int]:
+        """Lease, wait or load. Returns ``(value, obs)`` (see ``_common.FlightResult``)."""
+        cfg = self._cfg
+        st = self._stats
+        st.misses += 1
+        started = monotonic()
+        deadline = started + cfg.lease_wait_ms / 1000.0
+        backoff = float(cfg.backoff_initial_ms)
+        waiting = False
+        while True:
+            try:
+                lease = await self._try_lease(key)
+            except REDIS_FAILURES as e:
+                return await self._redis_failed(key, "lease", e, loader)
+            if lease == _OOM:
+                # Redis is full: "don't cache" (not a Redis failure, whatever the policy).
+                return await self._load_unfilled(key, loader)
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
+                obs = self._tick()
+                try:
+                    env = await self._get_env(key, epoch)
+                except BaseException as e:
+                    self._release_bg(key, token)
+                    if isinstance(e, REDIS_FAILURES):
+                        return await self._redis_failed(key, "GET", e, loader)
+                    raise
+                if env is not None:
+                    # Another holder filled between our GET and our lease.
+                    await self._release_protected(key, token)
+                    st.hits += 1
+                    return env["payload"], obs
+                return await self._load_and_fill(key, token, read_after, epoch, loader)
+            if not waiting:
+                waiting = True
+                st.lease_waits += 1
+            now = monotonic()
+            if now >= deadline:
+                st.lease_wait_timeouts += 1
+                waited_ms = c.ms(now - started)
+                if cfg.on_wait_timeout is WaitTimeoutPolicy.ERROR:
+                    raise LeaseWaitTimeout(key, waited_ms)
+                log.debug("cache key `%s`: lease wait timed out after %d ms; loading without filling", key, waited_ms)
+                st.unfilled_loads += 1
+                return await self._load_unfilled(key, loader)
+            pause = backoff_pause_ms(backoff, random.random()) / 1000.0
+            await asyncio.sleep(min(pause, deadline - now))
+            backoff = next_backoff_ms(backoff, cfg.backoff_max_ms)
+            obs = self._tick()
+            try:
+                env = await self._get_env(key, epoch)
+            except REDIS_FAILURES as e:
+                return await self._redis_failed(key, "poll", e, loader)
+            if env is not None:
+                st.hits += 1
+                return env["payload"], obs
+
+    async def _load_and_fill(
+        self, key: str, token: str, read_after: Optional[int], epoch: Optional[int], loader: AsyncLoader[T]
+    ) -> Tuple[T, int]:
+        """The lease holder's part: load, then fill-and-release, or release on failure."""
+        cfg = self._cfg
+        st = self._stats
+        st.loads += 1
+        obs = self._tick()
+        started = monotonic()
+        try:
+            result = loader()
+            if inspect.isawaitable(result):
+                result = await result
+            value, version = c.unpack_loaded(key, result)
+        except LoaderError:
+            st.loader_errors += 1
+            await self._release_protected(key, token)
+            raise
+        except Exception as e:
+            st.loader_errors += 1
+            log.warning("loader for cache key `%s` failed (%r); releasing the lease, caching nothing", key, e)
+            await self._release_protected(key, token)
+            raise LoaderError(key, e) from e
+        except BaseException:
+            await self._release_protected(key, token)
+            raise
+        delta_ms = c.ms(monotonic() - started)
+        ttl_ms = jittered_ttl_ms(cfg.ttl_base_ms, cfg.ttl_jitter, random.random())
+        try:
+            body = encode_envelope(
+                value,
+                version=version,
+                read_after=read_after,
+                delta_ms=delta_ms,
+                expiry_ms=c.now_ms() + ttl_ms,
+                epoch=epoch,
+            )
+        except (TypeError, ValueError) as e:
+            await self._release_protected(key, token)
+            raise EncodeError(key, e) from e
+        fill_obs = self._tick()
+        vkey = "{" + key + "}"
+        try:
+            reply = await self._script(
+                SCRIPTS.fill,
+                (vkey, vkey + ":lease", vkey + ":fence"),
+                (token, "" if version is None else to_fixed_hex(version), body, ttl_ms),
+            )
+        except REDIS_FAILURES as e:
+            if c.is_oom(e):
+                # maxmemory reached and nothing evictable: "don't cache", not a failure.
+                st.fills_skipped_oom += 1
+                log.warning("cache key `%s`: redis is out of memory (maxmemory); value not cached", key)
+            else:
+                self._redis_error(key, "FILL", e)
+            await self._release_protected(key, token)
+            return value, obs
+        except BaseException:
+            # Cancelled with the FILL in flight: it is checked against lease and fence like any
+            # fill; release (compare-and-delete) in the background all the same.
+            self._release_bg(key, token)
+            raise
+        r = c.script_int(reply)
+        if r == 1:
+            st.fills += 1
+            return value, fill_obs
+        if r == 0:
+            st.fills_refused_lease_lost += 1
+            log.debug("cache key `%s`: fill refused: lease lost (expired or invalidated); not cached", key)
+        elif r == -1:
+            st.fills_refused_fenced += 1
+            log.debug("cache key `%s`: fill refused: the fence is newer than the version read; not cached", key)
+        else:
+            st.redis_errors += 1
+            log.warning("cache key `%s`: unexpected fill.lua reply %r; not cached", key, reply)
+            await self._release_protected(key, token)
+        return value, obs
+
+    async def _maybe_refresh(self, key: str, env: Dict[str, Any], epoch: Optional[int], loader: AsyncLoader[T]) -> T:
+        """A hit with XFetch on: one reader near the expiry reloads early; the others, and a
+        failed reload, serve the cached payload."""
+        st = self._stats
+        beta = self._cfg.xfetch_beta
+        assert beta is not None
+        if xfetch_should_refresh(c.now_ms(), env["delta_ms"], env["expiry_ms"], beta, 1.0 - random.random()):
+            try:
+                lease = await self._try_lease(key)
+            except REDIS_FAILURES:
+                lease = _HELD
+            if isinstance(lease, c.LeaseHeld):
+                token, read_after = lease
+                st.early_refreshes += 1
+                try:
+                    return (await self._load_and_fill(key, token, read_after, epoch, loader))[0]
+                except CacheclearError as e:
+                    log.warning("cache key `%s`: early refresh failed (%s); serving the cached value", key, e)
+        st.hits += 1
+        return env["payload"]  # type: ignore[no-any-return]
+
+    async def _run_loader(self, key: str, loader: AsyncLoader[T]) -> T:
+        """Runs the loader outside the lease protocol (strict reads, fallbacks, bypasses)."""
+        try:
+            result = loader()
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as e:
+            self._stats.loader_errors += 1
+            raise LoaderError(key, e) from e
+        return result.value if type(result) is Loaded else result  # type: ignore[no-any-return,return-value]
+
+    async def _load_unfilled(self, key: str, loader: AsyncLoader[T]) -> Tuple[T, int]:
+        obs = self._tick()
+        return await self._run_loader(key, loader), obs
+
+    async def _redis_failed(self, key: str, op: str, e: BaseException, loader: AsyncLoader[T]) -> Tuple[T, int]:
+        """Applies ``on_redis_error`` after a failed Redis step (already counted)."""
+        if self._cfg.on_redis_error is RedisErrorPolicy.ERROR:
+            raise RedisError(key, op, f"{type(e).__name__}: {e}") from e
+        self._stats.fallbacks += 1
+        return await self._load_unfilled(key, loader)
+
+    # ----- Redis steps -----
+
+    async def _get_env(self, key: str, epoch: Optional[int]) -> Optional[Dict[str, Any]]:
+        """``GET {K}`` decoded; a miss is ``None``. Redis failures are counted and raised."""
+        try:
+            raw = await self._redis.execute_command("GET", "{" + key + "}")
+        except REDIS_FAILURES as e:
+            self._redis_error(key, "GET", e)
+            raise
+        if raw is None:
+            return None
+        env = decode_envelope(raw)
+        if env is None:
+            self._decode_error(key)
+            return None
+        if epoch is not None and (env.get("epoch") or 0) < epoch:
+            self._stats.epoch_misses += 1
+            return None
+        return env
+
+    async def _try_lease(self, key: str) -> Union[str, c.LeaseHeld]:
+        """``SET {K}:lease <token> NX PX lease_ms`` pipelined with ``GET {K}:fence``.
+        Returns ``(token, read_after)``, ``_HELD`` or ``_OOM``; raises Redis failures."""
+        token = c.new_token()
+        vkey = "{" + key + "}"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.execute_command("SET", vkey + ":lease", token, "NX", "PX", self._cfg.lease_ms)
+        pipe.execute_command("GET", vkey + ":fence")
+        try:
+            set_reply, fence_reply = await pipe.execute(raise_on_error=False)
+            if isinstance(set_reply, BaseException):
+                if c.is_oom(set_reply):
+                    self._stats.fills_skipped_oom += 1
+                    log.warning("cache key `%s`: redis is out of memory (maxmemory); not caching", key)
+                    return _OOM
+                raise set_reply
+            if not c.lease_acquired(set_reply):
+                return _HELD
+            if isinstance(fence_reply, BaseException):
+                raise fence_reply
+        except REDIS_FAILURES as e:
+            self._redis_error(key, "lease", e)
+            # The SET may have been applied (a timeout): drop our lease if it is there.
+            self._release_bg(key, token)
+            raise
+        finally:
+            reset = pipe.reset()
+            if inspect.isawaitable(reset):
+                await reset
+        return c.LeaseHeld(token, c.read_fence(key, fence_reply))
+
+    async def _script(self, script: Script, keys: Tuple[str, ...], args: Tuple[Any, ...]) -> Any:
+        """``EVALSHA``; on ``NOSCRIPT`` (restarted or failed-over Redis) loads it and retries."""
+        r = self._redis
+        try:
+            return await r.evalsha(script.sha, len(keys), *keys, *args)
+        except REDIS_FAILURES as e:
+            if not c.is_noscript(e):
+                raise
+        sha = await r.script_load(script.text)
+        if isinstance(sha, bytes):
+            sha = sha.decode("ascii", "replace")
+        if sha != script.sha:
+            raise c.UnexpectedReply(f"SCRIPT LOAD of {script.name} replied {sha!r}, expected {script.sha}")
+        return await r.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _release(self, key: str, token: str) -> None:
+        """``release.lua``: compare-and-delete of our token (never a plain DEL)."""
+        try:
+            await self._script(SCRIPTS.release, ("{" + key + "}:lease",), (token,))
+        except REDIS_FAILURES as e:
+            # The lease's own TTL (lease_ms) ends it.
+            self._redis_error(key, "RELEASE", e)
+
+    def _release_bg(self, key: str, token: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release(key, token))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_protected(self, key: str, token: str) -> None:
+        """Releases even if this task is being cancelled (the release then finishes in the
+        background)."""
+        task = asyncio.get_running_loop().create_task(self._release(key, token))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+
+    def _redis_error(self, key: str, op: str, e: BaseException) -> None:
+        self._stats.redis_errors += 1
+        log.warning("redis %s for cache key `%s` failed: %s: %s", op, key, type(e).__name__, e)
+
+    def _decode_error(self, key: str) -> None:
+        self._stats.decode_errors += 1
+        log.warning("cache key `%s`: the cached value is not a readable format-1 envelope; treating it as a miss", key)
+
+    # ----- the staleness breaker -----
+
+    async def _gate(self, now: float) -> Tuple[bool, int, int, str]:
+        """The breaker's verdict, reading the namespace first when due (one read at a time).
+        While the snapshot lets reads use the cache, a read due while another is in flight
+        goes on with the snapshot; while it would bypass, callers wait for the read."""
+        b = self._breaker
+        assert b is not None
+        lock = self._ns_lock
+        if lock is None:
+            lock = self._ns_lock = asyncio.Lock()
+        if now < b.view.open_until:
+            if not lock.locked():
+                async with lock:
+                    if b.due(monotonic()):
+                        await self._read_namespace(b)
+        else:
+            async with lock:
+                if b.due(monotonic()):
+                    await self._read_namespace(b)
+        return b.verdict(monotonic())
+
+    async def _read_namespace(self, b: Breaker) -> None:
+        sent = monotonic()
+        b.last_attempt = sent
+        self._stats.namespace_reads += 1
+        try:
+            reply = await self._script(SCRIPTS.read_namespace, tuple(b.script_keys()), ())
+            snapshot = parse_namespace_reply(b.cfg.namespace, reply)
+        except (ValueError, *REDIS_FAILURES) as e:
+            self._stats.redis_errors += 1
+            log.warning(
+                "reading namespace `%s` (%s, %s) failed: %s; the last snapshot keeps ageing",
+                b.cfg.namespace, b.watermark_key, b.epoch_key, e,
+            )
+            return
+        b.publish(sent, snapshot)
+
+    async def _bypass(self, key: str, reason: str, loader: AsyncLoader[T]) -> T:
+        """The breaker is open: run the loader without filling, at most ``max_bypass_loads``
+        at once in this client, else ``on_bypass_full``."""
+        b = self._breaker
+        assert b is not None
+        st = self._stats
+        setattr(st, "bypassed_" + reason, getattr(st, "bypassed_" + reason) + 1)
+        sem = self._bypass_sem
+        if sem is None:
+            sem = self._bypass_sem = asyncio.Semaphore(b.cfg.max_bypass_loads)
+        if sem.locked():
+            policy = b.cfg.on_bypass_full
+            overloaded = BypassOverloaded(key, b.cfg.namespace, reason, b.cfg.max_bypass_loads)
+            if policy is BypassFullPolicy.FAIL:
+                st.bypass_overloaded += 1
+                raise overloaded
+            if policy is BypassFullPolicy.SERVE_STALE:
+                try:
+                    env = await self._get_env(key, None)
+                except REDIS_FAILURES:
+                    env = None
+                if env is not None:
+                    st.stale_served += 1
+                    return env["payload"]  # type: ignore[no-any-return]
+            st.bypass_waits += 1
+            try:
+                await asyncio.wait_for(sem.acquire(), self._cfg.lease_wait_ms / 1000.0)
+            except asyncio.TimeoutError:
+                st.bypass_overloaded += 1
+                raise overloaded from None
+        else:
+            await sem.acquire()
+        try:
+            return await self._run_loader(key, loader)
+        finally:
+            sem.release()
