@@ -10,7 +10,10 @@ of ``conformance/key_rendering.json``.
 The runner plays the application (``read``, ``concurrent``), the pipeline (``invalidate``,
 ``namespace``: through the protocol's own ``invalidate.lua`` and stored formats) and an observer
 (``redis``, ``check``). Pipeline and observer steps use a synchronous Redis connection of their
-own, also inside an async loader (``during_load``) and in ``spawn`` threads.
+own. For the async client every step runs on the scenario's event loop (``sleep_ms`` awaits,
+``spawn`` is a task, ``during_load`` runs inside the async loader), so a read started by a
+spawned step meets the client's in-flight reads as an application's would; for the sync client
+``spawn`` is a thread.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Runner:
         self.failures: List[str] = []
         self.failures_lock = threading.Lock()
         self.spawned: List[threading.Thread] = []
+        self.spawned_tasks: List["asyncio.Future[None]"] = []
         # The pipeline's and the observer's connection: raw replies (no redis-py callbacks).
         self.admin = redis.Redis.from_url(url, decode_responses=False)
         self.admin.response_callbacks.clear()
@@ -134,7 +138,10 @@ class Runner:
             asyncio.set_event_loop(self.loop)
         try:
             self.client = self.new_client()
-            self.run_steps(self.scenario["steps"], "")
+            if self.loop is not None:
+                self.loop.run_until_complete(self.arun_all(self.scenario["steps"]))
+            else:
+                self.run_steps(self.scenario["steps"], "")
             for t in self.spawned:
                 t.join(60)
                 if t.is_alive():
@@ -167,13 +174,48 @@ class Runner:
             except StepFailed as e:
                 raise StepFailed(f"{self.file} [{self.mode}]: {label}: {e}") from None
 
-    def run_step(self, step: Dict[str, Any], label: str) -> None:
+    async def arun_all(self, steps: List[Dict[str, Any]]) -> None:
+        """The async client's scenario: the steps, then every spawned task (60 s at most)."""
+        await self.arun_steps(steps, "")
+        if self.spawned_tasks:
+            done, pending = await asyncio.wait(self.spawned_tasks, timeout=60)
+            if pending:
+                self.fail("a spawned task did not finish within 60 s")
+            for task in pending:
+                task.cancel()
+
+    async def arun_steps(self, steps: List[Dict[str, Any]], where: str) -> None:
+        for i, step in enumerate(steps):
+            label = f"{where}step {i}"
+            try:
+                await self.arun_step(step, label)
+            except StepFailed as e:
+                raise StepFailed(f"{self.file} [{self.mode}]: {label}: {e}") from None
+
+    async def arun_step(self, step: Dict[str, Any], label: str) -> None:
+        """One step on the event loop: reads, concurrent reads, sleeps and spawns are awaited
+        or scheduled there; the rest are short synchronous Redis calls."""
+        action, spec, expect = self.parse_step(step)
+        if action == "read":
+            await self.aread_step(spec, expect or {}, label)
+        elif action == "concurrent":
+            await self.aconcurrent_step(spec, expect or {})
+        elif action == "sleep_ms":
+            await asyncio.sleep(spec / 1000.0)
+        elif action == "spawn":
+            self.aspawn_step(spec, label)
+        else:
+            self.run_step(step, label)
+
+    @staticmethod
+    def parse_step(step: Dict[str, Any]) -> Tuple[str, Any, Any]:
         actions = [k for k in step if k != "expect"]
         if len(actions) != 1:
             raise StepFailed(f"a step has exactly one action key, got {actions}")
-        action = actions[0]
-        spec = step[action]
-        expect = step.get("expect")
+        return actions[0], step[actions[0]], step.get("expect")
+
+    def run_step(self, step: Dict[str, Any], label: str) -> None:
+        action, spec, expect = self.parse_step(step)
         if action == "read":
             self.read_step(spec, expect or {}, label)
         elif action == "concurrent":
@@ -221,7 +263,14 @@ class Runner:
                     counter[0] += 1
                 if load_ms:
                     await asyncio.sleep(load_ms / 1000.0)
-                return finish()
+                if during:
+                    try:
+                        await self.arun_steps(during, f"{label} during_load ")
+                    except StepFailed as e:
+                        self.fail(str(e))
+                if fails:
+                    raise RuntimeError("the scenario's loader fails (load_fails)")
+                return Loaded(load, version) if version is not None else load
 
             return aloader
 
@@ -247,11 +296,17 @@ class Runner:
         loader = self.make_loader(spec, label, counter, lock)
         outcome: Tuple[bool, Any]
         try:
-            result = self.call(self.client, spec, loader)
-            if self.mode == "async":
-                assert self.loop is not None
-                result = self.loop.run_until_complete(result)
-            outcome = (True, result)
+            outcome = (True, self.call(self.client, spec, loader))
+        except CacheclearError as e:
+            outcome = (False, e)
+        self.check_read(outcome, expect, counter[0] > 0)
+
+    async def aread_step(self, spec: Dict[str, Any], expect: Dict[str, Any], label: str) -> None:
+        counter, lock = [0], threading.Lock()
+        loader = self.make_loader(spec, label, counter, lock)
+        outcome: Tuple[bool, Any]
+        try:
+            outcome = (True, await self.call(self.client, spec, loader))
         except CacheclearError as e:
             outcome = (False, e)
         self.check_read(outcome, expect, counter[0] > 0)
@@ -270,6 +325,24 @@ class Runner:
         if "loaded" in expect and loaded != expect["loaded"]:
             raise StepFailed(f"expected loaded = {expect['loaded']}, the loader {'ran' if loaded else 'did not run'}")
 
+    async def aconcurrent_step(self, spec: Dict[str, Any], expect: Dict[str, Any]) -> None:
+        n_clients = spec.get("clients", 1)
+        readers = spec.get("readers", 1)
+        read = spec["read"]
+        if read.get("during_load"):
+            raise StepFailed("during_load is not allowed in concurrent")
+        counter, lock = [0], threading.Lock()
+        clients = [self.new_client() for _ in range(n_clients)]
+
+        async def one(client: AsyncClient) -> Tuple[bool, Any]:
+            try:
+                return (True, await self.call(client, read, self.make_loader(read, "", counter, lock)))
+            except CacheclearError as e:
+                return (False, e)
+
+        outcomes = list(await asyncio.gather(*(one(cl) for cl in clients for _ in range(readers))))
+        self.check_concurrent(outcomes, n_clients * readers, counter[0], expect)
+
     def concurrent_step(self, spec: Dict[str, Any], expect: Dict[str, Any]) -> None:
         n_clients = spec.get("clients", 1)
         readers = spec.get("readers", 1)
@@ -278,43 +351,31 @@ class Runner:
             raise StepFailed("during_load is not allowed in concurrent")
         counter, lock = [0], threading.Lock()
         clients = [self.new_client() for _ in range(n_clients)]
-        outcomes: List[Tuple[bool, Any]] = []
-        if self.mode == "async":
+        barrier = threading.Barrier(n_clients * readers)
+        results: List[Tuple[bool, Any]] = []
 
-            async def one(client: AsyncClient) -> Tuple[bool, Any]:
-                try:
-                    return (True, await self.call(client, read, self.make_loader(read, "", counter, lock)))
-                except CacheclearError as e:
-                    return (False, e)
+        def reader(client: Client) -> None:
+            barrier.wait()
+            try:
+                r: Tuple[bool, Any] = (True, self.call(client, read, self.make_loader(read, "", counter, lock)))
+            except CacheclearError as e:
+                r = (False, e)
+            with lock:
+                results.append(r)
 
-            async def all_reads() -> List[Tuple[bool, Any]]:
-                return list(await asyncio.gather(*(one(cl) for cl in clients for _ in range(readers))))
+        threads = [threading.Thread(target=reader, args=(cl,)) for cl in clients for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.check_concurrent(results, n_clients * readers, counter[0], expect)
 
-            assert self.loop is not None
-            outcomes = self.loop.run_until_complete(all_reads())
-        else:
-            barrier = threading.Barrier(n_clients * readers)
-            results: List[Tuple[bool, Any]] = []
-
-            def reader(client: Client) -> None:
-                barrier.wait()
-                try:
-                    r: Tuple[bool, Any] = (True, self.call(client, read, self.make_loader(read, "", counter, lock)))
-                except CacheclearError as e:
-                    r = (False, e)
-                with lock:
-                    results.append(r)
-
-            threads = [threading.Thread(target=reader, args=(cl,)) for cl in clients for _ in range(readers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
-            outcomes = results
-        if len(outcomes) != n_clients * readers:
-            raise StepFailed(f"{len(outcomes)} of {n_clients * readers} reads finished")
-        if "loads" in expect and counter[0] != expect["loads"]:
-            raise StepFailed(f"expected {expect['loads']} load(s) in total, got {counter[0]}")
+    @staticmethod
+    def check_concurrent(outcomes: List[Tuple[bool, Any]], n: int, loads: int, expect: Dict[str, Any]) -> None:
+        if len(outcomes) != n:
+            raise StepFailed(f"{len(outcomes)} of {n} reads finished")
+        if "loads" in expect and loads != expect["loads"]:
+            raise StepFailed(f"expected {expect['loads']} load(s) in total, got {loads}")
         for ok, result in outcomes:
             if "error" in expect:
                 if ok or error_kind(result) != expect["error"]:
@@ -376,6 +437,18 @@ class Runner:
         t = threading.Thread(target=body, daemon=True)
         t.start()
         self.spawned.append(t)
+
+    def aspawn_step(self, spec: Dict[str, Any], label: str) -> None:
+        after = spec.get("after_ms", 0)
+
+        async def body() -> None:
+            await asyncio.sleep(after / 1000.0)
+            try:
+                await self.arun_steps(spec["steps"], f"{label} spawn ")
+            except Exception as e:  # noqa: BLE001
+                self.fail(str(e))
+
+        self.spawned_tasks.append(asyncio.ensure_future(body()))
 
     # ----- observer -----
 
