@@ -219,11 +219,25 @@ impl Breaker {
         config: &Config,
         counters: &Counters,
     ) -> Gate {
+        self.gate_within(conn, config, counters, None).await
+    }
+
+    /// [`Breaker::gate`], reading the namespace first when the last read is older than
+    /// `max_age` instead of `refresh_ms` (`None`: `refresh_ms`). Read-your-writes waits use a
+    /// short `max_age`: the watermark moves within milliseconds of the commit being applied.
+    /// One read at a time either way; callers arriving while one is in flight use the snapshot.
+    pub(crate) async fn gate_within(
+        &self,
+        conn: &RedisConnection,
+        config: &Config,
+        counters: &Counters,
+        max_age: Option<Duration>,
+    ) -> Gate {
         let now = self.published.ns(Instant::now());
         let view = self.published.load();
         let verdict = view.verdict(now);
         let open = matches!(verdict, Gate::Open { .. });
-        if open && now < view.refresh_at {
+        if open && now < view.refresh_at && max_age.is_none() {
             return verdict;
         }
         let lock = if open {
@@ -231,7 +245,7 @@ impl Breaker {
         } else {
             Some(self.refresh.lock().await)
         };
-        let refresh_every = Duration::from_millis(self.cfg.refresh_ms);
+        let refresh_every = max_age.unwrap_or(Duration::from_millis(self.cfg.refresh_ms));
         if let Some(mut last) = lock
             && last.is_none_or(|at| at.elapsed() >= refresh_every)
         {

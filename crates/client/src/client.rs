@@ -413,7 +413,9 @@ impl Client {
     /// Read-your-writes: reads `key` through the cache only once the namespace's watermark has
     /// passed `min_lsn` — the `pg_current_wal_lsn()` the application read after its commit, or
     /// a commit LSN it knows — so the eviction of that commit has been applied. Until then it
-    /// re-reads the watermark every [`crate::StalenessConfig::refresh_ms`] for up to
+    /// re-reads the watermark with a backoff from 5 ms doubling to
+    /// [`crate::StalenessConfig::refresh_ms`] (the pipeline publishes it as soon as it applied a
+    /// commit) for up to
     /// [`crate::StalenessConfig::read_your_writes_wait_ms`], then runs the loader without
     /// filling (`ryw_loads`). Never joins another caller's in-flight read (that read may predate
     /// the write). Without [`Config::staleness`] there is no watermark: the loader runs.
@@ -446,13 +448,26 @@ impl Client {
         };
         let deadline = Instant::now() + ms(breaker.cfg.read_your_writes_wait_ms);
         let mut waited = false;
+        // While waiting, the namespace is re-read with a backoff from 5 ms doubling to
+        // `refresh_ms`: the pipeline publishes the watermark as soon as it applied a commit, so
+        // a wait paced by `refresh_ms` alone would cost up to `refresh_ms` after every write.
+        let refresh = ms(breaker.cfg.refresh_ms);
+        let mut poll: Option<Duration> = None;
         loop {
-            match self.gate().await {
-                Some(Gate::Open { epoch, lsn }) if lsn >= min_lsn => {
+            let gate = breaker
+                .gate_within(
+                    &self.inner.conn,
+                    &self.inner.config,
+                    &self.inner.counters,
+                    poll,
+                )
+                .await;
+            match gate {
+                Gate::Open { epoch, lsn } if lsn >= min_lsn => {
                     return self.read_through(&layout, Some(epoch), loader).await;
                 }
-                Some(Gate::Bypass(reason)) => return self.bypass(&layout, reason, loader).await,
-                _ => {}
+                Gate::Bypass(reason) => return self.bypass(&layout, reason, loader).await,
+                Gate::Open { .. } => {}
             }
             let now = Instant::now();
             if now >= deadline {
@@ -463,7 +478,9 @@ impl Client {
                 waited = true;
                 self.incr(Counter::ryw_waits);
             }
-            tokio::time::sleep(ms(breaker.cfg.refresh_ms).min(deadline - now)).await;
+            let pause = poll.map_or(ms(RYW_POLL_INITIAL_MS), |p| p * 2).min(refresh);
+            poll = Some(pause);
+            tokio::time::sleep(pause.min(deadline - now)).await;
         }
     }
 
@@ -1163,6 +1180,10 @@ async fn release(inner: &Inner, lease_key: &str, token: &str) {
         redis_error(inner, lease_key, "RELEASE", &e);
     }
 }
+
+/// The first pause of a read-your-writes wait between namespace reads (ms); it doubles up to
+/// `refresh_ms` (docs/protocol.md §5).
+const RYW_POLL_INITIAL_MS: u64 = 5;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)

@@ -1066,3 +1066,73 @@ async fn a_lease_taken_after_a_fill_does_not_load_again() -> TestResult {
     );
     Ok(())
 }
+
+/// Sets namespace `shop`'s epoch 1 and a fresh watermark at `lsn` (the stored format of
+/// docs/protocol.md §1, stamped with Redis `TIME`), as the pipeline would.
+async fn set_watermark(conn: &mut MultiplexedConnection, lsn: Lsn) {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    let ns = cacheclear_protocol::NamespaceLayout::new("shop").expect("namespace");
+    let text = format!("{} 0 5 {} 1", lsn.to_fixed_hex(), s * 1000 + us / 1000);
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(ns.epoch())
+        .arg(1)
+        .ignore()
+        .cmd("SET")
+        .arg(ns.watermark())
+        .arg(text)
+        .arg("PX")
+        .arg(600_000)
+        .ignore()
+        .query_async(conn)
+        .await
+        .expect("namespace");
+}
+
+/// A read-your-writes wait re-reads the namespace with a short backoff (5 ms doubling), not
+/// once per `refresh_ms`: with `refresh_ms` = 2 s, a watermark that passes the read's LSN 50 ms
+/// after the read started is seen by the polls, and the read is served from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_polls_the_watermark_faster_than_refresh_ms() -> TestResult {
+    let redis = RedisInstance::start()?;
+    let mut r = redis_conn(&redis).await;
+    set_watermark(&mut r, Lsn(0x100)).await;
+    let client = Client::connect(
+        &redis.url(),
+        Config::default().with_staleness(
+            cacheclear_client::StalenessConfig::new("shop")
+                .with_refresh_ms(2_000)
+                .with_read_your_writes_wait_ms(10_000),
+        ),
+    )
+    .await?;
+    let load = |v: i64| {
+        move || async move { Ok::<_, std::convert::Infallible>(cacheclear_client::Loaded::new(v)) }
+    };
+    // Cached (epoch 1).
+    assert_eq!(client.get_or_load("product:1", load(10)).await?, 10);
+    let reads_before = client.stats().namespace_reads;
+    let advance = {
+        let mut r = r.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            set_watermark(&mut r, Lsn(0x300)).await;
+        })
+    };
+    assert_eq!(
+        client
+            .get_at_least("product:1", Lsn(0x200), load(99))
+            .await?,
+        10,
+        "served from the cache once the watermark passed"
+    );
+    advance.await?;
+    let stats = client.stats();
+    assert_eq!((stats.ryw_waits, stats.ryw_loads), (1, 0));
+    assert!(
+        stats.namespace_reads - reads_before >= 3,
+        "the wait read the namespace {} times (once per refresh_ms would be at most 1 by now)",
+        stats.namespace_reads - reads_before
+    );
+    Ok(())
+}
