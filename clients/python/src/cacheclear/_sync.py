@@ -203,7 +203,7 @@ class Client:
             the cached payload (as ``json.loads`` gives it) or the loader's value.
 
         Raises:
-            InvalidKey: ``key`` is empty or contains ``{`` / ``}`` (nothing ran).
+            InvalidKey: ``key`` is not a non-empty ``str``, or contains ``{`` / ``}`` (nothing ran).
             LoaderError: the loader raised (its exception is ``__cause__``).
             LeaseWaitTimeout: ``on_wait_timeout = "error"`` and the wait ran out.
             RedisError: Redis failed and ``on_redis_error = "error"``.
