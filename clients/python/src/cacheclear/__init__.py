@@ -34,6 +34,7 @@ from ._errors import (
     LoaderError,
     RedisError,
     TemplateError,
+    KeyRenderError,
 )
 from ._keys import ColumnValue, Template, encode_value, fence_key, lease_key, validate_key, value_key
 from ._lsn import LsnLike, as_lsn, format_lsn, from_fixed_hex, parse_lsn, to_fixed_hex
@@ -85,4 +86,5 @@ __all__ = [
     "RedisError",
     "EncodeError",
     "TemplateError",
+    "KeyRenderError",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Set, Tuple, TypeVar
 import redis.asyncio
 
 from . import _common as c
-from ._breaker import Breaker, parse_namespace_reply
+from ._breaker import RYW_BACKOFF_INITIAL_MS, Breaker, judge_namespace_reply
 from ._common import OK, ERROR, RETRY, REDIS_FAILURES, SCRIPTS, Loaded, Script, Stats
 from ._config import (
     BypassFullPolicy,
@@ -72,8 +72,13 @@ class AsyncClient:
     One instance per process (or per event loop) is the intended use: its single-flight table,
     namespace snapshot and counters are per instance. Use it from one event loop.
 
+    The constructor does not connect: an unreachable Redis or a wrong password is only found
+    at the first read (which then logs a WARNING and applies ``on_redis_error``). Call
+    :meth:`check` at start to fail fast.
+
     Raises:
-        InvalidConfig: ``config`` is not a :class:`cacheclear.Config`.
+        InvalidConfig: ``config`` is not a :class:`cacheclear.Config`, or the URL does not parse
+            (``field == "redis_url"``; the message holds no password).
     """
 
     def __init__(self, redis_client_or_url: Union[str, "redis.asyncio.Redis"], config: Optional[Config] = None) -> None:
@@ -85,11 +90,7 @@ class AsyncClient:
         self._url: Optional[str] = None
         if isinstance(redis_client_or_url, str):
             self._url = c.redact_url(redis_client_or_url)
-            self._redis = redis.asyncio.Redis.from_url(
-                redis_client_or_url,
-                socket_timeout=config.redis_timeout_ms / 1000.0,
-                socket_connect_timeout=config.redis_connect_timeout_ms / 1000.0,
-            )
+            self._redis = c.redis_from_url(redis.asyncio.Redis.from_url, redis_client_or_url, config)
             self._owns = True
         else:
             self._redis = redis_client_or_url
@@ -114,6 +115,39 @@ class AsyncClient:
     def redis(self) -> "redis.asyncio.Redis":
         """The Redis client in use."""
         return self._redis
+
+    async def check(self) -> None:
+        """Checks that Redis answers with these credentials, for a fail-fast start: ``PING``, then
+        ``SCRIPT LOAD`` of the protocol's scripts (``fill.lua``, ``release.lua``,
+        ``read_namespace.lua``). With a staleness config it also reads the namespace once, so a
+        missing or unreadable epoch or watermark is logged (a WARNING naming the Redis key) at
+        start; that is not an error, as the pipeline may start later.
+
+        Raises:
+            RedisError: Redis failed (unreachable, wrong password or ACL, timeout); ``op`` is
+                ``"PING"`` or ``"SCRIPT LOAD"``, ``key`` is ``""``, the ``redis`` exception is
+                ``__cause__``.
+        """
+        r = self._redis
+        try:
+            await r.ping()
+        except REDIS_FAILURES as e:
+            raise RedisError("", "PING", f"{type(e).__name__}: {e}") from e
+        for script in (SCRIPTS.fill, SCRIPTS.release, SCRIPTS.read_namespace):
+            try:
+                sha = await r.script_load(script.text)
+            except REDIS_FAILURES as e:
+                raise RedisError("", "SCRIPT LOAD", f"{script.name}: {type(e).__name__}: {e}") from e
+            if isinstance(sha, bytes):
+                sha = sha.decode("ascii", "replace")
+            if sha != script.sha:
+                raise RedisError("", "SCRIPT LOAD", f"{script.name}: replied {sha!r}, expected {script.sha}")
+        if self._breaker is not None:
+            lock = self._ns_lock
+            if lock is None:
+                lock = self._ns_lock = asyncio.Lock()
+            async with lock:
+                await self._read_namespace(self._breaker)
 
     def stats(self) -> Stats:
         """A snapshot of this instance's counters."""
@@ -168,7 +202,7 @@ class AsyncClient:
             the cached payload (as ``json.loads`` gives it) or the loader's value.
 
         Raises:
-            InvalidKey: ``key`` is empty or contains ``{`` / ``}`` (nothing ran).
+            InvalidKey: ``key`` is not a non-empty ``str``, or contains ``{`` / ``}`` (nothing ran).
             LoaderError: the loader raised (its exception is ``__cause__``).
             LeaseWaitTimeout: ``on_wait_timeout = "error"`` and the wait ran out.
             RedisError: Redis failed and ``on_redis_error = "error"``.
@@ -176,7 +210,7 @@ class AsyncClient:
             EncodeError: the value has no JSON form.
         """
         if type(key) is not str or not key or "{" in key or "}" in key:
-            raise InvalidKey(key if isinstance(key, str) else repr(key))
+            raise InvalidKey(key)
         if strict or (self._strict and key.startswith(self._strict)):
             self._stats.strict_loads += 1
             return await self._run_loader(key, loader)
@@ -208,7 +242,8 @@ class AsyncClient:
                 self._stats.epoch_misses += 1
             else:
                 self._decode_error(key)
-        return await self._miss_coalesced(key, epoch, loader)
+                return await self._miss_coalesced(key, epoch, loader, c.ReadState(True))
+        return await self._miss_coalesced(key, epoch, loader, c.ReadState(False))
 
     async def get_with(self, key: str, policy: Union[ReadPolicy, str], loader: AsyncLoader[T]) -> T:
         """:meth:`get_or_load` with an explicit :class:`cacheclear.ReadPolicy` (``"cached"`` or
@@ -233,7 +268,8 @@ class AsyncClient:
         """Read-your-writes: reads ``key`` through the cache only once the namespace's watermark
         has passed ``lsn`` — the ``pg_current_wal_lsn()`` the application read after its commit
         (``X/X`` text or an ``int``) — so that commit's invalidation has been applied. Until
-        then it re-reads the namespace every ``refresh_ms`` for up to
+        then it re-reads the namespace with a backoff from 5 ms doubling to ``refresh_ms``
+        (one namespace read in flight per client: concurrent waiters share it) for up to
         ``read_your_writes_wait_ms``, then runs the loader without filling. Never joins another
         caller's in-flight read. Without a staleness config there is no watermark: the loader
         runs (counted in ``ryw_loads``).
@@ -242,7 +278,7 @@ class AsyncClient:
             As :meth:`get_or_load`; ``ValueError`` if ``lsn`` is not an LSN.
         """
         if type(key) is not str or not key or "{" in key or "}" in key:
-            raise InvalidKey(key if isinstance(key, str) else repr(key))
+            raise InvalidKey(key)
         min_lsn = as_lsn(lsn)
         if self._strict and key.startswith(self._strict):
             self._stats.strict_loads += 1
@@ -253,10 +289,17 @@ class AsyncClient:
             return await self._run_loader(key, loader)
         deadline = monotonic() + b.cfg.read_your_writes_wait_ms / 1000.0
         waited = False
+        # The pause between namespace reads while waiting: 5 ms doubling to refresh_ms (the
+        # pipeline moves the watermark within milliseconds of applying a commit).
+        max_pause = b.cfg.refresh_ms / 1000.0
+        pause = min(RYW_BACKOFF_INITIAL_MS / 1000.0, max_pause)
+        slept: Optional[float] = None
         while True:
             now = monotonic()
             v = b.view
-            if now < v.open_until and now < v.refresh_at:
+            if slept is not None:
+                is_open, epoch, wm_lsn, reason = await self._refresh_for_ryw(slept)
+            elif now < v.open_until and now < v.refresh_at:
                 is_open, epoch, wm_lsn, reason = b.verdict(now)
             else:
                 is_open, epoch, wm_lsn, reason = await self._gate(now)
@@ -271,7 +314,9 @@ class AsyncClient:
             if not waited:
                 waited = True
                 self._stats.ryw_waits += 1
-            await asyncio.sleep(min(b.cfg.refresh_ms / 1000.0, deadline - now))
+            slept = min(pause, deadline - now)
+            await asyncio.sleep(slept)
+            pause = min(pause * 2, max_pause)
 
     # ----- the read path -----
 
@@ -280,16 +325,19 @@ class AsyncClient:
         return self._seq
 
     async def _read_uncoalesced(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> T:
+        rs = c.ReadState(False)
         try:
-            env = await self._get_env(key, epoch)
+            env = await self._get_env(key, epoch, rs)
         except REDIS_FAILURES as e:
             return (await self._redis_failed(key, "GET", e, loader))[0]
         if env is not None:
             self._stats.hits += 1
             return env["payload"]  # type: ignore[no-any-return]
-        return (await self._miss(key, epoch, loader))[0]
+        return (await self._miss(key, epoch, loader, rs))[0]
 
-    async def _miss_coalesced(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> T:
+    async def _miss_coalesced(
+        self, key: str, epoch: Optional[int], loader: AsyncLoader[T], rs: c.ReadState
+    ) -> T:
         """A miss: lead this client's load of ``key``, or follow the one in flight."""
         while True:
             flight = self._flights.get(key)
@@ -297,7 +345,7 @@ class AsyncClient:
                 flight = _Flight()
                 self._flights[key] = flight
                 try:
-                    value, obs = await self._miss(key, epoch, loader)
+                    value, obs = await self._miss(key, epoch, loader, rs)
                 except Exception as e:
                     self._finish(key, flight, (ERROR, e, 0))
                     raise
@@ -321,7 +369,7 @@ class AsyncClient:
                 raise result
             # Read again: the value may be there now.
             try:
-                env = await self._get_env(key, epoch)
+                env = await self._get_env(key, epoch, rs)
             except REDIS_FAILURES as e:
                 return (await self._redis_failed(key, "GET", e, loader))[0]
             if env is not None:
@@ -335,7 +383,9 @@ class AsyncClient:
         if fut is not None and not fut.done():
             fut.set_result(result)
 
-    async def _miss(self, key: str, epoch: Optional[int], loader: AsyncLoader[T]) -> Tuple[T, int]:
+    async def _miss(
+        self, key: str, epoch: Optional[int], loader: AsyncLoader[T], rs: Optional[c.ReadState] = None
+    ) -> Tuple[T, int]:
         """Lease, wait or load. Returns ``(value, obs)`` (see ``_common.FlightResult``)."""
         cfg = self._cfg
         st = self._stats
@@ -356,7 +406,7 @@ class AsyncClient:
                 token, read_after = lease
                 obs = self._tick()
                 try:
-                    env = await self._get_env(key, epoch)
+                    env = await self._get_env(key, epoch, rs)
                 except BaseException as e:
                     self._release_bg(key, token)
                     if isinstance(e, REDIS_FAILURES):
@@ -385,7 +435,7 @@ class AsyncClient:
             backoff = next_backoff_ms(backoff, cfg.backoff_max_ms)
             obs = self._tick()
             try:
-                env = await self._get_env(key, epoch)
+                env = await self._get_env(key, epoch, rs)
             except REDIS_FAILURES as e:
                 return await self._redis_failed(key, "poll", e, loader)
             if env is not None:
@@ -412,9 +462,13 @@ class AsyncClient:
             raise
         except Exception as e:
             st.loader_errors += 1
-            log.warning("loader for cache key `%s` failed (%r); releasing the lease, caching nothing", key, e)
+            # Only the exception's type: its text may hold a connection string or row data.
+            log.warning(
+                "loader for cache key `%s` failed (%s); releasing the lease, caching nothing",
+                key, type(e).__qualname__,
+            )
             await self._release_protected(key, token)
-            raise LoaderError(key, e) from e
+            raise c.loader_error(key, e) from e
         except BaseException:
             await self._release_protected(key, token)
             raise
@@ -499,7 +553,7 @@ class AsyncClient:
                 result = await result
         except Exception as e:
             self._stats.loader_errors += 1
-            raise LoaderError(key, e) from e
+            raise c.loader_error(key, e) from e
         return result.value if type(result) is Loaded else result  # type: ignore[no-any-return,return-value]
 
     async def _load_unfilled(self, key: str, loader: AsyncLoader[T]) -> Tuple[T, int]:
@@ -515,8 +569,11 @@ class AsyncClient:
 
     # ----- Redis steps -----
 
-    async def _get_env(self, key: str, epoch: Optional[int]) -> Optional[Dict[str, Any]]:
-        """``GET {K}`` decoded; a miss is ``None``. Redis failures are counted and raised."""
+    async def _get_env(
+        self, key: str, epoch: Optional[int], rs: Optional[c.ReadState] = None
+    ) -> Optional[Dict[str, Any]]:
+        """``GET {K}`` decoded; a miss is ``None``. Redis failures are counted and raised. An
+        unreadable value is logged and counted once per read (``rs``)."""
         try:
             raw = await self._redis.execute_command("GET", "{" + key + "}")
         except REDIS_FAILURES as e:
@@ -526,7 +583,10 @@ class AsyncClient:
             return None
         env = decode_envelope(raw)
         if env is None:
-            self._decode_error(key)
+            if rs is None or not rs.decode_reported:
+                self._decode_error(key)
+                if rs is not None:
+                    rs.decode_reported = True
             return None
         if epoch is not None and (env.get("epoch") or 0) < epoch:
             self._stats.epoch_misses += 1
@@ -633,13 +693,27 @@ class AsyncClient:
                     await self._read_namespace(b)
         return b.verdict(monotonic())
 
+    async def _refresh_for_ryw(self, max_age_s: float) -> Tuple[bool, int, int, str]:
+        """For a waiting ``get_at_least``: reads the namespace unless a read was sent within
+        ``max_age_s`` (its backoff). One read in flight per client: concurrent waiters queue on
+        the lock and reuse the read that just completed."""
+        b = self._breaker
+        assert b is not None
+        lock = self._ns_lock
+        if lock is None:
+            lock = self._ns_lock = asyncio.Lock()
+        async with lock:
+            if b.due(monotonic(), max_age_s):
+                await self._read_namespace(b)
+        return b.verdict(monotonic())
+
     async def _read_namespace(self, b: Breaker) -> None:
         sent = monotonic()
         b.last_attempt = sent
         self._stats.namespace_reads += 1
         try:
             reply = await self._script(SCRIPTS.read_namespace, tuple(b.script_keys()), ())
-            snapshot = parse_namespace_reply(b.cfg.namespace, reply)
+            snapshot, epoch_problem, watermark_problem = judge_namespace_reply(reply)
         except (ValueError, *REDIS_FAILURES) as e:
             self._stats.redis_errors += 1
             log.warning(
@@ -647,7 +721,7 @@ class AsyncClient:
                 b.cfg.namespace, b.watermark_key, b.epoch_key, e,
             )
             return
-        b.publish(sent, snapshot)
+        b.publish(sent, snapshot, epoch_problem, watermark_problem)
 
     async def _bypass(self, key: str, reason: str, loader: AsyncLoader[T]) -> T:
         """The breaker is open: run the loader without filling, at most ``max_bypass_loads``

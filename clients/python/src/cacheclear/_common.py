@@ -6,14 +6,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, Generic, NamedTuple, Optional, Tuple, TypeVar
+from typing import Any, Generic, List, NamedTuple, Optional, Tuple, TypeVar
 
 import redis.exceptions
 
-from ._errors import LoaderError
+from ._errors import InvalidConfig, LoaderError
 from ._lsn import LsnLike, as_lsn, from_fixed_hex
 
 __all__ = ["Loaded", "Stats", "Script", "SCRIPTS"]
@@ -63,8 +64,29 @@ def unpack_loaded(key: str, result: Any) -> Tuple[Any, Optional[int]]:
         try:
             return result.value, as_lsn(result.version)
         except ValueError as e:
-            raise LoaderError(key, e) from e
+            raise LoaderError(key, e, "its Loaded.version is not an LSN") from e
     return result, None
+
+
+class ReadState:
+    """What one public read has already reported: an unreadable cached value is logged and
+    counted once per read, however often the read GETs it (first GET, under the lease, polls)."""
+
+    __slots__ = ("decode_reported",)
+
+    def __init__(self, decode_reported: bool) -> None:
+        self.decode_reported = decode_reported
+
+
+class LoaderMisuse(TypeError):
+    """A loader used the wrong way (an awaitable returned to the synchronous client): the
+    client's own message, safe to put into :class:`LoaderError`'s text."""
+
+
+def loader_error(key: str, e: BaseException) -> LoaderError:
+    """The :class:`LoaderError` for a loader's exception ``e``: its text is kept out of the
+    message (it may hold credentials or row data), except the client's own :class:`LoaderMisuse`."""
+    return LoaderError(key, e, str(e) if isinstance(e, LoaderMisuse) else None)
 
 
 @dataclass
@@ -244,16 +266,57 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password (and user, if any password) replaced by ``***``, for logs."""
+    """``url`` with its user and password (and a ``password=`` query parameter) replaced by
+    ``***``, for logs and errors."""
     try:
         scheme, rest = url.split("://", 1)
     except ValueError:
         return "<redis url>"
     at = rest.rfind("@")
-    if at < 0:
-        return url
-    return f"{scheme}://***@{rest[at + 1:]}"
+    if at >= 0:
+        rest = "***@" + rest[at + 1:]
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}://{rest}")
+
+
+def _secrets(url: str) -> List[str]:
+    out: List[str] = []
+    rest = url.split("://", 1)[-1]
+    at = rest.rfind("@")
+    if at >= 0:
+        out.extend(p for p in rest[:at].split(":") if p)
+    out.extend(m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(url) if "=" in m.group(0))
+    return [p for p in out if p]
+
+
+def redis_from_url(factory: Any, url: str, config: Any) -> Any:
+    """``factory(url, socket_timeout=…, socket_connect_timeout=…)`` (``redis.Redis.from_url`` or
+    its asyncio twin).
+
+    Raises:
+        InvalidConfig: the URL does not parse (``field == "redis_url"``; neither the message
+            nor the exception chain holds the user or the password).
+    """
+    try:
+        return factory(
+            url,
+            socket_timeout=config.redis_timeout_ms / 1000.0,
+            socket_connect_timeout=config.redis_connect_timeout_ms / 1000.0,
+        )
+    except (ValueError, TypeError) as e:
+        detail = str(e)
+        for secret in _secrets(url):
+            detail = detail.replace(secret, "***")
+        error = InvalidConfig(
+            "redis_url",
+            redact_url(url),
+            f"not a Redis URL ({detail}); expected redis://[[user]:password@]host[:port][/db], "
+            "rediss://… or unix://…",
+        )
+    raise error
 
 
 def ms(seconds: float) -> int:

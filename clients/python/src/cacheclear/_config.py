@@ -71,6 +71,14 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise InvalidConfig(name, value, expected)
 
 
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -90,15 +98,20 @@ class StalenessConfig:
 
     Attributes:
         namespace: the pipeline's ``[postgres] namespace`` (default there: the slot name,
-            ``cacheclear``). Non-empty, without ``{`` / ``}``.
+            ``cacheclear``). Non-empty, without ``{`` / ``}`` (as the pipeline requires). A name
+            the pipeline does not write turns the cache off (every read bypasses it): the
+            client logs a WARNING naming the missing Redis key (``{cacheclear.ns:<name>}:epoch``,
+            ``…:watermark``) once each time it goes missing.
         max_staleness_ms: the bound, ms. Default 5 000.
         refresh_ms: how often the namespace is read, ms (1 ..= ``max_staleness_ms``).
-            Default 250.
+            Default 250. A waiting ``get_at_least`` reads it more often: with a backoff from
+            5 ms doubling to ``refresh_ms``.
         max_bypass_loads: database loads this client runs at once while the breaker is open.
             Default 32.
         on_bypass_full: see :class:`BypassFullPolicy`. Default ``"wait"``.
         read_your_writes_wait_ms: how long ``get_at_least`` waits for the watermark to pass
-            the caller's LSN before it loads without filling, ms. Default 1 000.
+            the caller's LSN (re-reading the namespace with a backoff from 5 ms doubling to
+            ``refresh_ms``) before it loads without filling, ms. Default 1 000.
     """
 
     namespace: str
@@ -116,8 +129,11 @@ class StalenessConfig:
                 "staleness.on_bypass_full", self.on_bypass_full, "one of wait, serve_stale, fail"
             ) from None
         ns = self.namespace
+        # As the pipeline's NamespaceLayout::new and the Rust client: non-empty, no `{` / `}`
+        # (they would break the hash tag `{cacheclear.ns:N}`); and valid UTF-8 text (a Rust
+        # string cannot hold lone surrogates, so no pipeline can have such a namespace).
         _check(
-            isinstance(ns, str) and ns != "" and "{" not in ns and "}" not in ns,
+            isinstance(ns, str) and ns != "" and "{" not in ns and "}" not in ns and _is_utf8(ns),
             "staleness.namespace",
             ns,
             "non-empty, without `{` or `}` (the pipeline's postgres.namespace, default its slot name)",

@@ -14,6 +14,7 @@ __all__ = [
     "RedisError",
     "EncodeError",
     "TemplateError",
+    "KeyRenderError",
 ]
 
 
@@ -21,8 +22,11 @@ class CacheclearError(Exception):
     """Base class of every error this package raises.
 
     Attributes:
-        key: the cache key the error concerns (``""`` when none: a strict read through
-            ``get_strict``, a configuration or template error).
+        key: the cache key the error concerns. ``""`` when there is none: a strict read through
+            ``get_strict``, :meth:`Client.check`, and always for :class:`InvalidConfig`,
+            :class:`TemplateError` and :class:`KeyRenderError` (a key that could not be built
+            has no key; see their own attributes). For :class:`InvalidKey` given a non-``str``
+            key, the ``repr()`` of what was passed.
     """
 
     key: str
@@ -33,12 +37,19 @@ class CacheclearError(Exception):
 
 
 class InvalidKey(CacheclearError, ValueError):
-    """The cache key cannot be laid out in Redis: it is empty, or contains ``{`` or ``}`` (which
-    would break its Redis Cluster hash tag ``{K}``). Raised before anything runs: no Redis
-    command, no loader."""
+    """The cache key cannot be laid out in Redis: it is not a ``str``, is empty, or contains
+    ``{`` or ``}`` (which would break its Redis Cluster hash tag ``{K}``). Raised before anything
+    runs: no Redis command, no loader. ``key`` is the key, or the ``repr()`` of a non-``str``
+    one."""
 
-    def __init__(self, key: str) -> None:
-        if key == "":
+    def __init__(self, key: object) -> None:
+        if not isinstance(key, str):
+            message = (
+                f"a cache key must be a non-empty str, not {type(key).__name__} {key!r}; render keys "
+                "with cacheclear.Template (e.g. Template(\"product:{id}\").render({\"id\": 42}))"
+            )
+            key = repr(key)
+        elif key == "":
             message = "a cache key may not be empty"
         else:
             message = (
@@ -49,7 +60,9 @@ class InvalidKey(CacheclearError, ValueError):
 
 
 class InvalidConfig(CacheclearError, ValueError):
-    """A :class:`cacheclear.Config` field is out of range.
+    """A :class:`cacheclear.Config` field is out of range, or the Redis URL given to a client
+    does not parse (``field == "redis_url"``, ``value`` the URL without its password). ``key``
+    is always ``""``.
 
     Attributes:
         field: the field's name (``"staleness.refresh_ms"`` for nested ones).
@@ -65,11 +78,23 @@ class InvalidConfig(CacheclearError, ValueError):
 class LoaderError(CacheclearError):
     """The application's loader raised. Nothing was cached and the lease (if held) was released.
     The loader's own exception is ``__cause__``. Concurrent callers of the same key in this
-    process that shared the load get the same error."""
+    process that shared the load get the same error.
 
-    def __init__(self, key: str, cause: BaseException) -> None:
+    The message (and the client's WARNING log record) names only the key and the exception's
+    type, never its text: a database error's text may carry a connection string or row data.
+    Read ``__cause__`` for the details.
+
+    Attributes:
+        cause_type: the qualified name of the loader's exception type.
+    """
+
+    def __init__(self, key: str, cause: BaseException, detail: Optional[str] = None) -> None:
         where = f"cache key `{key}`" if key else "a strict read"
-        super().__init__(f"loader for {where} failed: {cause!r}", key)
+        self.cause_type = type(cause).__qualname__
+        message = f"loader for {where} failed: {self.cause_type}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message + "; the exception is __cause__", key)
 
 
 class LeaseWaitTimeout(CacheclearError):
@@ -116,15 +141,19 @@ class RedisError(CacheclearError):
     ``redis`` exception (if any) is ``__cause__``.
 
     Attributes:
-        op: the step that failed: ``"GET"``, ``"lease"``, ``"poll"``.
+        op: the step that failed: ``"GET"``, ``"lease"``, ``"poll"``; for ``check()``:
+            ``"PING"``, ``"SCRIPT LOAD"``, ``"namespace"`` (with ``key == ""``).
     """
 
     def __init__(self, key: str, op: str, detail: str) -> None:
-        super().__init__(
-            f"redis {op} for cache key `{key}` failed: {detail}; the database was not read "
-            "(on_redis_error = error)",
-            key,
-        )
+        if key:
+            message = (
+                f"redis {op} for cache key `{key}` failed: {detail}; the database was not read "
+                "(on_redis_error = error)"
+            )
+        else:
+            message = f"redis {op} failed: {detail}"
+        super().__init__(message, key)
         self.op = op
 
 
@@ -138,7 +167,7 @@ class EncodeError(CacheclearError, TypeError):
 
 class TemplateError(CacheclearError, ValueError):
     """A key template does not parse (see :class:`cacheclear.Template` for the syntax). The
-    message is the one the Rust ``Template::parse`` gives.
+    message is the one the Rust ``Template::parse`` gives. ``key`` is ``""`` (there is no key).
 
     Attributes:
         column: 1-based character position of the offending character.
@@ -153,3 +182,21 @@ class TemplateError(CacheclearError, ValueError):
         self.column = column
         self.problem = problem
         self.template = template
+
+
+class KeyRenderError(CacheclearError, ValueError, TypeError):
+    """:meth:`cacheclear.Template.render` cannot build a key from the values given: a column has
+    no value, a value is neither ``str`` nor ``int`` (``float``, ``bool``, ``None``,
+    ``Decimal``…), a ``str`` value is not valid UTF-8 text, or a sequence has the wrong length.
+    A ``ValueError`` (and a ``TypeError``, as before) too. ``key`` is ``""`` (no key was built).
+
+    Attributes:
+        template: the template's source.
+        column: the column concerned, or ``None`` (a sequence of the wrong length).
+    """
+
+    def __init__(self, template: str, column: Optional[str], detail: str) -> None:
+        where = f"key template `{template}`" + (f", column `{column}`" if column is not None else "")
+        super().__init__(f"{where}: {detail}")
+        self.template = template
+        self.column = column

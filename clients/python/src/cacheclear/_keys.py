@@ -11,7 +11,7 @@ import unicodedata
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import quote
 
-from ._errors import InvalidKey, TemplateError
+from ._errors import InvalidKey, KeyRenderError, TemplateError
 
 __all__ = ["validate_key", "value_key", "lease_key", "fence_key", "encode_value", "Template", "ColumnValue"]
 
@@ -29,7 +29,7 @@ def validate_key(key: str) -> None:
         InvalidKey: ``key`` is empty, not a ``str``, or contains ``{`` / ``}``.
     """
     if not isinstance(key, str) or not key or "{" in key or "}" in key:
-        raise InvalidKey(key if isinstance(key, str) else repr(key))
+        raise InvalidKey(key)
 
 
 def value_key(key: str) -> str:
@@ -129,26 +129,41 @@ class Template:
             the key, with each value percent-encoded (see :func:`encode_value`).
 
         Raises:
-            ValueError: a column has no value, or the sequence has the wrong length.
-            TypeError: a value is neither ``str`` nor ``int``.
+            KeyRenderError: a column has no value, a value is neither ``str`` nor ``int`` (or
+                is a ``str`` with lone surrogates), or the sequence has the wrong length; it
+                names the column (also a ``ValueError`` and a ``TypeError``).
         """
         if isinstance(values, Mapping):
-            try:
-                seq: Sequence[ColumnValue] = [values[c] for c in self.columns]
-            except KeyError as e:
-                raise ValueError(
-                    f"key template `{self.source}` needs a value for column `{e.args[0]}`"
-                ) from None
+            seq: List[ColumnValue] = []
+            for c in self.columns:
+                if c not in values:
+                    raise KeyRenderError(self.source, c, "no value given for this column")
+                seq.append(values[c])
+        elif isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise KeyRenderError(
+                self.source,
+                None,
+                f"values must be a mapping of column to value or a sequence of "
+                f"{len(self.columns)} value(s), not {type(values).__name__}",
+            )
         else:
-            seq = values
-            if isinstance(seq, (str, bytes)) or len(seq) != len(self.columns):
-                raise ValueError(
-                    f"key template `{self.source}` has {len(self.columns)} placeholder(s) "
-                    f"({', '.join(self.columns) or 'none'}); got {values!r}"
+            seq = list(values)
+            if len(seq) != len(self.columns):
+                raise KeyRenderError(
+                    self.source,
+                    None,
+                    f"{len(self.columns)} placeholder(s) ({', '.join(self.columns) or 'none'}); "
+                    f"got {len(seq)} value(s)",
                 )
         out = [self._prefix]
         for column, value, suffix in zip(self.columns, seq, self._suffixes):
-            out.append(encode_value(_text(column, value)))
+            text = _text(self.source, column, value)
+            try:
+                out.append(encode_value(text))
+            except UnicodeEncodeError:
+                raise KeyRenderError(
+                    self.source, column, "the value holds lone surrogates (not valid UTF-8 text)"
+                ) from None
             out.append(suffix)
         return "".join(out)
 
@@ -165,11 +180,13 @@ class Template:
         return hash(self.source)
 
 
-def _text(column: str, value: ColumnValue) -> str:
+def _text(template: str, column: str, value: ColumnValue) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(
-            f"value of column `{column}` is {type(value).__name__} {value!r}: pass the "
-            "column's PostgreSQL text output as a str (e.g. 't' for true), or an int"
+        raise KeyRenderError(
+            template,
+            column,
+            f"the value is {type(value).__name__} {value!r}: pass the column's PostgreSQL text "
+            "output as a str (e.g. 't' for true), or an int",
         )
     return value if isinstance(value, str) else str(value)
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
 import redis
 
 from . import _common as c
-from ._breaker import Breaker, parse_namespace_reply
+from ._breaker import RYW_BACKOFF_INITIAL_MS, Breaker, judge_namespace_reply
 from ._common import OK, ERROR, RETRY, REDIS_FAILURES, SCRIPTS, Loaded, Script, Stats
 from ._config import (
     BypassFullPolicy,
@@ -77,8 +77,13 @@ class Client:
     One instance per process is the intended use: its single-flight table (threads reading the
     same missing key share one load), namespace snapshot and counters are per instance.
 
+    The constructor does not connect: an unreachable Redis or a wrong password is only found
+    at the first read (which then logs a WARNING and applies ``on_redis_error``). Call
+    :meth:`check` at start to fail fast.
+
     Raises:
-        InvalidConfig: ``config`` is not a :class:`cacheclear.Config`.
+        InvalidConfig: ``config`` is not a :class:`cacheclear.Config`, or the URL does not parse
+            (``field == "redis_url"``; the message holds no password).
     """
 
     def __init__(self, redis_client_or_url: Union[str, "redis.Redis"], config: Optional[Config] = None) -> None:
@@ -90,11 +95,7 @@ class Client:
         self._url: Optional[str] = None
         if isinstance(redis_client_or_url, str):
             self._url = c.redact_url(redis_client_or_url)
-            self._redis = redis.Redis.from_url(
-                redis_client_or_url,
-                socket_timeout=config.redis_timeout_ms / 1000.0,
-                socket_connect_timeout=config.redis_connect_timeout_ms / 1000.0,
-            )
+            self._redis = c.redis_from_url(redis.Redis.from_url, redis_client_or_url, config)
             self._owns = True
         else:
             self._redis = redis_client_or_url
@@ -121,6 +122,36 @@ class Client:
     def redis(self) -> "redis.Redis":
         """The Redis client in use."""
         return self._redis
+
+    def check(self) -> None:
+        """Checks that Redis answers with these credentials, for a fail-fast start: ``PING``, then
+        ``SCRIPT LOAD`` of the protocol's scripts (``fill.lua``, ``release.lua``,
+        ``read_namespace.lua``). With a staleness config it also reads the namespace once, so a
+        missing or unreadable epoch or watermark is logged (a WARNING naming the Redis key) at
+        start; that is not an error, as the pipeline may start later.
+
+        Raises:
+            RedisError: Redis failed (unreachable, wrong password or ACL, timeout); ``op`` is
+                ``"PING"`` or ``"SCRIPT LOAD"``, ``key`` is ``""``, the ``redis`` exception is
+                ``__cause__``.
+        """
+        r = self._redis
+        try:
+            r.ping()
+        except REDIS_FAILURES as e:
+            raise RedisError("", "PING", f"{type(e).__name__}: {e}") from e
+        for script in (SCRIPTS.fill, SCRIPTS.release, SCRIPTS.read_namespace):
+            try:
+                sha = r.script_load(script.text)
+            except REDIS_FAILURES as e:
+                raise RedisError("", "SCRIPT LOAD", f"{script.name}: {type(e).__name__}: {e}") from e
+            if isinstance(sha, bytes):
+                sha = sha.decode("ascii", "replace")
+            if sha != script.sha:
+                raise RedisError("", "SCRIPT LOAD", f"{script.name}: replied {sha!r}, expected {script.sha}")
+        if self._breaker is not None:
+            with self._ns_lock:
+                self._read_namespace(self._breaker)
 
     def stats(self) -> Stats:
         """A snapshot of this instance's counters."""
@@ -172,7 +203,7 @@ class Client:
             the cached payload (as ``json.loads`` gives it) or the loader's value.
 
         Raises:
-            InvalidKey: ``key`` is empty or contains ``{`` / ``}`` (nothing ran).
+            InvalidKey: ``key`` is not a non-empty ``str``, or contains ``{`` / ``}`` (nothing ran).
             LoaderError: the loader raised (its exception is ``__cause__``).
             LeaseWaitTimeout: ``on_wait_timeout = "error"`` and the wait ran out.
             RedisError: Redis failed and ``on_redis_error = "error"``.
@@ -180,7 +211,7 @@ class Client:
             EncodeError: the value has no JSON form.
         """
         if type(key) is not str or not key or "{" in key or "}" in key:
-            raise InvalidKey(key if isinstance(key, str) else repr(key))
+            raise InvalidKey(key)
         if strict or (self._strict and key.startswith(self._strict)):
             self._stats.strict_loads += 1
             return self._run_loader(key, loader)
@@ -212,7 +243,8 @@ class Client:
                 self._stats.epoch_misses += 1
             else:
                 self._decode_error(key)
-        return self._miss_coalesced(key, epoch, loader)
+                return self._miss_coalesced(key, epoch, loader, c.ReadState(True))
+        return self._miss_coalesced(key, epoch, loader, c.ReadState(False))
 
     def get_with(self, key: str, policy: Union[ReadPolicy, str], loader: Loader[T]) -> T:
         """:meth:`get_or_load` with an explicit :class:`cacheclear.ReadPolicy` (``"cached"`` or
@@ -237,7 +269,8 @@ class Client:
         """Read-your-writes: reads ``key`` through the cache only once the namespace's watermark
         has passed ``lsn`` — the ``pg_current_wal_lsn()`` the application read after its commit
         (``X/X`` text or an ``int``) — so that commit's invalidation has been applied. Until
-        then it re-reads the namespace every ``refresh_ms`` for up to
+        then it re-reads the namespace with a backoff from 5 ms doubling to ``refresh_ms``
+        (one namespace read in flight per client: concurrent waiters share it) for up to
         ``read_your_writes_wait_ms``, then runs the loader without filling. Never joins another
         caller's in-flight read. Without a staleness config there is no watermark: the loader
         runs (counted in ``ryw_loads``).
@@ -246,7 +279,7 @@ class Client:
             As :meth:`get_or_load`; ``ValueError`` if ``lsn`` is not an LSN.
         """
         if type(key) is not str or not key or "{" in key or "}" in key:
-            raise InvalidKey(key if isinstance(key, str) else repr(key))
+            raise InvalidKey(key)
         min_lsn = as_lsn(lsn)
         if self._strict and key.startswith(self._strict):
             self._stats.strict_loads += 1
@@ -257,10 +290,17 @@ class Client:
             return self._run_loader(key, loader)
         deadline = monotonic() + b.cfg.read_your_writes_wait_ms / 1000.0
         waited = False
+        # The pause between namespace reads while waiting: 5 ms doubling to refresh_ms (the
+        # pipeline moves the watermark within milliseconds of applying a commit).
+        max_pause = b.cfg.refresh_ms / 1000.0
+        pause = min(RYW_BACKOFF_INITIAL_MS / 1000.0, max_pause)
+        slept: Optional[float] = None
         while True:
             now = monotonic()
             v = b.view
-            if now < v.open_until and now < v.refresh_at:
+            if slept is not None:
+                is_open, epoch, wm_lsn, reason = self._refresh_for_ryw(slept)
+            elif now < v.open_until and now < v.refresh_at:
                 is_open, epoch, wm_lsn, reason = b.verdict(now)
             else:
                 is_open, epoch, wm_lsn, reason = self._gate(now)
@@ -275,7 +315,9 @@ class Client:
             if not waited:
                 waited = True
                 self._stats.ryw_waits += 1
-            time.sleep(min(b.cfg.refresh_ms / 1000.0, deadline - now))
+            slept = min(pause, deadline - now)
+            time.sleep(slept)
+            pause = min(pause * 2, max_pause)
 
     # ----- the read path -----
 
@@ -283,16 +325,19 @@ class Client:
         return next(self._seq)
 
     def _read_uncoalesced(self, key: str, epoch: Optional[int], loader: Loader[T]) -> T:
+        rs = c.ReadState(False)
         try:
-            env = self._get_env(key, epoch)
+            env = self._get_env(key, epoch, rs)
         except REDIS_FAILURES as e:
             return (self._redis_failed(key, "GET", e, loader))[0]
         if env is not None:
             self._stats.hits += 1
             return env["payload"]  # type: ignore[no-any-return]
-        return (self._miss(key, epoch, loader))[0]
+        return (self._miss(key, epoch, loader, rs))[0]
 
-    def _miss_coalesced(self, key: str, epoch: Optional[int], loader: Loader[T]) -> T:
+    def _miss_coalesced(
+        self, key: str, epoch: Optional[int], loader: Loader[T], rs: c.ReadState
+    ) -> T:
         """A miss: lead this client's load of ``key``, or follow the one in flight."""
         while True:
             with self._flights_lock:
@@ -310,7 +355,7 @@ class Client:
                         event = flight.event = threading.Event()
             if lead:
                 try:
-                    value, obs = self._miss(key, epoch, loader)
+                    value, obs = self._miss(key, epoch, loader, rs)
                 except Exception as e:
                     self._finish(key, flight, (ERROR, e, 0))
                     raise
@@ -333,7 +378,7 @@ class Client:
                 raise result
             # Read again: the value may be there now.
             try:
-                env = self._get_env(key, epoch)
+                env = self._get_env(key, epoch, rs)
             except REDIS_FAILURES as e:
                 return (self._redis_failed(key, "GET", e, loader))[0]
             if env is not None:
@@ -349,7 +394,9 @@ class Client:
         if event is not None:
             event.set()
 
-    def _miss(self, key: str, epoch: Optional[int], loader: Loader[T]) -> Tuple[T, int]:
+    def _miss(
+        self, key: str, epoch: Optional[int], loader: Loader[T], rs: Optional[c.ReadState] = None
+    ) -> Tuple[T, int]:
         """Lease, wait or load. Returns ``(value, obs)`` (see ``_common.FlightResult``)."""
         cfg = self._cfg
         st = self._stats
@@ -370,7 +417,7 @@ class Client:
                 token, read_after = lease
                 obs = self._tick()
                 try:
-                    env = self._get_env(key, epoch)
+                    env = self._get_env(key, epoch, rs)
                 except BaseException as e:
                     self._release_bg(key, token)
                     if isinstance(e, REDIS_FAILURES):
@@ -399,7 +446,7 @@ class Client:
             backoff = next_backoff_ms(backoff, cfg.backoff_max_ms)
             obs = self._tick()
             try:
-                env = self._get_env(key, epoch)
+                env = self._get_env(key, epoch, rs)
             except REDIS_FAILURES as e:
                 return self._redis_failed(key, "poll", e, loader)
             if env is not None:
@@ -424,9 +471,13 @@ class Client:
             raise
         except Exception as e:
             st.loader_errors += 1
-            log.warning("loader for cache key `%s` failed (%r); releasing the lease, caching nothing", key, e)
+            # Only the exception's type: its text may hold a connection string or row data.
+            log.warning(
+                "loader for cache key `%s` failed (%s); releasing the lease, caching nothing",
+                key, type(e).__qualname__,
+            )
             self._release_protected(key, token)
-            raise LoaderError(key, e) from e
+            raise c.loader_error(key, e) from e
         except BaseException:
             self._release_protected(key, token)
             raise
@@ -509,7 +560,7 @@ class Client:
             result = _call(loader)
         except Exception as e:
             self._stats.loader_errors += 1
-            raise LoaderError(key, e) from e
+            raise c.loader_error(key, e) from e
         return result.value if type(result) is Loaded else result  # type: ignore[no-any-return,return-value]
 
     def _load_unfilled(self, key: str, loader: Loader[T]) -> Tuple[T, int]:
@@ -525,8 +576,11 @@ class Client:
 
     # ----- Redis steps -----
 
-    def _get_env(self, key: str, epoch: Optional[int]) -> Optional[Dict[str, Any]]:
-        """``GET {K}`` decoded; a miss is ``None``. Redis failures are counted and raised."""
+    def _get_env(
+        self, key: str, epoch: Optional[int], rs: Optional[c.ReadState] = None
+    ) -> Optional[Dict[str, Any]]:
+        """``GET {K}`` decoded; a miss is ``None``. Redis failures are counted and raised. An
+        unreadable value is logged and counted once per read (``rs``)."""
         try:
             raw = self._redis.execute_command("GET", "{" + key + "}")
         except REDIS_FAILURES as e:
@@ -536,7 +590,10 @@ class Client:
             return None
         env = decode_envelope(raw)
         if env is None:
-            self._decode_error(key)
+            if rs is None or not rs.decode_reported:
+                self._decode_error(key)
+                if rs is not None:
+                    rs.decode_reported = True
             return None
         if epoch is not None and (env.get("epoch") or 0) < epoch:
             self._stats.epoch_misses += 1
@@ -632,13 +689,24 @@ class Client:
                     self._read_namespace(b)
         return b.verdict(monotonic())
 
+    def _refresh_for_ryw(self, max_age_s: float) -> Tuple[bool, int, int, str]:
+        """For a waiting ``get_at_least``: reads the namespace unless a read was sent within
+        ``max_age_s`` (its backoff). One read in flight per client: concurrent waiters block on
+        the lock and reuse the read that just completed."""
+        b = self._breaker
+        assert b is not None
+        with self._ns_lock:
+            if b.due(monotonic(), max_age_s):
+                self._read_namespace(b)
+        return b.verdict(monotonic())
+
     def _read_namespace(self, b: Breaker) -> None:
         sent = monotonic()
         b.last_attempt = sent
         self._stats.namespace_reads += 1
         try:
             reply = self._script(SCRIPTS.read_namespace, tuple(b.script_keys()), ())
-            snapshot = parse_namespace_reply(b.cfg.namespace, reply)
+            snapshot, epoch_problem, watermark_problem = judge_namespace_reply(reply)
         except (ValueError, *REDIS_FAILURES) as e:
             self._stats.redis_errors += 1
             log.warning(
@@ -646,7 +714,7 @@ class Client:
                 b.cfg.namespace, b.watermark_key, b.epoch_key, e,
             )
             return
-        b.publish(sent, snapshot)
+        b.publish(sent, snapshot, epoch_problem, watermark_problem)
 
     def _bypass(self, key: str, reason: str, loader: Loader[T]) -> T:
         """The breaker is open: run the loader without filling, at most ``max_bypass_loads``
@@ -687,5 +755,5 @@ def _call(loader: Callable[[], Any]) -> Any:
         close = getattr(result, "close", None)
         if close is not None:
             close()  # no "coroutine was never awaited" warning
-        raise TypeError("the loader returned an awaitable: use cacheclear.AsyncClient for async loaders")
+        raise c.LoaderMisuse("the loader returned an awaitable: use cacheclear.AsyncClient for async loaders")
     return result
