@@ -261,6 +261,7 @@ def test_readers_in_processes_see_every_applied_invalidation_with_one_load_each(
     # (b) One database load per hot key per invalidation (+ the first fill), and the stampedes
     # that made it non-trivial: waits on another process's lease, and shared in-process loads.
     stats = {k: sum(res["stats"][k] for res in results) for k in results[0]["stats"]}
+    assert stats["lease_wait_timeouts"] == 0 and stats["unfilled_loads"] == 0, stats
     for pid in HOT:
         loads = int(r.get(f"test:loads:{pid}") or 0)
         invalidations = sum(1 for p, _, _ in updates if p == pid)
