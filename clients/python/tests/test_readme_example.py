@@ -3,9 +3,8 @@ test's PostgreSQL, Redis and ``cacheclear run``): after ``POST /products/N/price
 read-your-writes answer is the new price, every time. (The example used to take the LSN inside
 the transaction, before the commit, and returned the old price about half the time.)
 
-Needs ``fastapi``, ``psycopg_pool`` and ``httpx`` (for ``fastapi.testclient``), which are not
-test dependencies: skipped without them.
-``pip install fastapi psycopg_pool httpx`` to run it."""
+Needs ``fastapi``, ``psycopg_pool`` and ``httpx`` (for ``fastapi.testclient``): the ``test``
+extra installs them (``pip install "./clients/python[test]"``)."""
 
 from __future__ import annotations
 
@@ -15,10 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("psycopg_pool")
-pytest.importorskip("httpx")
 
 from test_e2e import binary, env  # noqa: E402,F401  (the fixtures)
 
