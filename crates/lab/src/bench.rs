@@ -24,6 +24,7 @@ use cacheclear_rules::{RuleConfig, Rules};
 use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use clap::{Args, Subcommand};
 
+mod bus_floor;
 mod child;
 mod client;
 mod floor;
