@@ -117,6 +117,12 @@ struct Figures {
     achieved_10k_rows_per_s: f64,
     bulk_rows: u64,
     bulk_seconds: f64,
+    /// The bulk's commit → its Commit message received by the source (streamed and decoded), s.
+    bulk_receive_seconds: f64,
+    /// The bulk's Commit received → its batch visible (queue and barrier), s.
+    bulk_barrier_seconds: f64,
+    /// The bulk's batch visible → Redis acknowledged its last eviction, s.
+    bulk_redis_seconds: f64,
     bulk_rows_per_s: f64,
     /// Peak resident set (VmHWM, MB = 10^6 bytes) of the pipeline alone: it runs in a child
     /// process (`bench pipeline-child`, `bench/child.rs`) and this is the child's VmHWM from
@@ -197,7 +203,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     profiler.finish().await?;
-    let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
+    let secs = |from: i64, to: i64| (to - from).max(1) as f64 / 1e6;
+    let bulk_seconds = secs(bulk.commit_us, bulk.applied_us);
     let pipeline_peak_rss_mb = source.rss_mb()?.0;
     source.stop().await?;
     // Before the floor phase: its consumer's buffers are not the load generator's.
@@ -231,6 +238,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         achieved_10k_rows_per_s: phases[1].1,
         bulk_rows: args.bulk_rows,
         bulk_seconds,
+        bulk_receive_seconds: secs(bulk.commit_us, bulk.received_us),
+        bulk_barrier_seconds: secs(bulk.received_us, bulk.visible_us),
+        bulk_redis_seconds: secs(bulk.visible_us, bulk.applied_us),
         bulk_rows_per_s,
         pipeline_peak_rss_mb,
         pipeline_steady_rss_mb,
@@ -515,6 +525,16 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
         "{:<44} {:>10.2} s",
         "bulk commit → last eviction", f.bulk_seconds
     );
+    for (name, v) in [
+        (
+            "  commit → Commit received (streamed)",
+            f.bulk_receive_seconds,
+        ),
+        ("  received → visible (barrier)", f.bulk_barrier_seconds),
+        ("  visible → last Redis ack", f.bulk_redis_seconds),
+    ] {
+        println!("{name:<44} {v:>10.2} s");
+    }
     println!(
         "{:<44} {:>12.0}",
         "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s

@@ -10,7 +10,7 @@
 //! - `record`: forget the steady-phase histograms and start recording; reply `null`;
 //! - `figures`: stop recording; reply the phase's [`StageFigures`];
 //! - `applied`: reply the count of transactions applied so far;
-//! - `bulk`: reply `[keys, commit µs, applied µs]` of the bulk transaction, or `null` before it;
+//! - `bulk`: reply the bulk transaction's [`BulkTimes`], or `null` before it is applied;
 //! - `stop`: stop the pipeline (what it read is applied and confirmed); reply `null`; exit.
 //!
 //! The child prints `"ready"` (a JSON string) once the pipeline streams. URLs come through the
@@ -51,12 +51,28 @@ pub struct ChildArgs {
     bulk_rows: u64,
 }
 
+/// When the bulk transaction passed each stage, µs since the Unix epoch (PostgreSQL's commit
+/// timestamp, then this machine's clock, as for the steady phases).
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(super) struct BulkTimes {
+    /// Its keys.
+    pub keys: u64,
+    /// Its commit timestamp.
+    pub commit_us: i64,
+    /// Its Commit message received by the source (the whole transaction streamed and decoded).
+    pub received_us: i64,
+    /// Its batch passed the visibility barrier.
+    pub visible_us: i64,
+    /// Redis acknowledged its last eviction.
+    pub applied_us: i64,
+}
+
 /// Lag per row, recorded by the pipeline's batch observer.
 struct Recorder {
     stages: SourceStages,
-    /// Set when a transaction with at least this many keys is applied: (keys, commit µs, applied µs).
+    /// A transaction with at least this many keys is the bulk one.
     bulk_threshold: u64,
-    bulk: Option<(u64, i64, i64)>,
+    bulk: Option<BulkTimes>,
     recording: bool,
 }
 
@@ -83,7 +99,13 @@ pub(super) async fn pipeline_child(args: ChildArgs) -> anyhow::Result<()> {
             for t in &batch.txns {
                 let keys = t.keys.len() as u64;
                 if keys >= r.bulk_threshold {
-                    r.bulk = Some((keys, t.commit_time_us, applied));
+                    r.bulk = Some(BulkTimes {
+                        keys,
+                        commit_us: t.commit_time_us,
+                        received_us: t.received_us,
+                        visible_us: batch.visible_us,
+                        applied_us: applied,
+                    });
                 } else if r.recording && keys > 0 {
                     r.stages.record(batch, t, applied);
                 }
@@ -254,8 +276,8 @@ impl PipelineChild {
         Ok(serde_json::from_value(self.ask("applied").await?)?)
     }
 
-    /// `bulk`: (keys, commit µs, applied µs) of the bulk transaction, once applied.
-    pub(super) async fn bulk(&mut self) -> anyhow::Result<Option<(u64, i64, i64)>> {
+    /// `bulk`: the bulk transaction's stage times, once applied.
+    pub(super) async fn bulk(&mut self) -> anyhow::Result<Option<BulkTimes>> {
         Ok(serde_json::from_value(self.ask("bulk").await?)?)
     }
 
