@@ -324,6 +324,8 @@ impl BulkProfiler {
         let child = Command::new("sh")
             .arg("-c")
             .arg(cmd.replace("{pid}", &pid.to_string()))
+            // Its output must not mix with the figures (`--json` prints them on stdout).
+            .stdout(Stdio::from(std::io::stderr()))
             .kill_on_drop(true)
             .spawn()
             .context("starting CACHECLEAR_BENCH_BULK_PROFILER")?;
