@@ -132,6 +132,10 @@ struct Figures {
     /// The child's VmHWM (MB) at the end of the 1k rows/s phase: the peak over start-up and that
     /// phase, an upper bound of the steady footprint (issue 12: < 20).
     pipeline_steady_rss_mb: f64,
+    /// The child's RssAnon (MB) at the end of the 1k rows/s phase: its resident memory without
+    /// the executable's file-backed pages (most of `pipeline_steady_rss_mb` is the binary's text,
+    /// shared with every process running it).
+    pipeline_steady_anon_mb: f64,
     /// Peak resident set (VmHWM, MB) of the bench process: the load generator and the figures'
     /// bookkeeping, without the pipeline (in its child since issue 12) nor the floor consumer
     /// (read before the floor phase).
@@ -166,6 +170,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     let mut phases = Vec::new();
     let mut pipeline_steady_rss_mb = 0.0;
+    let mut pipeline_steady_anon_mb = 0.0;
     for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
         progress(&format!(
             "steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s",
@@ -185,6 +190,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         if rate == 1_000 {
             // The peak so far: start-up and the 1k rows/s phase.
             pipeline_steady_rss_mb = source.rss_mb()?.0;
+            pipeline_steady_anon_mb = source.anon_mb()?;
         }
     }
 
@@ -244,6 +250,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         bulk_rows_per_s,
         pipeline_peak_rss_mb,
         pipeline_steady_rss_mb,
+        pipeline_steady_anon_mb,
         peak_rss_mb,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
     };
@@ -554,6 +561,10 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     println!(
         "{:<44} {:>9.1} MB",
         "pipeline peak RSS @ 1k rows/s (target < 20)", f.pipeline_steady_rss_mb
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "  of which anonymous (heap, stacks), now", f.pipeline_steady_anon_mb
     );
     println!(
         "{:<44} {:>9.1} MB",

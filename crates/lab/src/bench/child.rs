@@ -294,6 +294,15 @@ impl PipelineChild {
         ))
     }
 
+    /// `RssAnon` of the child now (heap and stacks, without the executable's mapped pages), MB
+    /// (10^6 bytes), from `/proc/<pid>/status`.
+    ///
+    /// # Errors
+    /// The file cannot be read (the child exited) or lacks the field.
+    pub(super) fn anon_mb(&self) -> anyhow::Result<f64> {
+        super::status_mb(&format!("/proc/{}/status", self.pid), "RssAnon:")
+    }
+
     /// `stop`: stops the pipeline, then waits for the child to exit.
     ///
     /// # Errors
