@@ -1,36 +1,37 @@
 //! `cacheclear bench pipeline`: measured figures of the invalidation pipeline.
 //!
 //! Everything runs on this machine: private PostgreSQL and Redis (started from the installed
-//! binaries, unless URLs are given), the pipeline in this process, and a load generator on its own
+//! binaries, unless URLs are given), the pipeline in a child process, and a load generator on its own
 //! connections. Figures:
 //! - commit→evicted lag (ms, p50/p99): from the transaction's commit timestamp (PostgreSQL's clock,
 //!   the same machine) to Redis's acknowledgement of its evictions, per row changed, at a steady
 //!   1k and 10k row changes/s;
 //! - bulk: one UPDATE of N rows (default 1,000,000), rows/s from its commit to the last eviction;
-//! - peak RSS (VmHWM) of this process: pipeline plus load generator, an upper bound of the
-//!   pipeline's own;
+//! - peak RSS (VmHWM) of the pipeline alone, which runs in a child process (`bench/child.rs`):
+//!   over the whole run (bulk included) and at the end of the 1k rows/s phase; and of this process
+//!   (the load generator);
 //! - the floor, last and alone (`bench/floor.rs`; the pipeline stopped): commit → received at 1k rows/s and the
 //!   walsender's rate for the same bulk UPDATE, for a consumer that only receives; the figures
 //!   above as ratios against it (`lag_1k_p99_vs_floor`, `bulk_vs_floor`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cacheclear_harness::{PgInstance, RedisInstance};
-use cacheclear_protocol::Batch;
-use cacheclear_protocol::{Sink, now_us};
+use cacheclear_protocol::Sink;
 use cacheclear_rules::{RuleConfig, Rules};
-use cacheclear_sink_redis::{RedisConfig, RedisSink};
 use cacheclear_source_postgres::{Pipeline, PostgresConfig, RunOptions};
 use clap::{Args, Subcommand};
 
+mod bus_floor;
+mod child;
 mod client;
 mod floor;
 mod kafka;
 mod stages;
 
-use stages::{SourceStages, StageFigures};
+use stages::StageFigures;
 
 /// Which benchmark to run.
 #[derive(Subcommand)]
@@ -43,6 +44,9 @@ pub enum BenchCommand {
     /// The client's hit path with and without the staleness breaker (reads/s ratio, target
     /// ≥ 0.95), through Redis and through the in-process tier.
     Client(client::ClientArgs),
+    /// The pipeline of `bench pipeline`, in a child process of its own (started by it).
+    #[command(hide = true)]
+    PipelineChild(child::ChildArgs),
 }
 
 /// Options of `bench pipeline`.
@@ -75,16 +79,8 @@ pub async fn bench(which: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Pipeline(args) => pipeline(args).await,
         BenchCommand::Kafka(args) => kafka::kafka(args).await,
         BenchCommand::Client(args) => client::client(args).await,
+        BenchCommand::PipelineChild(args) => child::pipeline_child(args).await,
     }
-}
-
-/// Lag per row, recorded by the pipeline's batch observer.
-struct Recorder {
-    stages: SourceStages,
-    /// Set when a transaction with at least this many keys is applied: (keys, commit µs, applied µs).
-    bulk_threshold: u64,
-    bulk: Option<(u64, i64, i64)>,
-    recording: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -121,7 +117,28 @@ struct Figures {
     achieved_10k_rows_per_s: f64,
     bulk_rows: u64,
     bulk_seconds: f64,
+    /// The bulk's commit → its Commit message received by the source (streamed and decoded), s.
+    bulk_receive_seconds: f64,
+    /// The bulk's Commit received → its batch visible (queue and barrier), s.
+    bulk_barrier_seconds: f64,
+    /// The bulk's batch visible → Redis acknowledged its last eviction, s.
+    bulk_redis_seconds: f64,
     bulk_rows_per_s: f64,
+    /// Peak resident set (VmHWM, MB = 10^6 bytes) of the pipeline alone: it runs in a child
+    /// process (`bench pipeline-child`, `bench/child.rs`) and this is the child's VmHWM from
+    /// `/proc/<pid>/status` after the bulk UPDATE is applied, i.e. the peak over start-up, both
+    /// steady phases and the bulk (issue 12: < 50 during the 1M-row bulk).
+    pipeline_peak_rss_mb: f64,
+    /// The child's VmHWM (MB) at the end of the 1k rows/s phase: the peak over start-up and that
+    /// phase, an upper bound of the steady footprint (issue 12: < 20).
+    pipeline_steady_rss_mb: f64,
+    /// The child's RssAnon (MB) at the end of the 1k rows/s phase: its resident memory without
+    /// the executable's file-backed pages (most of `pipeline_steady_rss_mb` is the binary's text,
+    /// shared with every process running it).
+    pipeline_steady_anon_mb: f64,
+    /// Peak resident set (VmHWM, MB) of the bench process: the load generator and the figures'
+    /// bookkeeping, without the pipeline (in its child since issue 12) nor the floor consumer
+    /// (read before the floor phase).
     peak_rss_mb: f64,
     cores: usize,
 }
@@ -148,78 +165,42 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     progress(&format!("creating {} rows", args.bulk_rows));
     let db = create_bench_table(&pg_url, args.bulk_rows).await?;
-    let rules = Arc::new(bench_rules()?);
-    let mut pg_cfg = PostgresConfig::new(pg_url.clone());
-    pg_cfg.slot = "cacheclear_bench".into();
-    pg_cfg.publication = "cacheclear_bench".into();
-    pg_cfg.status_interval_ms = 200;
-    let recorder = Arc::new(Mutex::new(Recorder {
-        stages: SourceStages::new()?,
-        bulk_threshold: args.bulk_rows,
-        bulk: None,
-        recording: false,
-    }));
-    let observer = {
-        let recorder = Arc::clone(&recorder);
-        Arc::new(move |batch: &Batch| {
-            let applied = now_us();
-            let Ok(mut r) = recorder.lock() else { return };
-            for t in &batch.txns {
-                let keys = t.keys.len() as u64;
-                if keys >= r.bulk_threshold {
-                    r.bulk = Some((keys, t.commit_time_us, applied));
-                } else if r.recording && keys > 0 {
-                    r.stages.record(batch, t, applied);
-                }
-            }
-        })
-    };
-    let options = RunOptions {
-        observer: Some(observer),
-        ..RunOptions::default()
-    };
-    let status = Arc::clone(&options.status);
-    let redis_cfg = RedisConfig::new(redis_url.clone());
-    let source = SourceOnOwnRuntime::start(
-        pg_cfg,
-        rules,
-        move || Ok(RedisSink::connect(redis_cfg)?),
-        options,
-    )
-    .await?;
+    // The pipeline runs in a child process: its memory is read apart from the load generator's.
+    let mut source = child::PipelineChild::start(&pg_url, &redis_url, args.bulk_rows).await?;
 
     let mut phases = Vec::new();
+    let mut pipeline_steady_rss_mb = 0.0;
+    let mut pipeline_steady_anon_mb = 0.0;
     for (rate, rows_per_txn) in [(1_000u64, 1u64), (10_000, 10)] {
         progress(&format!(
             "steady {rate} row changes/s ({rows_per_txn} row(s) per transaction) for {} s",
             args.seconds
         ));
-        if let Ok(mut r) = recorder.lock() {
-            r.stages.reset();
-            r.recording = true;
-        }
+        source.record().await?;
         let achieved =
             steady_load(&pg_url, rate, rows_per_txn, args.seconds, args.bulk_rows).await?;
         // Let the tail drain into the histogram.
-        let target = status.applied_txns();
+        let target = source.applied_txns().await?;
         let drain = Instant::now();
-        while drain.elapsed() < Duration::from_secs(2) && status.applied_txns() == target {
+        while drain.elapsed() < Duration::from_secs(2) && source.applied_txns().await? == target {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let Ok(mut r) = recorder.lock() else {
-            bail!("recorder poisoned")
-        };
-        r.recording = false;
-        phases.push((r.stages.figures(), achieved));
+        phases.push((source.figures().await?, achieved));
+        if rate == 1_000 {
+            // The peak so far: start-up and the 1k rows/s phase.
+            pipeline_steady_rss_mb = source.rss_mb()?.0;
+            pipeline_steady_anon_mb = source.anon_mb()?;
+        }
     }
 
     progress(&format!("bulk: one UPDATE of {} rows", args.bulk_rows));
+    let profiler = child::BulkProfiler::start(source.pid).await?;
     db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1")
         .await?;
     let waited = Instant::now();
     let bulk = loop {
-        if let Some(b) = recorder.lock().ok().and_then(|r| r.bulk) {
+        if let Some(b) = source.bulk().await? {
             break b;
         }
         if waited.elapsed() > Duration::from_secs(600) {
@@ -227,9 +208,12 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let bulk_seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
+    profiler.finish().await?;
+    let secs = |from: i64, to: i64| (to - from).max(1) as f64 / 1e6;
+    let bulk_seconds = secs(bulk.commit_us, bulk.applied_us);
+    let pipeline_peak_rss_mb = source.rss_mb()?.0;
     source.stop().await?;
-    // Before the floor phase: its consumer's buffers are not the pipeline's.
+    // Before the floor phase: its consumer's buffers are not the load generator's.
     let peak_rss_mb = peak_rss_mb()?;
     let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
     drop_bench_objects(&db).await;
@@ -260,7 +244,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         achieved_10k_rows_per_s: phases[1].1,
         bulk_rows: args.bulk_rows,
         bulk_seconds,
+        bulk_receive_seconds: secs(bulk.commit_us, bulk.received_us),
+        bulk_barrier_seconds: secs(bulk.received_us, bulk.visible_us),
+        bulk_redis_seconds: secs(bulk.visible_us, bulk.applied_us),
         bulk_rows_per_s,
+        pipeline_peak_rss_mb,
+        pipeline_steady_rss_mb,
+        pipeline_steady_anon_mb,
         peak_rss_mb,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
     };
@@ -542,6 +532,16 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
         "{:<44} {:>10.2} s",
         "bulk commit → last eviction", f.bulk_seconds
     );
+    for (name, v) in [
+        (
+            "  commit → Commit received (streamed)",
+            f.bulk_receive_seconds,
+        ),
+        ("  received → visible (barrier)", f.bulk_barrier_seconds),
+        ("  visible → last Redis ack", f.bulk_redis_seconds),
+    ] {
+        println!("{name:<44} {v:>10.2} s");
+    }
     println!(
         "{:<44} {:>12.0}",
         "bulk rows/s (target ≥ 50000)", f.bulk_rows_per_s
@@ -556,24 +556,43 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     );
     println!(
         "{:<44} {:>9.1} MB",
-        "peak RSS before the floor phase (target < 50)", f.peak_rss_mb
+        "pipeline peak RSS, bulk included (target < 50)", f.pipeline_peak_rss_mb
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "pipeline peak RSS @ 1k rows/s (target < 20)", f.pipeline_steady_rss_mb
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "  of which anonymous (heap, stacks), now", f.pipeline_steady_anon_mb
+    );
+    println!(
+        "{:<44} {:>9.1} MB",
+        "bench process (load generator) peak RSS", f.peak_rss_mb
     );
     println!("{:<44} {:>12}", "cores", f.cores);
 }
 
 /// Peak resident set size of this process (VmHWM from /proc/self/status), in MB (10^6 bytes).
 pub(crate) fn peak_rss_mb() -> anyhow::Result<f64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status_mb("/proc/self/status", "VmHWM:")
+}
+
+/// A `kB` field (`VmHWM:`, `VmRSS:`) of a `/proc/<pid>/status` file, in MB (10^6 bytes).
+///
+/// # Errors
+/// The file cannot be read, lacks the field, or its value does not parse.
+pub(crate) fn status_mb(path: &str, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM in /proc/self/status")?;
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field} in {path}"))?;
     let kb: f64 = line
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .context("VmHWM does not parse")?;
+        .with_context(|| format!("{field} in {path} does not parse"))?;
     Ok(kb * 1024.0 / 1e6)
 }
 

@@ -52,12 +52,31 @@ impl KeyLayout {
 
     /// `{K}:lease`: the lease token.
     pub fn lease(&self) -> String {
-        format!("{}:lease", self.value)
+        let mut s = String::new();
+        self.lease_into(&mut s);
+        s
     }
 
     /// `{K}:fence`: the fence (highest invalidated commit LSN, fixed hex).
     pub fn fence(&self) -> String {
-        format!("{}:fence", self.value)
+        let mut s = String::new();
+        self.fence_into(&mut s);
+        s
+    }
+
+    /// Replaces `buf`'s content with [`KeyLayout::lease`]'s, reusing its allocation (the sink
+    /// lays out a million keys per bulk transaction).
+    pub fn lease_into(&self, buf: &mut String) {
+        buf.clear();
+        buf.push_str(&self.value);
+        buf.push_str(":lease");
+    }
+
+    /// Replaces `buf`'s content with [`KeyLayout::fence`]'s, reusing its allocation.
+    pub fn fence_into(&self, buf: &mut String) {
+        buf.clear();
+        buf.push_str(&self.value);
+        buf.push_str(":fence");
     }
 
     /// The Redis Cluster hash slot (0..16384) of all three keys: CRC16-CCITT (XMODEM) of `K`
@@ -86,6 +105,18 @@ pub(crate) fn crc16_xmodem(data: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_into_forms_match_lease_and_fence_whatever_the_buffer_held() {
+        let k = KeyLayout::new("product:42").unwrap();
+        let mut buf = String::from("left over from an earlier, longer key");
+        k.lease_into(&mut buf);
+        assert_eq!(buf, "{product:42}:lease");
+        assert_eq!(buf, k.lease());
+        k.fence_into(&mut buf);
+        assert_eq!(buf, "{product:42}:fence");
+        assert_eq!(buf, k.fence());
+    }
 
     #[test]
     fn slot_matches_the_cluster_spec_examples() {

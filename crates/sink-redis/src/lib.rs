@@ -443,29 +443,24 @@ impl RedisSink {
             }
         };
         let per_pipeline = self.cfg.keys_per_call * self.cfg.calls_per_pipeline;
-        let mut pipelines = Vec::new();
+        let mut keys = keys.into_iter();
         let mut chunk: Vec<(&str, Lsn)> = Vec::with_capacity(per_pipeline);
-        let mut total = 0u64;
-        let mut keys = keys.into_iter().peekable();
-        // Pipelines are built and sent `pipelines_in_flight` at a time, so memory stays bounded by
-        // the in-flight pipelines however many keys the batch holds.
-        while keys.peek().is_some() {
-            while pipelines.len() < self.cfg.pipelines_in_flight && keys.peek().is_some() {
-                chunk.clear();
-                chunk.extend(keys.by_ref().take(per_pipeline));
-                pipelines.push(self.pipeline(&chunk)?);
-            }
-            let sent = futures::stream::iter(
-                pipelines
-                    .drain(..)
-                    .map(|(pipe, n)| self.send(conn.clone(), pipe, n)),
-            )
+        // Each pipeline is built when a slot among the `pipelines_in_flight` frees up, so the
+        // next one is built while the others are in Redis (building and Redis's work overlap),
+        // and memory stays bounded by the in-flight pipelines however many keys the batch holds.
+        let pipelines = std::iter::from_fn(move || {
+            chunk.clear();
+            chunk.extend(keys.by_ref().take(per_pipeline));
+            (!chunk.is_empty()).then(|| self.pipeline(&chunk))
+        });
+        futures::stream::iter(pipelines)
+            .map(|built| async move {
+                let (pipe, n) = built?;
+                self.send(conn.clone(), pipe, n).await
+            })
             .buffer_unordered(self.cfg.pipelines_in_flight)
             .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-            .await?;
-            total += sent;
-        }
-        Ok(total)
+            .await
     }
 
     fn pipeline(&self, keys: &[(&str, Lsn)]) -> Result<(redis::Pipeline, usize), RedisSinkError> {
@@ -473,17 +468,27 @@ impl RedisSink {
         // Loading first makes the EVALSHAs below immune to NOSCRIPT (a restarted Redis, a
         // failover); loading a cached script costs one SHA1.
         pipe.cmd("SCRIPT").arg("LOAD").arg(INVALIDATE_LUA).ignore();
+        // `arg` copies its bytes: one buffer serves every lease and fence name, and the LSN's
+        // hex is rendered once per run of keys of one transaction (they come in commit order).
+        let mut name = String::new();
+        let mut hex: Option<(Lsn, String)> = None;
         for call in keys.chunks(self.cfg.keys_per_call) {
             let cmd = pipe.cmd("EVALSHA").arg(&self.sha).arg(call.len() * 3);
             for (key, _) in call {
                 let layout = KeyLayout::new(key)?;
-                cmd.arg(layout.value())
-                    .arg(layout.lease())
-                    .arg(layout.fence());
+                cmd.arg(layout.value());
+                layout.lease_into(&mut name);
+                cmd.arg(name.as_str());
+                layout.fence_into(&mut name);
+                cmd.arg(name.as_str());
             }
             cmd.arg(self.cfg.fence_ttl_ms);
-            for (_, lsn) in call {
-                cmd.arg(lsn.to_fixed_hex());
+            for &(_, lsn) in call {
+                let text = match &hex {
+                    Some((last, text)) if *last == lsn => text,
+                    _ => &hex.insert((lsn, lsn.to_fixed_hex())).1,
+                };
+                cmd.arg(text.as_str());
             }
         }
         Ok((pipe, keys.len()))

@@ -9,6 +9,9 @@
 //!   the same machine) to Redis's acknowledgement in the invalidator, at a steady 1k and 10k row
 //!   changes/s (each row change publishes a product-key record; category keys are de-duplicated
 //!   per transaction);
+//! - the bus floor (`bench/bus_floor.rs`), alone after the lag phases: the broker's own
+//!   produce → consume round trip at 1k records/s with the sink's and the invalidator's client
+//!   settings, and the 1k lag p99 as a ratio against it (`bus_lag_1k_p99_vs_floor`);
 //! - invalidator throughput: records/s one invalidator process applies from a pre-filled topic
 //!   (`--throughput-records` records, one distinct key each: no de-duplication helps), from its
 //!   partition assignment to the last Redis acknowledgement.
@@ -28,6 +31,7 @@ use hdrhistogram::Histogram;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use super::bus_floor;
 use super::stages::{SourceStages, StageFigures};
 use super::{
     Instances, SourceOnOwnRuntime, bench_rules, create_bench_table, drop_bench_objects,
@@ -37,6 +41,7 @@ use super::{
 const TOPIC: &str = "cacheclear.bench.invalidations";
 const THROUGHPUT_TOPIC: &str = "cacheclear.bench.throughput";
 const DLQ: &str = "cacheclear.bench.dlq";
+const BUS_FLOOR_TOPIC: &str = "cacheclear.bench.floor";
 
 /// Options of `bench kafka`.
 #[derive(Args)]
@@ -84,6 +89,19 @@ pub struct KafkaArgs {
 #[derive(serde::Serialize)]
 struct Figures {
     command: String,
+    /// The bus floor (`bench/bus_floor.rs`), measured last among the lag phases and alone:
+    /// produce → consume through the broker at 1k records/s with the Kafka sink's producer
+    /// properties and the invalidator's consumer properties, ms.
+    floor_bus_lag_1k_p50_ms: f64,
+    floor_bus_lag_1k_p99_ms: f64,
+    floor_bus_lag_1k_max_ms: f64,
+    /// Records the floor's consumer received in its measured phase.
+    floor_bus_records: u64,
+    /// lag_1k_p99_ms / floor_bus_lag_1k_p99_ms.
+    bus_lag_1k_p99_vs_floor: f64,
+    /// kafka_to_redis_1k_p99_ms / floor_bus_lag_1k_p99_ms: the invalidator's part against the
+    /// broker's round trip.
+    kafka_to_redis_1k_p99_vs_floor: f64,
     lag_1k_p50_ms: f64,
     lag_1k_p99_ms: f64,
     lag_1k_max_ms: f64,
@@ -172,6 +190,7 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     for (topic, n) in [
         (TOPIC, partitions),
         (THROUGHPUT_TOPIC, partitions),
+        (BUS_FLOOR_TOPIC, partitions),
         (DLQ, 1),
     ] {
         broker
@@ -189,6 +208,12 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     pg_cfg.status_interval_ms = 200;
     let mut sink_cfg = cacheclear_sink_kafka::KafkaConfig::new(broker.bootstrap());
     sink_cfg.topic = TOPIC.into();
+    // The bus floor's producer gets the sink's properties.
+    let floor_producer = {
+        let mut c = sink_cfg.clone();
+        c.topic = BUS_FLOOR_TOPIC.into();
+        c.producer_properties()
+    };
     let sink = KafkaSink::connect(sink_cfg)?;
     // Commit → Kafka acknowledgement, per row changed: the source's share of the lag.
     let source_lag = Arc::new(Mutex::new((SourceStages::new()?, false)));
@@ -350,6 +375,19 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
     let _ = invalidator.await;
     drop_bench_objects(&db).await;
 
+    // The floor, alone (source and invalidator stopped): the broker's own round trip.
+    progress(&format!(
+        "bus floor: produce → consume, 1000 records/s for {} s",
+        args.seconds
+    ));
+    let floor = bus_floor::measure(
+        BUS_FLOOR_TOPIC,
+        &floor_producer,
+        &inv_cfg.kafka,
+        args.seconds,
+    )
+    .await?;
+
     // Throughput: a pre-filled topic, one fresh invalidator.
     progress(&format!(
         "throughput: producing {} records to {THROUGHPUT_TOPIC}",
@@ -393,6 +431,12 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
 
     let figures = Figures {
         command,
+        floor_bus_lag_1k_p50_ms: floor.p50_ms,
+        floor_bus_lag_1k_p99_ms: floor.p99_ms,
+        floor_bus_lag_1k_max_ms: floor.max_ms,
+        floor_bus_records: floor.records,
+        bus_lag_1k_p99_vs_floor: phases[0].p99 / floor.p99_ms,
+        kafka_to_redis_1k_p99_vs_floor: phases[0].kafka_p99 / floor.p99_ms,
         lag_1k_p50_ms: phases[0].p50,
         lag_1k_p99_ms: phases[0].p99,
         lag_1k_max_ms: phases[0].max,
@@ -519,6 +563,22 @@ fn print_table(f: &Figures, phases: &[Phase]) {
             p.kafka_p99,
         );
     }
+    row(
+        "bus floor: produce → consume p50 @ 1k/s",
+        f.floor_bus_lag_1k_p50_ms,
+    );
+    row(
+        "bus floor: produce → consume p99 @ 1k/s",
+        f.floor_bus_lag_1k_p99_ms,
+    );
+    println!(
+        "{:<48} {:>12.2}",
+        "lag p99 @ 1k / bus floor p99", f.bus_lag_1k_p99_vs_floor
+    );
+    println!(
+        "{:<48} {:>12.2}",
+        "  Kafka timestamp → Redis ack p99 / floor p99", f.kafka_to_redis_1k_p99_vs_floor
+    );
     println!(
         "{:<48} {:>12.0}",
         "invalidator records/s, 1 process (target ≥ 50000)", f.invalidator_records_per_s

@@ -20,6 +20,7 @@ pub(crate) struct SourceStages {
 }
 
 /// Figures of one phase, ms.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(crate) struct StageFigures {
     pub p50: f64,
     pub p99: f64,
