@@ -1,4 +1,5 @@
-"""Session fixtures: one private Redis for the suite (each test flushes what it uses)."""
+"""Shared fixtures: one private Redis for the suite, and `r`, a raw connection to it flushed
+(and `maxmemory` reset) for each test that takes it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tempfile
 from typing import Iterator
 
 import pytest
+import redis
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -26,3 +28,12 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(redis_server.url)
+    conn.flushall()
+    conn.config_set("maxmemory", 0)
+    yield conn
+    conn.close()

@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 import redis
@@ -28,15 +28,6 @@ from cacheclear import (
     StalenessConfig,
 )
 from harness import RedisServer, free_port
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_server.url)
-    conn.flushall()
-    conn.config_set("maxmemory", 0)
-    yield conn
-    conn.close()
 
 
 def run(coro: Any) -> Any:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 import redis
@@ -34,15 +34,6 @@ NS = "shop"
 EPOCH_KEY = "{cacheclear.ns:shop}:epoch"
 WM_KEY = "{cacheclear.ns:shop}:watermark"
 CACHED = b'{"format":1,"version":null,"delta_ms":1,"expiry_ms":4102444800000,"payload":"cached","epoch":7}'
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_server.url)
-    conn.flushall()
-    conn.config_set("maxmemory", 0)
-    yield conn
-    conn.close()
 
 
 def run(coro: Any) -> Any:
