@@ -10,36 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cacheclear_client::{Client, Config, Loaded, StalenessConfig};
+use cacheclear_harness::fixtures::{CLIENT_ACL, PIPELINE_ACL};
 use cacheclear_harness::{PgInstance, RedisInstance, RedisOptions};
 use cacheclear_protocol::NamespaceLayout;
 use cacheclear_sink_redis::RedisConfig;
 use common::*;
-
-/// README's ACL rules for `cacheclear run` (direct mode, standalone Redis, `wait_replicas = 0`).
-const PIPELINE_ACL: &[&str] = &[
-    "~*",
-    "+evalsha",
-    "+eval",
-    "+script|load",
-    "+get",
-    "+set",
-    "+del",
-    "+time",
-    "+scan",
-    "+ping",
-];
-/// README's ACL rules for the client library.
-const CLIENT_ACL: &[&str] = &[
-    "~*",
-    "+evalsha",
-    "+eval",
-    "+script|load",
-    "+get",
-    "+set",
-    "+del",
-    "+time",
-    "+ping",
-];
 
 /// `postgres.url` for `role` on the test server.
 fn url_as(env: &Env, role: &str) -> String {

@@ -42,6 +42,41 @@ pub const VALUE_TTL_MS: u64 = 600_000;
 /// Keys per pipeline of the pipelined helpers.
 const PIPELINE_KEYS: usize = 1000;
 
+/// README's Redis ACL rules ("Least privilege") for `cacheclear run` in direct mode on a
+/// standalone Redis without `wait_replicas`; the tests run the pipeline as a user with exactly
+/// these, so README and the tests cannot drift.
+pub const PIPELINE_ACL: &[&str] = &[
+    "~*",
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+get",
+    "+set",
+    "+del",
+    "+time",
+    "+scan",
+    "+ping",
+];
+
+/// What README adds to [`PIPELINE_ACL`] for `cacheclear invalidate` (the bus watermark's hash).
+pub const INVALIDATOR_ACL_EXTRA: &[&str] = &["+hget", "+hset"];
+
+/// What README adds on a Redis Cluster (the slot map).
+pub const CLUSTER_ACL_EXTRA: &[&str] = &["+cluster|slots"];
+
+/// README's Redis ACL rules for the client library.
+pub const CLIENT_ACL: &[&str] = &[
+    "~*",
+    "+evalsha",
+    "+eval",
+    "+script|load",
+    "+get",
+    "+set",
+    "+del",
+    "+time",
+    "+ping",
+];
+
 /// The rules of the tests' catalog: `public.product` rows map to `product:{id}` and
 /// `category:{category_id}:products`.
 pub fn product_rules() -> Vec<RuleConfig> {

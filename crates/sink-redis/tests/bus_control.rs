@@ -5,7 +5,7 @@
 //! lost epoch is reopened in place.
 
 use cacheclear_harness::RedisCluster;
-use cacheclear_harness::fixtures::cluster_conn;
+use cacheclear_harness::fixtures::{self, cluster_conn};
 use cacheclear_protocol::{Lsn, NamespaceLayout, Watermark};
 use cacheclear_sink_redis::{BusWatermark, BusWatermarkOutcome, RedisConfig, RedisSink};
 
@@ -38,13 +38,7 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
     let ns = NamespaceLayout::new(NS).expect("namespace");
     let get = |key: String| {
         let mut conn = conn.clone();
-        async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-                .expect("GET")
-        }
+        async move { fixtures::get(&mut conn, &key).await }
     };
 
     // The epoch record of open 100 (new slot) arrives on both partitions: one bump.
@@ -197,38 +191,23 @@ async fn control_records_open_once_and_the_watermark_takes_the_smallest_partitio
     assert_eq!(again.bumped, None, "bumped once for 700");
 }
 
-/// README's ACL rules for `cacheclear invalidate` ("Least privilege"), with its Redis Cluster
-/// addition (`+cluster|slots`: the slot map).
-const INVALIDATOR_CLUSTER_ACL: &[&str] = &[
-    "~*",
-    "+evalsha",
-    "+eval",
-    "+script|load",
-    "+get",
-    "+set",
-    "+del",
-    "+time",
-    "+scan",
-    "+ping",
-    "+hget",
-    "+hset",
-    "+cluster|slots",
-];
-
 /// Everything the invalidator asks of Redis — the start-up check, the bus epoch and watermark
 /// records, key evictions and table-wide (SCAN) evictions on every master — as an ACL user with
 /// exactly README's rules, on a 3-master cluster; and nothing more is allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_invalidators_acl_rules_suffice_on_a_cluster() {
     use cacheclear_harness::RedisOptions;
-    let cluster = tokio::task::spawn_blocking(|| {
+    use cacheclear_harness::fixtures::{CLUSTER_ACL_EXTRA, INVALIDATOR_ACL_EXTRA, PIPELINE_ACL};
+    // README's rules for `cacheclear invalidate`, with its Redis Cluster addition.
+    let rules = [PIPELINE_ACL, INVALIDATOR_ACL_EXTRA, CLUSTER_ACL_EXTRA].concat();
+    let cluster = tokio::task::spawn_blocking(move || {
         RedisCluster::start_with(
             3,
             0,
             RedisOptions::default().password("admin-Secret-1").acl_user(
                 "invalidator",
                 "inv-Secret-2",
-                INVALIDATOR_CLUSTER_ACL,
+                &rules,
             ),
         )
     })
@@ -247,13 +226,7 @@ async fn the_invalidators_acl_rules_suffice_on_a_cluster() {
     let admin = cluster_conn(&cluster).await;
     let get = |key: String| {
         let mut conn = admin.clone();
-        async move {
-            redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<String>>(&mut conn)
-                .await
-                .expect("GET")
-        }
+        async move { fixtures::get(&mut conn, &key).await }
     };
     let ns = NamespaceLayout::new(NS).expect("namespace");
 
