@@ -674,26 +674,21 @@ impl Client {
                         }
                         Err(e) => {
                             guard.release_in_background();
-                            let obs = flights.tick();
                             return self
-                                .redis_failed(key, "GET", e, loader)
-                                .await
-                                .map(|v| (v, obs));
+                                .observed(self.redis_failed(key, "GET", e, loader))
+                                .await;
                         }
                     }
                 }
                 Ok(Lease::HeldElsewhere) => {}
                 // Redis is full: "don't cache" (not a Redis failure, whatever the policy).
                 Ok(Lease::OutOfMemory) => {
-                    let obs = flights.tick();
-                    return self.run_loader(key, loader).await.map(|v| (v, obs));
+                    return self.observed(self.run_loader(key, loader)).await;
                 }
                 Err(e) => {
-                    let obs = flights.tick();
                     return self
-                        .redis_failed(key, "lease", e, loader)
-                        .await
-                        .map(|v| (v, obs));
+                        .observed(self.redis_failed(key, "lease", e, loader))
+                        .await;
                 }
             }
             if !waiting {
@@ -704,7 +699,6 @@ impl Client {
             if now >= deadline {
                 self.incr(Counter::lease_wait_timeouts);
                 let waited_ms = millis(started.elapsed());
-                let obs = flights.tick();
                 return match config.on_wait_timeout {
                     WaitTimeoutPolicy::LoadWithoutFilling => {
                         tracing::debug!(
@@ -713,7 +707,7 @@ impl Client {
                             "lease wait timed out; loading without filling"
                         );
                         self.incr(Counter::unfilled_loads);
-                        self.run_loader(key, loader).await.map(|v| (v, obs))
+                        self.observed(self.run_loader(key, loader)).await
                     }
                     WaitTimeoutPolicy::Error => Err(Error::LeaseWaitTimeout {
                         key: key.to_owned(),
@@ -736,11 +730,9 @@ impl Client {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    let obs = flights.tick();
                     return self
-                        .redis_failed(key, "poll", e, loader)
-                        .await
-                        .map(|v| (v, obs));
+                        .observed(self.redis_failed(key, "poll", e, loader))
+                        .await;
                 }
             }
         }
@@ -879,6 +871,18 @@ impl Client {
             }
         }
         Ok((env.payload, obs))
+    }
+
+    /// Runs `read` — a path that may run the loader outside the lease protocol (a fallback, a
+    /// wait timeout, Redis out of memory) — and pairs its value with a [`Flights::tick`] taken
+    /// before it starts (futures do nothing until awaited): its observation, for single-flight
+    /// followers ([`Client::miss`]).
+    async fn observed<T>(
+        &self,
+        read: impl Future<Output = Result<T, Error>>,
+    ) -> Result<(T, u64), Error> {
+        let obs = self.inner.flights.tick();
+        read.await.map(|v| (v, obs))
     }
 
     /// Runs the loader outside the lease protocol (strict reads, fallbacks, wait timeouts).
