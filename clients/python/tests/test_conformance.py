@@ -325,14 +325,18 @@ class Runner:
         if "loaded" in expect and loaded != expect["loaded"]:
             raise StepFailed(f"expected loaded = {expect['loaded']}, the loader {'ran' if loaded else 'did not run'}")
 
-    async def aconcurrent_step(self, spec: Dict[str, Any], expect: Dict[str, Any]) -> None:
+    def concurrent_setup(self, spec: Dict[str, Any]) -> Tuple[int, int, Dict[str, Any], List[int], threading.Lock, List[Any]]:
+        """A ``concurrent`` step's clients, readers per client, read, load counter and its lock."""
         n_clients = spec.get("clients", 1)
         readers = spec.get("readers", 1)
         read = spec["read"]
         if read.get("during_load"):
             raise StepFailed("during_load is not allowed in concurrent")
-        counter, lock = [0], threading.Lock()
         clients = [self.new_client() for _ in range(n_clients)]
+        return n_clients, readers, read, [0], threading.Lock(), clients
+
+    async def aconcurrent_step(self, spec: Dict[str, Any], expect: Dict[str, Any]) -> None:
+        n_clients, readers, read, counter, lock, clients = self.concurrent_setup(spec)
 
         async def one(client: AsyncClient) -> Tuple[bool, Any]:
             try:
@@ -344,13 +348,7 @@ class Runner:
         self.check_concurrent(outcomes, n_clients * readers, counter[0], expect)
 
     def concurrent_step(self, spec: Dict[str, Any], expect: Dict[str, Any]) -> None:
-        n_clients = spec.get("clients", 1)
-        readers = spec.get("readers", 1)
-        read = spec["read"]
-        if read.get("during_load"):
-            raise StepFailed("during_load is not allowed in concurrent")
-        counter, lock = [0], threading.Lock()
-        clients = [self.new_client() for _ in range(n_clients)]
+        n_clients, readers, read, counter, lock, clients = self.concurrent_setup(spec)
         barrier = threading.Barrier(n_clients * readers)
         results: List[Tuple[bool, Any]] = []
 
