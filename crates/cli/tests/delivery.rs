@@ -157,6 +157,131 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
     second.kill();
 }
 
+/// A transaction larger than `max_batch_keys` is evicted in partial parts while it streams: the
+/// first parts' fences are its commit record's start LSN + 1 (not yet its end LSN), nothing is
+/// confirmed before its last part landed, and after a `kill -9` mid-way the restarted process
+/// replays and evicts all of it, the last part's keys fenced at the commit's end LSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
+    let env = Env::start();
+    let pg = env.pg().await;
+    let mut r = env.redis().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Parts of 100 keys; one key per round trip, so the 3010 keys take thousands of them.
+    let config = write_file(
+        dir.path(),
+        "cacheclear.toml",
+        &config_toml(
+            &env,
+            "max_batch_keys = 100",
+            "keys_per_call = 1\ncalls_per_pipeline = 1\npipelines_in_flight = 1",
+            "",
+        ),
+    );
+    let log = dir.path().join("cacheclear.log");
+    let mut first = Process::run(&config, &log);
+    wait_streaming(&pg, WAIT).await;
+
+    let ids: Vec<i32> = (1001..=4000).collect();
+    let values: Vec<String> = ids.iter().map(|i| format!("{{product:{i}}}")).collect();
+    let fences: Vec<String> = ids
+        .iter()
+        .map(|i| format!("{{product:{i}}}:fence"))
+        .collect();
+    {
+        let mut pipe = redis::pipe();
+        for v in &values {
+            pipe.cmd("SET").arg(v).arg("cached").ignore();
+        }
+        pipe.query_async::<()>(&mut r).await.unwrap();
+    }
+    let before = current_lsn(&pg).await;
+    // ONE transaction: 3000 product keys and 10 category keys, 31 parts.
+    pg.batch_execute(
+        "INSERT INTO product SELECT g, 1 + g % 10, 'product ' || g, 'product-' || g, 1000 + g, ''
+           FROM generate_series(1001, 4000) g",
+    )
+    .await
+    .unwrap();
+    let after = current_lsn(&pg).await;
+
+    wait_for("the first part's fences", WAIT, || {
+        let mut r = r.clone();
+        let fences = &fences;
+        async move {
+            exist_many(&mut r, fences)
+                .await
+                .iter()
+                .filter(|&&f| f)
+                .count()
+                >= 20
+        }
+    })
+    .await;
+    // product:1001 is in the first part; its fence is Begin's final LSN + 1.
+    let part_fence = fence(&mut r, "product:1001").await.expect("fence");
+    let confirmed_mid = slot_confirmed(&pg).await;
+    first.kill();
+    let applied_at_kill = exist_many(&mut r, &fences)
+        .await
+        .iter()
+        .filter(|&&f| f)
+        .count();
+    assert!(
+        applied_at_kill < ids.len(),
+        "the whole INSERT was applied before the kill; the test needs a slower apply"
+    );
+    assert!(
+        part_fence > before && part_fence < after,
+        "part fence {part_fence} outside ({before}, {after})"
+    );
+    assert!(
+        confirmed_mid < part_fence,
+        "the slot confirmed {confirmed_mid} while only parts of the transaction at {part_fence} had landed"
+    );
+    wait_for("the killed walsender to release the slot", WAIT, || async {
+        slot_active(&pg).await == Some(false)
+    })
+    .await;
+    let confirmed = slot_confirmed(&pg).await;
+    assert!(
+        confirmed < part_fence,
+        "the slot confirmed {confirmed}, past the partly applied transaction at {part_fence}"
+    );
+
+    let mut second = Process::run(&config, &log);
+    wait_for("every key of the INSERT to be evicted", WAIT, || {
+        let mut r = r.clone();
+        let (values, fences) = (&values, &fences);
+        async move {
+            exist_many(&mut r, values).await.iter().all(|&v| !v)
+                && exist_many(&mut r, fences).await.iter().all(|&f| f)
+        }
+    })
+    .await;
+    // The replay hands over the same parts: the same fence for the first part's keys; the last
+    // part (the keys after the 3000th) carries the commit's end LSN.
+    assert_eq!(fence(&mut r, "product:1001").await, Some(part_fence));
+    let end = fence(&mut r, "product:4000").await.expect("fence");
+    assert!(
+        end > part_fence && end <= after && end.0 - part_fence.0 < 8192,
+        "last part's fence {end}: not the commit's end LSN (part fence {part_fence}, WAL after {after})"
+    );
+    wait_for(
+        "the slot to confirm the transaction's commit",
+        WAIT,
+        || async { slot_confirmed(&pg).await >= end },
+    )
+    .await;
+    assert!(second.exited().is_none(), "the restarted process exited");
+    second.kill();
+    let log = std::fs::read_to_string(dir.path().join("cacheclear.log")).unwrap_or_default();
+    assert!(
+        !log.contains("key budget"),
+        "the transaction fell back to table-wide evictions"
+    );
+}
+
 /// Redis goes down in the middle of a stream of single-row UPDATEs: nothing is confirmed while it
 /// is down, and once it is back every update that was not confirmed is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

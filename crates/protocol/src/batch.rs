@@ -1,9 +1,11 @@
 //! The unit of work between the CDC source and a sink: committed transactions, in commit order,
 //! with their cache keys stored compactly.
 //!
-//! A bulk `UPDATE` of a million rows is one transaction with a million keys, and none of them may be
-//! evicted before the commit is visible (docs/architecture.md, "The visibility barrier"), so
-//! they are held until then. [`KeyArena`]
+//! A bulk `UPDATE` of a million rows is one transaction with a million keys. pgoutput sends a
+//! transaction only after it committed, so once its commit is visible (docs/architecture.md, "The
+//! visibility barrier") its keys may be evicted while the rest of it still streams: the source
+//! hands such a transaction over in [`CommittedTxn::partial`] parts of `max_batch_keys` keys.
+//! [`KeyArena`]
 //! keeps them in fixed-size byte chunks plus a `u32` end offset per key — about `len + 4` bytes
 //! per key instead of `len + 40` for a `Vec<String>` — and grows by adding chunks, never by
 //! reallocating: a doubling `Vec` would briefly hold the old and the new buffer (and glibc copies
@@ -184,7 +186,18 @@ pub struct CommittedTxn {
     /// Transaction id as pgoutput's Begin carries it (32 bits, no epoch).
     pub xid: u32,
     /// End LSN of the commit record: the fence value, and what the source confirms once applied.
+    /// For a [`CommittedTxn::partial`] part: the commit record's *start* LSN (Begin's
+    /// `final_lsn`) + 1, the fence of its keys, which is never confirmed.
     pub commit_lsn: Lsn,
+    /// True for a leading part of a large transaction, evicted while the rest of it still
+    /// streams (docs/architecture.md, "Large transactions"). Such a part is never acknowledged
+    /// on its own: the transaction's last part (`partial == false`, same `xid`) carries the real
+    /// commit LSN, and it is confirmed only once every part before it was applied.
+    ///
+    /// Its fence, Begin's `final_lsn` + 1, refuses exactly the fills the commit's end LSN
+    /// refuses: a replica's replay position is the end of a whole replayed record, so none lies
+    /// in `final_lsn + 1 .. end_lsn` (the commit record itself).
+    pub partial: bool,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
     /// When the source received the Commit message, microseconds since the Unix epoch: splits
@@ -212,9 +225,21 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Commit LSN of the last transaction (what may be confirmed after the batch is applied).
+    /// Commit LSN of the last whole transaction (what may be confirmed after the batch is
+    /// applied); `None` when the batch holds only [`CommittedTxn::partial`] parts.
     pub fn last_lsn(&self) -> Option<Lsn> {
-        self.txns.last().map(|t| t.commit_lsn)
+        self.last_complete().map(|t| t.commit_lsn)
+    }
+
+    /// The last transaction of the batch that is not a [`CommittedTxn::partial`] part.
+    pub fn last_complete(&self) -> Option<&CommittedTxn> {
+        self.txns.iter().rev().find(|t| !t.partial)
+    }
+
+    /// Transactions whose commit the batch completes (every one but the
+    /// [`CommittedTxn::partial`] parts).
+    pub fn complete_count(&self) -> usize {
+        self.txns.iter().filter(|t| !t.partial).count()
     }
 
     /// Total keys over all transactions.

@@ -69,6 +69,7 @@ fn txn(
         received_us: 1_764_445_200_000_000 + i64::from(xid),
         keys: arena,
         tables,
+        partial: false,
     }
 }
 

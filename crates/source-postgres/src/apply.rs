@@ -51,7 +51,8 @@ pub(crate) async fn stage<S: Sink>(
                 // without this batch (the batch and all before it have landed either way).
                 pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
                 acknowledge(&batch, &ack, &options);
-                if let Some(last) = batch.txns.last() {
+                // A batch of partial parts only acknowledges nothing (their commit is not done).
+                if let Some(last) = batch.last_complete() {
                     acked_at.send_replace((last.commit_lsn, last.commit_time_us));
                 }
             }
@@ -102,15 +103,16 @@ async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Result<Batch, Sink
 fn acknowledge(batch: &Batch, ack: &watch::Sender<Lsn>, options: &RunOptions) {
     let now = now_us();
     let keys = batch.key_count() as u64;
-    for t in &batch.txns {
+    let complete = batch.complete_count() as u64;
+    for t in batch.txns.iter().filter(|t| !t.partial) {
         if !t.keys.is_empty() || !t.tables.is_empty() {
             let lag_ms = (now - t.commit_time_us).max(0) as f64 / 1000.0;
             metrics::histogram!(telemetry::COMMIT_TO_APPLIED_LAG).record(lag_ms);
         }
     }
     metrics::counter!(telemetry::INVALIDATIONS_APPLIED).increment(keys);
-    metrics::counter!(telemetry::TRANSACTIONS_APPLIED).increment(batch.txns.len() as u64);
-    options.status.add_applied(batch.txns.len() as u64, keys);
+    metrics::counter!(telemetry::TRANSACTIONS_APPLIED).increment(complete);
+    options.status.add_applied(complete, keys);
     if let Some(observer) = &options.observer {
         observer(batch);
     }

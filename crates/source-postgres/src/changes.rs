@@ -97,6 +97,8 @@ struct OpenTxn {
     /// Tables whose rows added keys (for the over-budget fallback).
     touched: HashSet<u32>,
     over_budget: bool,
+    /// Keys already handed over in [`CommittedTxn::partial`] parts.
+    handed_over: usize,
 }
 
 /// What the mapper made of one message.
@@ -162,6 +164,29 @@ impl ChangeMapper {
         self.open.is_some()
     }
 
+    /// The open transaction's keys so far as a [`CommittedTxn::partial`] part, once it holds at
+    /// least `at_keys` keys (`None` before, and outside a transaction). The part's fence is
+    /// Begin's `final_lsn` + 1 (see [`CommittedTxn::partial`]); its table-wide evictions stay
+    /// with the transaction's last part. The transaction's key budget (`max_txn_keys`) counts
+    /// the keys handed over too.
+    pub(crate) fn take_part(&mut self, at_keys: usize) -> Option<CommittedTxn> {
+        let open = self.open.as_mut()?;
+        if open.txn.keys.len() < at_keys.max(1) {
+            return None;
+        }
+        let keys = std::mem::take(&mut open.txn.keys);
+        open.handed_over += keys.len();
+        Some(CommittedTxn {
+            xid: open.txn.xid,
+            commit_lsn: Lsn(open.txn.commit_lsn.0.saturating_add(1)),
+            commit_time_us: open.txn.commit_time_us,
+            received_us: cacheclear_protocol::now_us(),
+            keys,
+            tables: Vec::new(),
+            partial: true,
+        })
+    }
+
     /// Feeds one message.
     ///
     /// # Errors
@@ -187,11 +212,13 @@ impl ChangeMapper {
                         received_us: 0,
                         keys: KeyArena::default(),
                         tables: Vec::new(),
+                        partial: false,
                     },
                     seen: HashSet::new(),
                     whole: HashSet::new(),
                     touched: HashSet::new(),
                     over_budget: false,
+                    handed_over: 0,
                 });
                 Ok(Mapped::Nothing)
             }
@@ -395,10 +422,10 @@ impl ChangeMapper {
                 open.seen.insert(key);
             }
         }
-        if open.txn.keys.len() > self.max_txn_keys && !open.over_budget {
+        if open.handed_over + open.txn.keys.len() > self.max_txn_keys && !open.over_budget {
             tracing::warn!(
                 xid = open.txn.xid,
-                keys = open.txn.keys.len(),
+                keys = open.handed_over + open.txn.keys.len(),
                 max_txn_keys = self.max_txn_keys,
                 "transaction exceeds the per-transaction key budget; evicting its tables as a whole"
             );
@@ -725,6 +752,70 @@ mod tests {
         let mut tables: Vec<&str> = txn.tables.iter().map(|e| &*e.table).collect();
         tables.sort_unstable();
         assert_eq!(tables, ["public.page", "public.product"]);
+    }
+
+    /// A transaction is handed over in partial parts as its keys reach the part size: each part
+    /// carries Begin's final LSN + 1 as its fence, keys already handed over are not sent again,
+    /// the last part keeps the rest and the table-wide evictions, and the key budget counts the
+    /// keys handed over.
+    #[test]
+    fn large_transactions_are_handed_over_in_partial_parts() {
+        let mut m = ChangeMapper::new(rules(), 1000);
+        m.handle(relation(1, "product", b'f')).unwrap();
+        m.handle(relation(2, "page", b'f')).unwrap();
+        assert!(m.take_part(1).is_none(), "no open transaction");
+        begin(&mut m);
+        let mut parts = Vec::new();
+        for id in 0..4 {
+            // Every row: product:<id>, and category:1:products (sent once per transaction).
+            m.handle(Message::Insert {
+                relation: 1,
+                new: vec![t(&id.to_string()), t("1"), t("")],
+            })
+            .unwrap();
+            parts.extend(m.take_part(3));
+        }
+        m.handle(Message::Truncate {
+            relations: vec![2],
+            cascade: false,
+            restart_identity: false,
+        })
+        .unwrap();
+        assert!(
+            m.take_part(3).is_none(),
+            "two keys held: below the part size"
+        );
+        let last = commit(&mut m);
+        let keys = |t: &CommittedTxn| t.keys.iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(parts.len(), 1);
+        assert!(parts[0].partial && parts[0].xid == 7 && parts[0].tables.is_empty());
+        assert_eq!(parts[0].commit_lsn, Lsn(11), "Begin's final LSN + 1");
+        assert_eq!(
+            keys(&parts[0]),
+            ["category:1:products", "product:0", "product:1"]
+        );
+        assert!(!last.partial);
+        assert_eq!(last.commit_lsn, Lsn(20), "the commit's end LSN");
+        assert_eq!(keys(&last), ["product:2", "product:3"]);
+        assert_eq!(last.tables.len(), 1);
+
+        // The budget (4 keys) counts the 3 handed over: the 5th key sends the table whole.
+        let mut m = ChangeMapper::new(rules(), 4);
+        m.handle(relation(1, "product", b'f')).unwrap();
+        begin(&mut m);
+        let mut parts = Vec::new();
+        for id in 0..4 {
+            m.handle(Message::Insert {
+                relation: 1,
+                new: vec![t(&id.to_string()), t("1"), t("")],
+            })
+            .unwrap();
+            parts.extend(m.take_part(3));
+        }
+        let last = commit(&mut m);
+        assert_eq!(parts.len(), 1);
+        assert!(last.keys.is_empty());
+        assert_eq!(&*last.tables[0].table, "public.product");
     }
 
     #[test]

@@ -50,12 +50,15 @@ pub struct PostgresConfig {
     /// Default 1000.
     #[serde(default = "default_status_ms")]
     pub status_interval_ms: u64,
-    /// Keys one transaction may hold before its tables are evicted as a whole instead; bounds
-    /// memory (a key costs its length + 4 bytes). Default 2000000 (about 40 MB of keys).
+    /// Keys one transaction may evict one by one before its tables are evicted as a whole
+    /// instead (the keys handed over in parts count too; see `max_batch_keys`). Default 2000000.
     #[serde(default = "default_max_txn_keys")]
     pub max_txn_keys: usize,
     /// A batch handed to the sink is closed at this many keys; larger batches amortise the
-    /// visibility-barrier query and Redis round trips. Default 20000.
+    /// visibility-barrier query and Redis round trips. A transaction that holds this many keys
+    /// while it still streams is handed over in parts of this size (evicted once its commit is
+    /// visible, confirmed only with its last part), so the pipeline never holds a large
+    /// transaction whole. Default 20000.
     #[serde(default = "default_max_batch_keys")]
     pub max_batch_keys: usize,
     /// Batches queued between the decoder and the sink; with `max_batch_keys` this bounds the

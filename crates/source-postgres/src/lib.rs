@@ -31,7 +31,9 @@
 //! Guarantees (docs/architecture.md, "The delivery rule"): nothing is confirmed mid-transaction
 //! or before the sink's `Ok`; a restart resumes from the slot and re-applies (sinks are
 //! idempotent); no transaction's evictions are applied before its xid is visible to a new
-//! snapshot; while the sink is down the queue is bounded (about `queue_batches +
+//! snapshot; a transaction of more than `max_batch_keys` keys is handed over in parts while it
+//! streams (pgoutput sends it only after its commit, so each part passes the same barrier), its
+//! commit confirmed only after its last part; while the sink is down the queue is bounded (about `queue_batches +
 //! max_batches_in_flight + 2` batches of up to `max_batch_keys` keys) and the replication stream
 //! pauses, its keepalives still answered by the replication worker; when nothing is in flight
 //! the keepalive's WAL end is confirmed, and heartbeats keep an idle slot's retained WAL bounded.

@@ -208,6 +208,7 @@ pub(crate) async fn run<S: Sink>(
         confirmed: Lsn::ZERO,
         current: Batch::default(),
         current_keys: 0,
+        part_keys: cfg.max_batch_keys,
         batch_tx,
         ack_rx,
         pending,
@@ -296,6 +297,9 @@ struct Reader {
     /// The batch being filled (sealed when the barrier stage has room for it).
     current: Batch,
     current_keys: usize,
+    /// An open transaction holding this many keys is handed over as a partial part
+    /// (`max_batch_keys`): a large transaction's keys are evicted while the rest of it streams.
+    part_keys: usize,
     batch_tx: mpsc::Sender<Batch>,
     ack_rx: watch::Receiver<Lsn>,
     pending: Arc<AtomicUsize>,
@@ -429,7 +433,15 @@ impl Reader {
                 }
             }
             Mapped::Relation => self.watch_now.notify_one(),
-            Mapped::Nothing => {}
+            Mapped::Nothing => {
+                // pgoutput sends a transaction only after its commit, so its keys may go to the
+                // barrier (which waits for the commit to be visible) and the sink before the
+                // rest of it arrives; nothing is confirmed before its last part is acknowledged.
+                if let Some(part) = self.mapper.take_part(self.part_keys) {
+                    self.current_keys += part.keys.len();
+                    self.current.txns.push(part);
+                }
+            }
         }
         Ok(())
     }
@@ -556,6 +568,7 @@ fn evict_everything(rules: &Rules, at: Lsn) -> CommittedTxn {
         commit_time_us: now_us(),
         received_us: now_us(),
         keys: KeyArena::default(),
+        partial: false,
         tables: rules
             .tables()
             .map(|t| TableEviction {

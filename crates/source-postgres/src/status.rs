@@ -25,7 +25,8 @@ impl SourceStatus {
     pub fn applied_keys(&self) -> u64 {
         self.applied_keys.load(Ordering::Acquire)
     }
-    /// Transactions whose evictions the sink acknowledged.
+    /// Transactions whose evictions the sink acknowledged (a transaction handed over in
+    /// [`cacheclear_protocol::CommittedTxn::partial`] parts counts once, with its last part).
     pub fn applied_txns(&self) -> u64 {
         self.applied_txns.load(Ordering::Acquire)
     }
@@ -43,7 +44,9 @@ impl SourceStatus {
 }
 
 /// Called after each batch the sink acknowledged, with the batch, on the apply stage's task (keep
-/// it short; the bench measures lag here). A panic in it stops the source.
+/// it short; the bench measures lag here). A panic in it stops the source. A large transaction
+/// arrives in several batches: its [`cacheclear_protocol::CommittedTxn::partial`] parts, then its
+/// last part (same `xid`).
 pub type BatchObserver = Arc<dyn Fn(&Batch) + Send + Sync>;
 
 /// Optional hooks of a [`crate::Pipeline`].

@@ -74,6 +74,8 @@ struct Recorder {
     bulk_threshold: u64,
     bulk: Option<BulkTimes>,
     recording: bool,
+    /// Keys of the partial parts seen so far, by xid.
+    parts: std::collections::HashMap<u32, u64>,
 }
 
 /// `cacheclear bench pipeline-child`: the pipeline, driven over stdin/stdout (module docs).
@@ -90,6 +92,7 @@ pub(super) async fn pipeline_child(args: ChildArgs) -> anyhow::Result<()> {
         bulk_threshold: args.bulk_rows,
         bulk: None,
         recording: false,
+        parts: std::collections::HashMap::new(),
     }));
     let observer = {
         let recorder = Arc::clone(&recorder);
@@ -97,7 +100,12 @@ pub(super) async fn pipeline_child(args: ChildArgs) -> anyhow::Result<()> {
             let applied = now_us();
             let Ok(mut r) = recorder.lock() else { return };
             for t in &batch.txns {
-                let keys = t.keys.len() as u64;
+                // A large transaction arrives in partial parts, then its last part.
+                if t.partial {
+                    *r.parts.entry(t.xid).or_default() += t.keys.len() as u64;
+                    continue;
+                }
+                let keys = t.keys.len() as u64 + r.parts.remove(&t.xid).unwrap_or(0);
                 if keys >= r.bulk_threshold {
                     r.bulk = Some(BulkTimes {
                         keys,

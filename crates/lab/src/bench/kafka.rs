@@ -226,7 +226,11 @@ pub(super) async fn kafka(args: KafkaArgs) -> anyhow::Result<()> {
             if !*recording {
                 return;
             }
-            for t in batch.txns.iter().filter(|t| !t.keys.is_empty()) {
+            for t in batch
+                .txns
+                .iter()
+                .filter(|t| !t.partial && !t.keys.is_empty())
+            {
                 stages.record(batch, t, acked);
             }
         })

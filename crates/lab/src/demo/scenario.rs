@@ -343,6 +343,8 @@ pub(super) struct LagRecorder {
     sale_end: Option<(f64, Instant)>,
     /// When hot-key evictions were acknowledged.
     hot_evictions: Vec<Instant>,
+    /// Transactions whose partial parts were acknowledged and whose last part was not yet.
+    streaming: std::collections::HashSet<u32>,
 }
 
 impl LagRecorder {
@@ -352,6 +354,7 @@ impl LagRecorder {
             txns: 0,
             sale_end: None,
             hot_evictions: Vec::new(),
+            streaming: std::collections::HashSet::new(),
         }
     }
 }
@@ -389,15 +392,24 @@ impl DemoPipeline {
                 let sale = sale_xid.load(Ordering::SeqCst);
                 let Ok(mut r) = recorder.lock() else { return };
                 for t in &batch.txns {
+                    // A large transaction's partial parts come first; its last part (with or
+                    // without keys) ends it.
+                    let streamed = if t.partial {
+                        r.streaming.insert(t.xid)
+                    } else {
+                        r.streaming.remove(&t.xid)
+                    };
                     // The new slot's eviction of everything carries tables, not keys.
-                    if t.keys.is_empty() {
+                    if t.keys.is_empty() && !streamed {
                         continue;
                     }
-                    let lag = u64::try_from(applied_us - t.commit_time_us).unwrap_or(0);
-                    r.lag_us.saturating_record(lag.max(1));
-                    r.txns += 1;
-                    if sale != 0 && u64::from(t.xid) == sale & 0xFFFF_FFFF {
-                        r.sale_end = Some((lag as f64 / 1000.0, applied));
+                    if !t.partial {
+                        let lag = u64::try_from(applied_us - t.commit_time_us).unwrap_or(0);
+                        r.lag_us.saturating_record(lag.max(1));
+                        r.txns += 1;
+                        if sale != 0 && u64::from(t.xid) == sale & 0xFFFF_FFFF {
+                            r.sale_end = Some((lag as f64 / 1000.0, applied));
+                        }
                     }
                     for k in t.keys.iter() {
                         if let Some(id) = k
