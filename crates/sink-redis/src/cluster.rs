@@ -505,9 +505,7 @@ async fn send(
                 .arg(layout.fence());
         }
         cmd.arg(cfg.fence_ttl_ms);
-        for (_, _, lsn) in call_keys {
-            cmd.arg(lsn.to_fixed_hex());
-        }
+        crate::lsn_args(cmd, call_keys.iter().map(|&(_, _, lsn)| lsn));
         sent += call_keys.len();
     }
     let commands = calls.len() + 1;

@@ -468,10 +468,8 @@ impl RedisSink {
         // Loading first makes the EVALSHAs below immune to NOSCRIPT (a restarted Redis, a
         // failover); loading a cached script costs one SHA1.
         pipe.cmd("SCRIPT").arg("LOAD").arg(INVALIDATE_LUA).ignore();
-        // `arg` copies its bytes: one buffer serves every lease and fence name, and the LSN's
-        // hex is rendered once per run of keys of one transaction (they come in commit order).
+        // `arg` copies its bytes: one buffer serves every lease and fence name.
         let mut name = String::new();
-        let mut hex: Option<(Lsn, String)> = None;
         for call in keys.chunks(self.cfg.keys_per_call) {
             let cmd = pipe.cmd("EVALSHA").arg(&self.sha).arg(call.len() * 3);
             for (key, _) in call {
@@ -483,13 +481,7 @@ impl RedisSink {
                 cmd.arg(name.as_str());
             }
             cmd.arg(self.cfg.fence_ttl_ms);
-            for &(_, lsn) in call {
-                let text = match &hex {
-                    Some((last, text)) if *last == lsn => text,
-                    _ => &hex.insert((lsn, lsn.to_fixed_hex())).1,
-                };
-                cmd.arg(text.as_str());
-            }
+            lsn_args(cmd, call.iter().map(|&(_, lsn)| lsn));
         }
         Ok((pipe, keys.len()))
     }
@@ -563,6 +555,27 @@ impl RedisSink {
             }
         }
         Ok(total)
+    }
+}
+
+/// Appends, to the pipeline's last command, `invalidate.lua`'s LSN arguments for one call's keys: a single LSN when every key
+/// shares it (a transaction's keys do; the script then applies it to every triple), else one per
+/// key, each rendered once per run of equal LSNs (keys come in commit order). Fewer arguments
+/// are less for Redis to parse, and Redis's CPU bounds a bulk eviction.
+pub(crate) fn lsn_args(cmd: &mut redis::Pipeline, lsns: impl Iterator<Item = Lsn> + Clone) {
+    let mut rest = lsns.clone();
+    let Some(first) = rest.next() else { return };
+    if rest.all(|l| l == first) {
+        cmd.arg(first.to_fixed_hex());
+        return;
+    }
+    let mut hex: Option<(Lsn, String)> = None;
+    for lsn in lsns {
+        let text = match &hex {
+            Some((last, text)) if *last == lsn => text,
+            _ => &hex.insert((lsn, lsn.to_fixed_hex())).1,
+        };
+        cmd.arg(text.as_str());
     }
 }
 

@@ -27,6 +27,13 @@ use crate::telemetry;
 ///
 /// `acked_at` gets `(last commit LSN, its commit time in µs)` with every acknowledgement, for
 /// the watermark publisher.
+///
+/// Besides `max_in_flight` batches, the keys in flight are bounded by `max_keys_in_flight`: a
+/// batch that would pass it waits until the batches before it landed (a batch alone is always
+/// admitted). Small batches never meet the bound; a large transaction's parts are applied a few
+/// at a time, which keeps the sink busy (Redis's CPU is the limit then) without holding every
+/// queued part's Redis pipelines in memory at once.
+#[allow(clippy::too_many_arguments)] // the stage's channels and bounds, each used once
 pub(crate) async fn stage<S: Sink>(
     sink: Arc<S>,
     mut batches: mpsc::Receiver<Batch>,
@@ -35,18 +42,32 @@ pub(crate) async fn stage<S: Sink>(
     pending: Arc<AtomicUsize>,
     options: RunOptions,
     max_in_flight: usize,
+    max_keys_in_flight: usize,
 ) -> Result<(), SinkError> {
     let sink = &*sink;
     let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut keys_in_flight = 0usize;
+    // A batch received but over the key bound: admitted once enough has landed.
+    let mut held: Option<Batch> = None;
     let mut open = true;
     loop {
+        if let Some(batch) = held.take() {
+            let keys = batch.key_count();
+            if in_flight.is_empty() || keys_in_flight + keys <= max_keys_in_flight {
+                keys_in_flight += keys;
+                in_flight.push_back(apply_with_retry(sink, batch));
+            } else {
+                held = Some(batch);
+            }
+        }
         tokio::select! {
-            batch = batches.recv(), if open && in_flight.len() < max_in_flight => match batch {
-                Some(batch) => in_flight.push_back(apply_with_retry(sink, batch)),
+            batch = batches.recv(), if open && held.is_none() && in_flight.len() < max_in_flight => match batch {
+                Some(batch) => held = Some(batch),
                 None => open = false,
             },
             Some(applied) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
                 let batch = applied?;
+                keys_in_flight -= batch.key_count();
                 // Before the acknowledgement, so whoever sees the new LSN also sees the count
                 // without this batch (the batch and all before it have landed either way).
                 pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
@@ -207,6 +228,7 @@ mod tests {
             Arc::clone(&pending),
             RunOptions::default(),
             4,
+            usize::MAX,
         ));
         for lsn in [10, 20, 30] {
             tx.send(batch(lsn)).await.unwrap();
@@ -227,6 +249,67 @@ mod tests {
         assert_eq!(*sink.landed.lock().unwrap(), vec![30, 20, 10]);
         assert_eq!(*ack_rx.borrow(), Lsn(30));
         assert_eq!(pending.load(Ordering::Acquire), 0);
+        drop(tx);
+        task.await.unwrap().unwrap();
+    }
+
+    /// Over the key bound a batch waits for the ones before it, even with room for more batches;
+    /// a batch alone is admitted whatever its size.
+    #[tokio::test(start_paused = true)]
+    async fn the_keys_in_flight_are_bounded() {
+        let (open_first, first_gate) = watch::channel(false);
+        let sink = Gate {
+            release: Mutex::new([(10, first_gate)].into_iter().collect()),
+            fail_once: Mutex::new(vec![]),
+            landed: Mutex::new(Vec::new()),
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
+        let (acked_at, _) = watch::channel((Lsn::ZERO, 0));
+        let sink = Arc::new(sink);
+        struct Shared(Arc<Gate>);
+        impl Sink for Shared {
+            fn name(&self) -> &'static str {
+                "gate"
+            }
+            fn apply(
+                &self,
+                batch: &Batch,
+            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
+            {
+                self.0.apply(batch)
+            }
+        }
+        let task = tokio::spawn(stage(
+            Arc::new(Shared(Arc::clone(&sink))),
+            rx,
+            ack_tx,
+            acked_at,
+            Arc::new(AtomicUsize::new(3)),
+            RunOptions::default(),
+            4,
+            5,
+        ));
+        // 3 + 3 keys > 5: batch 20 waits for batch 10 (held by its gate); 6 keys alone pass.
+        for (lsn, keys) in [(10, 3), (20, 3), (30, 6)] {
+            let mut b = batch(lsn);
+            for k in 1..keys {
+                b.txns[0]
+                    .keys
+                    .push(&Arc::from("public.t"), Op::Update, &format!("t:{lsn}:{k}"));
+            }
+            tx.send(b).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            sink.landed.lock().unwrap().is_empty(),
+            "20 started beside 10"
+        );
+        open_first.send(true).unwrap();
+        while *ack_rx.borrow_and_update() != Lsn(30) {
+            ack_rx.changed().await.unwrap();
+        }
+        assert_eq!(*sink.landed.lock().unwrap(), vec![10, 20, 30]);
         drop(tx);
         task.await.unwrap().unwrap();
     }
@@ -264,6 +347,7 @@ mod tests {
             Arc::clone(&pending),
             options.clone(),
             1,
+            usize::MAX,
         )
         .await
         .unwrap();
@@ -326,6 +410,7 @@ mod tests {
             pending,
             RunOptions::default(),
             1,
+            usize::MAX,
         )
         .await
         .expect_err("stops");

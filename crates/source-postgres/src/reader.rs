@@ -180,6 +180,8 @@ pub(crate) async fn run<S: Sink>(
         Arc::clone(&pending),
         options.clone(),
         cfg.max_batches_in_flight,
+        // Two full batches: a large transaction's parts keep the sink busy, no more.
+        cfg.max_batch_keys.saturating_mul(2),
     ));
     let housekeeping = tokio::spawn(housekeeping::run(pool.clone(), cfg.clone()));
     let watch_now = Arc::new(tokio::sync::Notify::new());
