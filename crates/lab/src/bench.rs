@@ -12,7 +12,8 @@
 //!   (the load generator);
 //! - the floor, last and alone (`bench/floor.rs`; the pipeline stopped): commit → received at 1k rows/s and the
 //!   walsender's rate for the same bulk UPDATE, for a consumer that only receives; the figures
-//!   above as ratios against it (`lag_1k_p99_vs_floor`, `bulk_vs_floor`).
+//!   above as ratios against it (`lag_1k_p99_vs_floor`, `bulk_vs_floor`); and Redis's own rate
+//!   for as many fresh keys' evictions, from the sink alone (`bulk_vs_redis_floor`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +99,12 @@ struct Figures {
     lag_10k_p99_vs_floor: f64,
     /// bulk_rows_per_s / floor_bulk_rows_per_s (issue 12: ≥ 0.85).
     bulk_vs_floor: f64,
+    /// Redis's own rate for the bulk's evictions: as many fresh keys, evicted by the sink alone
+    /// with the pipeline and PostgreSQL idle (`bench/floor.rs`, [`floor::redis_floor`]).
+    floor_redis_keys_per_s: f64,
+    /// The bulk's keys/s (its keys over `bulk_seconds`) / floor_redis_keys_per_s: how close the
+    /// bulk came to what Redis alone can take.
+    bulk_vs_redis_floor: f64,
     lag_1k_p50_ms: f64,
     lag_1k_p99_ms: f64,
     lag_1k_max_ms: f64,
@@ -220,6 +227,16 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let peak_rss_mb = peak_rss_mb()?;
     let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
     drop_bench_objects(&db).await;
+    progress(&format!(
+        "floor: Redis alone evicts {} fresh keys",
+        bulk.keys
+    ));
+    let redis_floor = floor::redis_floor(
+        &redis_url,
+        bulk.keys,
+        PostgresConfig::new(String::new()).max_batch_keys,
+    )
+    .await?;
 
     let bulk_rows_per_s = args.bulk_rows as f64 / bulk_seconds;
     let figures = Figures {
@@ -230,6 +247,8 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         lag_1k_p99_vs_floor: phases[0].0.p99 / floor.lag_p99_ms,
         lag_10k_p99_vs_floor: phases[1].0.p99 / floor.lag_p99_ms,
         bulk_vs_floor: bulk_rows_per_s / floor.bulk_rows_per_s,
+        floor_redis_keys_per_s: redis_floor.keys_per_s,
+        bulk_vs_redis_floor: bulk.keys as f64 / bulk_seconds / redis_floor.keys_per_s,
         lag_1k_p50_ms: phases[0].0.p50,
         lag_1k_p99_ms: phases[0].0.p99,
         lag_1k_max_ms: phases[0].0.max,
@@ -561,6 +580,14 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     println!(
         "{:<44} {:>12.2}",
         "bulk rows/s / floor (target ≥ 0.85)", f.bulk_vs_floor
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "floor: Redis alone, the bulk's keys/s", f.floor_redis_keys_per_s
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "bulk keys/s / Redis floor", f.bulk_vs_redis_floor
     );
     println!(
         "{:<44} {:>9.1} MB",

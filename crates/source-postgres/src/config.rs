@@ -66,7 +66,8 @@ pub struct PostgresConfig {
     /// stream, whose keepalives are still answered). Default 4.
     #[serde(default = "default_queue")]
     pub queue_batches: usize,
-    /// Batches the sink applies at once. Acknowledgements (and so confirmed LSNs) stay in
+    /// Batches the sink applies at once, holding at most `2 × max_batch_keys` keys between them
+    /// (a batch alone is always applied). Acknowledgements (and so confirmed LSNs) stay in
     /// commit order; applying concurrently hides the sink's round trip (a Kafka produce with
     /// `acks=all`, a Redis reply) from the transactions queued behind it. Evictions commute,
     /// so the order in which batches land does not matter. Default 4.

@@ -162,3 +162,49 @@ impl FloorConsumer {
         self.task.await?
     }
 }
+
+/// The Redis floor's figure.
+pub(crate) struct RedisFloor {
+    /// Keys evicted per second, Redis acknowledged.
+    pub keys_per_s: f64,
+}
+
+/// The Redis floor (issue 12): how fast Redis alone applies the bulk's evictions — `keys` keys
+/// never written before (as most of the bulk's fences are), rendered like the bulk's
+/// (`bench:floor:<i>`), one LSN, handed to [`RedisSink::invalidate`] in parts of
+/// `part_keys` with two parts in flight, as the pipeline's apply stage does with a large
+/// transaction — run with the pipeline and PostgreSQL idle. A bulk eviction can go no faster
+/// than this, whatever the walsender's rate. The keys' fences expire after the sink's
+/// `fence_ttl_ms` (10 min).
+///
+/// [`RedisSink::invalidate`]: cacheclear_sink_redis::RedisSink::invalidate
+///
+/// # Errors
+/// Redis refused or failed an eviction.
+pub(crate) async fn redis_floor(
+    redis_url: &str,
+    keys: u64,
+    part_keys: usize,
+) -> anyhow::Result<RedisFloor> {
+    use futures::{StreamExt, TryStreamExt};
+    let sink = cacheclear_sink_redis::RedisSink::connect(cacheclear_sink_redis::RedisConfig::new(
+        redis_url.to_owned(),
+    ))?;
+    let names: Vec<String> = (0..keys).map(|i| format!("bench:floor:{i}")).collect();
+    let lsn = cacheclear_protocol::Lsn(1 << 40);
+    // Warm the connection and the script cache, as the pipeline's are by its bulk's start.
+    sink.invalidate([("bench:floor:warm-up", lsn)]).await?;
+    let started = std::time::Instant::now();
+    let evicted: u64 = futures::stream::iter(names.chunks(part_keys.max(1)))
+        .map(|part| sink.invalidate(part.iter().map(|k| (k.as_str(), lsn))))
+        .buffer_unordered(2)
+        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .await?;
+    let seconds = started.elapsed().as_secs_f64().max(1e-6);
+    if evicted != keys {
+        anyhow::bail!("redis floor: {evicted} of {keys} keys acknowledged");
+    }
+    Ok(RedisFloor {
+        keys_per_s: keys as f64 / seconds,
+    })
+}
