@@ -15,6 +15,54 @@ use common::*;
 const WAIT: Duration = Duration::from_secs(60);
 const MB: u64 = 1 << 20;
 
+/// The 3000 rows of [`cache_then_insert`]: their value and fence keys, and the WAL position
+/// before and after the INSERT.
+struct BigInsert {
+    ids: Vec<i32>,
+    values: Vec<String>,
+    fences: Vec<String>,
+    before: Lsn,
+    after: Lsn,
+}
+
+/// Caches a value for products 1001..=4000, then inserts them in ONE statement, ONE transaction.
+async fn cache_then_insert(
+    pg: &tokio_postgres::Client,
+    r: &mut redis::aio::MultiplexedConnection,
+) -> BigInsert {
+    let ids: Vec<i32> = (1001..=4000).collect();
+    let values: Vec<String> = ids.iter().map(|i| format!("{{product:{i}}}")).collect();
+    let fences: Vec<String> = ids
+        .iter()
+        .map(|i| format!("{{product:{i}}}:fence"))
+        .collect();
+    let mut pipe = redis::pipe();
+    for v in &values {
+        pipe.cmd("SET")
+            .arg(v)
+            .arg("cached")
+            .arg("PX")
+            .arg(600_000)
+            .ignore();
+    }
+    pipe.query_async::<()>(r).await.unwrap();
+    let before = current_lsn(pg).await;
+    pg.batch_execute(
+        "INSERT INTO product SELECT g, 1 + g % 10, 'product ' || g, 'product-' || g, 1000 + g, ''
+           FROM generate_series(1001, 4000) g",
+    )
+    .await
+    .unwrap();
+    let after = current_lsn(pg).await;
+    BigInsert {
+        ids,
+        values,
+        fences,
+        before,
+        after,
+    }
+}
+
 /// `kill -9` while one multi-row INSERT is being applied key by key: its commit is not confirmed,
 /// and the restarted process evicts every one of its keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,34 +88,13 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
     // Streaming, and the new slot's table-wide eviction is done (it would evict our values).
     wait_streaming(&pg, WAIT).await;
 
-    let ids: Vec<i32> = (1001..=4000).collect();
-    let values: Vec<String> = ids.iter().map(|i| format!("{{product:{i}}}")).collect();
-    let fences: Vec<String> = ids
-        .iter()
-        .map(|i| format!("{{product:{i}}}:fence"))
-        .collect();
-    {
-        let mut pipe = redis::pipe();
-        for v in &values {
-            pipe.cmd("SET")
-                .arg(v)
-                .arg("cached")
-                .arg("PX")
-                .arg(600_000)
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut r).await.unwrap();
-    }
-
-    let before = current_lsn(&pg).await;
-    // ONE statement, ONE transaction, 3000 rows.
-    pg.batch_execute(
-        "INSERT INTO product SELECT g, 1 + g % 10, 'product ' || g, 'product-' || g, 1000 + g, ''
-           FROM generate_series(1001, 4000) g",
-    )
-    .await
-    .unwrap();
-    let after = current_lsn(&pg).await;
+    let BigInsert {
+        ids,
+        values,
+        fences,
+        before,
+        after,
+    } = cache_then_insert(&pg, &mut r).await;
 
     // Kill as soon as some (but not all) of the INSERT's keys have been applied.
     wait_for("the first fences of the INSERT", WAIT, || {
@@ -168,6 +195,10 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     let mut r = env.redis().await;
     let dir = tempfile::tempdir().unwrap();
     // Parts of 100 keys; one key per round trip, so the 3010 keys take thousands of them.
+    let listen = format!(
+        "127.0.0.1:{}",
+        cacheclear_harness::free_port().expect("free port")
+    );
     let config = write_file(
         dir.path(),
         "cacheclear.toml",
@@ -175,35 +206,21 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
             &env,
             "max_batch_keys = 100",
             "keys_per_call = 1\ncalls_per_pipeline = 1\npipelines_in_flight = 1",
-            "",
+            &listen,
         ),
     );
     let log = dir.path().join("cacheclear.log");
     let mut first = Process::run(&config, &log);
     wait_streaming(&pg, WAIT).await;
 
-    let ids: Vec<i32> = (1001..=4000).collect();
-    let values: Vec<String> = ids.iter().map(|i| format!("{{product:{i}}}")).collect();
-    let fences: Vec<String> = ids
-        .iter()
-        .map(|i| format!("{{product:{i}}}:fence"))
-        .collect();
-    {
-        let mut pipe = redis::pipe();
-        for v in &values {
-            pipe.cmd("SET").arg(v).arg("cached").ignore();
-        }
-        pipe.query_async::<()>(&mut r).await.unwrap();
-    }
-    let before = current_lsn(&pg).await;
-    // ONE transaction: 3000 product keys and 10 category keys, 31 parts.
-    pg.batch_execute(
-        "INSERT INTO product SELECT g, 1 + g % 10, 'product ' || g, 'product-' || g, 1000 + g, ''
-           FROM generate_series(1001, 4000) g",
-    )
-    .await
-    .unwrap();
-    let after = current_lsn(&pg).await;
+    // 3000 product keys and 10 category keys: 31 parts.
+    let BigInsert {
+        ids,
+        values,
+        fences,
+        before,
+        after,
+    } = cache_then_insert(&pg, &mut r).await;
 
     wait_for("the first part's fences", WAIT, || {
         let mut r = r.clone();
@@ -273,6 +290,12 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
         || async { slot_confirmed(&pg).await >= end },
     )
     .await;
+    // The replay's 30 parts of 100 keys (3000 of the 3010; the last part holds the other 10).
+    let body = scrape(&listen).expect("the metrics endpoint");
+    assert_eq!(
+        sample(&body, "cacheclear_transaction_parts_total"),
+        Some(30.0)
+    );
     assert!(second.exited().is_none(), "the restarted process exited");
     second.kill();
     let log = std::fs::read_to_string(dir.path().join("cacheclear.log")).unwrap_or_default();

@@ -179,6 +179,21 @@ mod tests {
         }
     }
 
+    /// A [`Gate`] the test keeps a handle on.
+    struct Shared(Arc<Gate>);
+
+    impl Sink for Shared {
+        fn name(&self) -> &'static str {
+            "gate"
+        }
+        fn apply(
+            &self,
+            batch: &Batch,
+        ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send {
+            self.0.apply(batch)
+        }
+    }
+
     fn batch(lsn: u64) -> Batch {
         let mut keys = KeyArena::default();
         keys.push(&Arc::from("public.t"), Op::Update, &format!("t:{lsn}"));
@@ -203,19 +218,6 @@ mod tests {
             fail_once: Mutex::new(vec![20]),
             landed: Mutex::new(Vec::new()),
         });
-        struct Shared(Arc<Gate>);
-        impl Sink for Shared {
-            fn name(&self) -> &'static str {
-                "gate"
-            }
-            fn apply(
-                &self,
-                batch: &Batch,
-            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
-            {
-                self.0.apply(batch)
-            }
-        }
         let (tx, rx) = mpsc::channel(8);
         let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
         let pending = Arc::new(AtomicUsize::new(3));
@@ -267,19 +269,6 @@ mod tests {
         let (ack_tx, mut ack_rx) = watch::channel(Lsn::ZERO);
         let (acked_at, _) = watch::channel((Lsn::ZERO, 0));
         let sink = Arc::new(sink);
-        struct Shared(Arc<Gate>);
-        impl Sink for Shared {
-            fn name(&self) -> &'static str {
-                "gate"
-            }
-            fn apply(
-                &self,
-                batch: &Batch,
-            ) -> impl Future<Output = Result<(), cacheclear_protocol::SinkError>> + Send
-            {
-                self.0.apply(batch)
-            }
-        }
         let task = tokio::spawn(stage(
             Arc::new(Shared(Arc::clone(&sink))),
             rx,

@@ -765,16 +765,21 @@ mod tests {
         m.handle(relation(2, "page", b'f')).unwrap();
         assert!(m.take_part(1).is_none(), "no open transaction");
         begin(&mut m);
-        let mut parts = Vec::new();
-        for id in 0..4 {
-            // Every row: product:<id>, and category:1:products (sent once per transaction).
-            m.handle(Message::Insert {
-                relation: 1,
-                new: vec![t(&id.to_string()), t("1"), t("")],
-            })
-            .unwrap();
-            parts.extend(m.take_part(3));
-        }
+        // Every row: product:<id>, and category:1:products (sent once per transaction); a part
+        // is taken at 3 keys.
+        let insert = |m: &mut ChangeMapper| {
+            let mut parts = Vec::new();
+            for id in 0..4 {
+                m.handle(Message::Insert {
+                    relation: 1,
+                    new: vec![t(&id.to_string()), t("1"), t("")],
+                })
+                .unwrap();
+                parts.extend(m.take_part(3));
+            }
+            parts
+        };
+        let parts = insert(&mut m);
         m.handle(Message::Truncate {
             relations: vec![2],
             cascade: false,
@@ -803,15 +808,7 @@ mod tests {
         let mut m = ChangeMapper::new(rules(), 4);
         m.handle(relation(1, "product", b'f')).unwrap();
         begin(&mut m);
-        let mut parts = Vec::new();
-        for id in 0..4 {
-            m.handle(Message::Insert {
-                relation: 1,
-                new: vec![t(&id.to_string()), t("1"), t("")],
-            })
-            .unwrap();
-            parts.extend(m.take_part(3));
-        }
+        let parts = insert(&mut m);
         let last = commit(&mut m);
         assert_eq!(parts.len(), 1);
         assert!(last.keys.is_empty());

@@ -440,6 +440,7 @@ impl Reader {
                 // barrier (which waits for the commit to be visible) and the sink before the
                 // rest of it arrives; nothing is confirmed before its last part is acknowledged.
                 if let Some(part) = self.mapper.take_part(self.part_keys) {
+                    metrics::counter!(telemetry::TRANSACTION_PARTS).increment(1);
                     self.current_keys += part.keys.len();
                     self.current.txns.push(part);
                 }

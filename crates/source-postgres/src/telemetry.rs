@@ -6,6 +6,9 @@
 pub(crate) const INVALIDATIONS_APPLIED: &str = "cacheclear_invalidations_applied_total";
 /// Counter: committed transactions whose evictions were acknowledged.
 pub(crate) const TRANSACTIONS_APPLIED: &str = "cacheclear_transactions_applied_total";
+/// Counter: partial parts of large transactions handed to the sink before their Commit was
+/// read (a transaction reaching `max_batch_keys` keys while it streams).
+pub(crate) const TRANSACTION_PARTS: &str = "cacheclear_transaction_parts_total";
 /// Histogram (ms): commit time → the sink's acknowledgement.
 pub(crate) const COMMIT_TO_APPLIED_LAG: &str = "cacheclear_commit_to_applied_lag_ms";
 /// Histogram (ms), per batch: barrier taking it → every xid visible.
@@ -60,6 +63,10 @@ pub fn describe_metrics() {
     describe_counter!(
         TRANSACTIONS_APPLIED,
         "Committed transactions whose evictions were acknowledged."
+    );
+    describe_counter!(
+        TRANSACTION_PARTS,
+        "Partial parts of large transactions handed to the sink while they still streamed (max_batch_keys keys each)."
     );
     describe_counter!(
         SLOT_LOST,
