@@ -72,7 +72,7 @@ pub(crate) async fn stage<S: Sink>(
                 // without this batch (the batch and all before it have landed either way).
                 pending.fetch_sub(batch.txns.len(), Ordering::AcqRel);
                 acknowledge(&batch, &ack, &options);
-                // A batch of partial parts only acknowledges nothing (their commit is not done).
+                // A batch of partial parts only acknowledges nothing: their commit is not applied yet.
                 if let Some(last) = batch.last_complete() {
                     acked_at.send_replace((last.commit_lsn, last.commit_time_us));
                 }
