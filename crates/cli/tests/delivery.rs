@@ -187,7 +187,8 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
 /// A transaction larger than `max_batch_keys` is evicted in partial parts while it streams: the
 /// first parts' fences are its commit record's start LSN + 1 (not yet its end LSN), nothing is
 /// confirmed before its last part landed, and after a `kill -9` mid-way the restarted process
-/// replays and evicts all of it, the last part's keys fenced at the commit's end LSN.
+/// replays and evicts all of it, the last part's keys fenced at the commit's end LSN. A graceful
+/// stop in the middle of the next one confirms nothing of it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     let env = Env::start();
@@ -297,8 +298,54 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
         Some(30.0)
     );
     assert!(second.exited().is_none(), "the restarted process exited");
-    second.kill();
+
+    // A graceful stop (SIGTERM) in the middle of the next large transaction: the parts read so
+    // far are applied, its commit is not confirmed, and the next start evicts all of it.
+    {
+        let mut pipe = redis::pipe();
+        for v in &values {
+            pipe.cmd("SET").arg(v).arg("cached").ignore();
+        }
+        pipe.query_async::<()>(&mut r).await.unwrap();
+    }
+    pg.batch_execute(
+        "UPDATE product SET price_cents = price_cents + 1 WHERE id BETWEEN 1001 AND 4000",
+    )
+    .await
+    .unwrap();
+    wait_for("the UPDATE's first part", WAIT, || {
+        let mut r = r.clone();
+        async move { fence(&mut r, "product:1001").await.is_some_and(|f| f > end) }
+    })
+    .await;
+    let update_part = fence(&mut r, "product:1001").await.expect("fence");
+    let status = second.terminate();
+    assert!(status.success(), "the graceful stop failed: {status}");
+    assert!(
+        exist_many(&mut r, &values).await.iter().any(|&v| v),
+        "the whole UPDATE was applied before the stop; the test needs a slower apply"
+    );
+    let confirmed = slot_confirmed(&pg).await;
+    assert!(
+        confirmed < update_part,
+        "a graceful stop confirmed {confirmed}, past the partly applied UPDATE at {update_part}"
+    );
+    let mut third = Process::run(&config, &log);
+    wait_for("every key of the UPDATE to be evicted", WAIT, || {
+        let mut r = r.clone();
+        let values = &values;
+        async move { exist_many(&mut r, values).await.iter().all(|&v| !v) }
+    })
+    .await;
+    third.kill();
     let log = std::fs::read_to_string(dir.path().join("cacheclear.log")).unwrap_or_default();
+    assert!(
+        log.contains("replayed whole on the next start"),
+        "the stop's log does not say the open transaction is replayed: {:?}",
+        log.lines()
+            .filter(|l| l.contains("stopped"))
+            .collect::<Vec<_>>()
+    );
     assert!(
         !log.contains("key budget"),
         "the transaction fell back to table-wide evictions"

@@ -120,7 +120,8 @@ async fn apply_with_retry<S: Sink>(sink: &S, batch: Batch) -> Result<Batch, Sink
     Ok(batch)
 }
 
-/// Records an applied batch (metrics, status, observer) and acknowledges its last commit LSN.
+/// Records an applied batch (metrics, status, observer) and acknowledges its last commit LSN
+/// (re-announcing the current one for a batch of partial parts only).
 fn acknowledge(batch: &Batch, ack: &watch::Sender<Lsn>, options: &RunOptions) {
     let now = now_us();
     let keys = batch.key_count() as u64;
@@ -137,8 +138,13 @@ fn acknowledge(batch: &Batch, ack: &watch::Sender<Lsn>, options: &RunOptions) {
     if let Some(observer) = &options.observer {
         observer(batch);
     }
-    if let Some(last) = batch.last_lsn() {
-        ack.send_replace(last);
+    match batch.last_lsn() {
+        Some(last) => {
+            ack.send_replace(last);
+        }
+        // Only partial parts: nothing new to confirm, but the reader still hears of it (its
+        // drain waits for every batch handed over, partial ones included).
+        None => ack.send_modify(|_| {}),
     }
 }
 

@@ -234,6 +234,7 @@ pub(crate) async fn run<S: Sink>(
             reader.streaming.send_replace(true);
         }
     }
+    metrics::counter!(telemetry::TRANSACTION_PARTS).increment(0);
     reader.stream(cfg.max_batch_keys, stop.as_mut()).await?;
     reader.drain(&cfg).await;
     Ok(())
@@ -523,7 +524,10 @@ impl Reader {
         .await
         .is_ok();
         let left = self.pending.load(Ordering::Acquire) + self.current.txns.len();
-        if drained && reported {
+        if drained && reported && self.mapper.in_transaction() {
+            tracing::info!(confirmed = %self.confirmed,
+                "stopped in the middle of a transaction: the parts of it read so far were applied, its commit is not confirmed, and it is replayed whole on the next start");
+        } else if drained && reported {
             tracing::info!(confirmed = %self.confirmed, "stopped; every transaction read was applied and confirmed");
         } else {
             tracing::warn!(confirmed = %self.confirmed, unconfirmed_transactions = left,

@@ -7,7 +7,8 @@ pub(crate) const INVALIDATIONS_APPLIED: &str = "cacheclear_invalidations_applied
 /// Counter: committed transactions whose evictions were acknowledged.
 pub(crate) const TRANSACTIONS_APPLIED: &str = "cacheclear_transactions_applied_total";
 /// Counter: partial parts of large transactions handed to the sink before their Commit was
-/// read (a transaction reaching `max_batch_keys` keys while it streams).
+/// read (a transaction reaching `max_batch_keys` keys while it streams). Registered at 0 when the
+/// stream starts, so dashboards see it before the first large transaction.
 pub(crate) const TRANSACTION_PARTS: &str = "cacheclear_transaction_parts_total";
 /// Histogram (ms): commit time → the sink's acknowledgement.
 pub(crate) const COMMIT_TO_APPLIED_LAG: &str = "cacheclear_commit_to_applied_lag_ms";

@@ -221,6 +221,17 @@ impl Process {
         }
     }
 
+    /// SIGTERM (a graceful stop) and wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(sent.success(), "kill -TERM failed");
+        child.wait().expect("wait")
+    }
+
     /// `None` while running, else the exit status.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut()?.try_wait().expect("try_wait")
