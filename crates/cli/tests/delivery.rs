@@ -25,6 +25,67 @@ struct BigInsert {
     after: Lsn,
 }
 
+impl BigInsert {
+    /// Waits until at least 20 of the INSERT's fences exist.
+    async fn wait_first_fences(&self, r: &redis::aio::MultiplexedConnection) {
+        wait_for("the first fences of the INSERT", WAIT, || {
+            let mut r = r.clone();
+            async move {
+                exist_many(&mut r, &self.fences)
+                    .await
+                    .iter()
+                    .filter(|&&f| f)
+                    .count()
+                    >= 20
+            }
+        })
+        .await;
+    }
+
+    /// `kill -9` of `process` once some (but not all) of the INSERT's keys were applied; returns
+    /// how many fences existed right after the kill.
+    async fn kill_mid_way(
+        &self,
+        process: &mut Process,
+        r: &mut redis::aio::MultiplexedConnection,
+    ) -> usize {
+        self.wait_first_fences(r).await;
+        process.kill();
+        let applied = exist_many(r, &self.fences)
+            .await
+            .iter()
+            .filter(|&&f| f)
+            .count();
+        assert!(
+            applied < self.ids.len(),
+            "the whole INSERT was applied before the kill ({applied} keys); the test needs a \
+             slower apply"
+        );
+        applied
+    }
+
+    /// Waits until every value is gone and every fence exists.
+    async fn wait_evicted(&self, r: &redis::aio::MultiplexedConnection) {
+        wait_for("every key of the INSERT to be evicted", WAIT, || {
+            let mut r = r.clone();
+            async move {
+                exist_many(&mut r, &self.values).await.iter().all(|&v| !v)
+                    && exist_many(&mut r, &self.fences).await.iter().all(|&f| f)
+            }
+        })
+        .await;
+    }
+}
+
+/// The slot's confirmed position once the killed process's walsender released it.
+async fn released_slot_confirmed(pg: &tokio_postgres::Client) -> Lsn {
+    wait_for("the killed walsender to release the slot", WAIT, || async {
+        slot_active(pg).await == Some(false)
+    })
+    .await;
+    slot_confirmed(pg).await
+}
+
 /// Caches a value for products 1001..=4000, then inserts them in ONE statement, ONE transaction.
 async fn cache_then_insert(
     pg: &tokio_postgres::Client,
@@ -88,39 +149,18 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
     // Streaming, and the new slot's table-wide eviction is done (it would evict our values).
     wait_streaming(&pg, WAIT).await;
 
+    let insert = cache_then_insert(&pg, &mut r).await;
     let BigInsert {
         ids,
-        values,
         fences,
         before,
         after,
-    } = cache_then_insert(&pg, &mut r).await;
+        ..
+    } = &insert;
+    let (before, after) = (*before, *after);
 
     // Kill as soon as some (but not all) of the INSERT's keys have been applied.
-    wait_for("the first fences of the INSERT", WAIT, || {
-        let mut r = r.clone();
-        let fences = &fences;
-        async move {
-            let n = exist_many(&mut r, fences)
-                .await
-                .iter()
-                .filter(|&&f| f)
-                .count();
-            n >= 20
-        }
-    })
-    .await;
-    first.kill();
-    let applied_at_kill = exist_many(&mut r, &fences)
-        .await
-        .iter()
-        .filter(|&&f| f)
-        .count();
-    assert!(
-        applied_at_kill < ids.len(),
-        "the whole INSERT was applied before the kill ({applied_at_kill} keys); the test needs a \
-         slower apply"
-    );
+    let applied_at_kill = insert.kill_mid_way(&mut first, &mut r).await;
 
     // The commit's end LSN is what the fences hold.
     let fenced_id = {
@@ -135,11 +175,7 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
         "fence {commit} outside ({before}, {after}]"
     );
     // Nothing at or past the INSERT's commit is confirmed: a restart must replay it.
-    wait_for("the killed walsender to release the slot", WAIT, || async {
-        slot_active(&pg).await == Some(false)
-    })
-    .await;
-    let confirmed = slot_confirmed(&pg).await;
+    let confirmed = released_slot_confirmed(&pg).await;
     eprintln!(
         "kill -9 after {applied_at_kill} of {} product keys; slot confirmed {confirmed}, INSERT commit \
          {commit} (WAL before {before}, after {after})",
@@ -152,15 +188,7 @@ async fn kill_9_mid_transaction_replays_the_whole_transaction() {
 
     // Restart: the transaction is replayed from the slot and every key is evicted.
     let mut second = Process::run(&config, &log);
-    wait_for("every key of the INSERT to be evicted", WAIT, || {
-        let mut r = r.clone();
-        let (values, fences) = (&values, &fences);
-        async move {
-            exist_many(&mut r, values).await.iter().all(|&v| !v)
-                && exist_many(&mut r, fences).await.iter().all(|&f| f)
-        }
-    })
-    .await;
+    insert.wait_evicted(&r).await;
     for id in [1001, 2500, 4000, fenced_id] {
         assert_eq!(
             fence(&mut r, &format!("product:{id}")).await,
@@ -215,40 +243,14 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     wait_streaming(&pg, WAIT).await;
 
     // 3000 product keys and 10 category keys: 31 parts.
-    let BigInsert {
-        ids,
-        values,
-        fences,
-        before,
-        after,
-    } = cache_then_insert(&pg, &mut r).await;
-
-    wait_for("the first part's fences", WAIT, || {
-        let mut r = r.clone();
-        let fences = &fences;
-        async move {
-            exist_many(&mut r, fences)
-                .await
-                .iter()
-                .filter(|&&f| f)
-                .count()
-                >= 20
-        }
-    })
-    .await;
-    // product:1001 is in the first part; its fence is Begin's final LSN + 1.
+    let insert = cache_then_insert(&pg, &mut r).await;
+    let (values, before, after) = (&insert.values, insert.before, insert.after);
+    // product:1001 is in the first part; its fence is Begin's final LSN + 1. The confirmed
+    // position is read before the kill, while later parts are still being applied.
+    insert.wait_first_fences(&r).await;
     let part_fence = fence(&mut r, "product:1001").await.expect("fence");
     let confirmed_mid = slot_confirmed(&pg).await;
-    first.kill();
-    let applied_at_kill = exist_many(&mut r, &fences)
-        .await
-        .iter()
-        .filter(|&&f| f)
-        .count();
-    assert!(
-        applied_at_kill < ids.len(),
-        "the whole INSERT was applied before the kill; the test needs a slower apply"
-    );
+    insert.kill_mid_way(&mut first, &mut r).await;
     assert!(
         part_fence > before && part_fence < after,
         "part fence {part_fence} outside ({before}, {after})"
@@ -257,26 +259,14 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
         confirmed_mid < part_fence,
         "the slot confirmed {confirmed_mid} while only parts of the transaction at {part_fence} had landed"
     );
-    wait_for("the killed walsender to release the slot", WAIT, || async {
-        slot_active(&pg).await == Some(false)
-    })
-    .await;
-    let confirmed = slot_confirmed(&pg).await;
+    let confirmed = released_slot_confirmed(&pg).await;
     assert!(
         confirmed < part_fence,
         "the slot confirmed {confirmed}, past the partly applied transaction at {part_fence}"
     );
 
     let mut second = Process::run(&config, &log);
-    wait_for("every key of the INSERT to be evicted", WAIT, || {
-        let mut r = r.clone();
-        let (values, fences) = (&values, &fences);
-        async move {
-            exist_many(&mut r, values).await.iter().all(|&v| !v)
-                && exist_many(&mut r, fences).await.iter().all(|&f| f)
-        }
-    })
-    .await;
+    insert.wait_evicted(&r).await;
     // The replay hands over the same parts: the same fence for the first part's keys; the last
     // part (the keys after the 3000th) carries the commit's end LSN.
     assert_eq!(fence(&mut r, "product:1001").await, Some(part_fence));
@@ -303,7 +293,7 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     // far are applied, its commit is not confirmed, and the next start evicts all of it.
     {
         let mut pipe = redis::pipe();
-        for v in &values {
+        for v in values {
             pipe.cmd("SET").arg(v).arg("cached").ignore();
         }
         pipe.query_async::<()>(&mut r).await.unwrap();
@@ -322,7 +312,7 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     let status = second.terminate();
     assert!(status.success(), "the graceful stop failed: {status}");
     assert!(
-        exist_many(&mut r, &values).await.iter().any(|&v| v),
+        exist_many(&mut r, values).await.iter().any(|&v| v),
         "the whole UPDATE was applied before the stop; the test needs a slower apply"
     );
     let confirmed = slot_confirmed(&pg).await;
@@ -333,7 +323,6 @@ async fn a_large_transaction_is_evicted_in_parts_and_confirmed_only_whole() {
     let mut third = Process::run(&config, &log);
     wait_for("every key of the UPDATE to be evicted", WAIT, || {
         let mut r = r.clone();
-        let values = &values;
         async move { exist_many(&mut r, values).await.iter().all(|&v| !v) }
     })
     .await;
