@@ -362,7 +362,8 @@ async fn measure_floor(
     })
 }
 
-/// The CDC source ([`Pipeline`]) on a tokio runtime of its own (see [`on_own_runtime`]).
+/// The CDC source ([`Pipeline`]) on a current-thread tokio runtime of its own, as `cacheclear run`
+/// runs it (see [`on_own_thread`]).
 pub(crate) struct SourceOnOwnRuntime {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -382,7 +383,7 @@ impl SourceOnOwnRuntime {
     ) -> anyhow::Result<SourceOnOwnRuntime> {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut task = on_own_runtime(move || async move {
+        let mut task = on_own_thread(move || async move {
             let mut pipeline = Pipeline::spawn(cfg, rules, make_sink()?, options);
             pipeline.streaming().await?;
             let _ = ready_tx.send(());
@@ -424,15 +425,31 @@ impl SourceOnOwnRuntime {
     }
 }
 
-/// Runs `make()`'s future on a tokio runtime of its own, on a thread of the blocking pool: as in
-/// production, where the pipeline and the invalidator are processes of their own, the load
-/// generator's tasks must not queue in front of them on shared worker threads.
+/// Runs `make()`'s future on a tokio runtime of its own (a worker per core), on a thread of the
+/// blocking pool: as in production, where the pipeline and the invalidator are processes of
+/// their own, the load generator's tasks must not queue in front of them on shared worker
+/// threads.
 pub(crate) fn on_own_runtime<F, Fut>(make: F) -> tokio::task::JoinHandle<anyhow::Result<()>>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     tokio::task::spawn_blocking(move || tokio::runtime::Runtime::new()?.block_on(make()))
+}
+
+/// As [`on_own_runtime`], on a current-thread runtime: how `cacheclear run` runs the CDC source
+/// (`crates/cli/src/main.rs`), so the bench measures the same; the floor consumer runs so too.
+pub(crate) fn on_own_thread<F, Fut>(make: F) -> tokio::task::JoinHandle<anyhow::Result<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(make())
+    })
 }
 
 /// PostgreSQL and Redis for a benchmark: the given URLs, or private instances (stopped when this

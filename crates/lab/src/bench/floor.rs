@@ -90,7 +90,7 @@ impl FloorConsumer {
             bulk: None,
         }));
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = super::on_own_runtime({
+        let task = super::on_own_thread({
             let seen = Arc::clone(&seen);
             move || async move {
                 let mut repl = ReplicationClient::connect(rc)
