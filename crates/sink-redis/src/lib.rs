@@ -558,10 +558,11 @@ impl RedisSink {
     }
 }
 
-/// Appends, to the pipeline's last command, `invalidate.lua`'s LSN arguments for one call's keys: a single LSN when every key
-/// shares it (a transaction's keys do; the script then applies it to every triple), else one per
-/// key, each rendered once per run of equal LSNs (keys come in commit order). Fewer arguments
-/// are less for Redis to parse, and Redis's CPU bounds a bulk eviction.
+/// Appends, to the pipeline's last command, `invalidate.lua`'s LSN arguments for one call's
+/// keys: a single LSN when every key shares it (a transaction's keys do; the script then applies
+/// it to every triple), else one per key, each rendered once per run of equal LSNs (keys come in
+/// commit order). Fewer arguments are less for Redis to parse, and Redis's CPU bounds a bulk
+/// eviction.
 pub(crate) fn lsn_args(cmd: &mut redis::Pipeline, lsns: impl Iterator<Item = Lsn> + Clone) {
     let mut rest = lsns.clone();
     let Some(first) = rest.next() else { return };
