@@ -2,9 +2,9 @@
 //! config is refused with the field named. Real broker (tansu) and real Redis (standalone).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use cacheclear_harness::fixtures::{fences, redis_conn};
 use cacheclear_harness::{KafkaBroker, RedisInstance};
@@ -12,83 +12,9 @@ use cacheclear_protocol::{BusRecord, Lsn, Op};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cacheclear");
+use common::{Process, command};
+
 const TOPIC: &str = "cacheclear.invalidations";
-
-fn command(args: &[&std::ffi::OsStr]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CACHECLEAR__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
-/// `cacheclear invalidate --config <path>`, stderr to `log`; SIGKILLed when dropped.
-struct Invalidator {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Invalidator {
-    fn start(config: &Path, log: &Path) -> Invalidator {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut cmd = command(&[
-            "invalidate".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-        ]);
-        cmd.env("CACHECLEAR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        cacheclear_harness::kill_on_parent_exit(&mut cmd, 9);
-        let child = cacheclear_harness::spawn_tied_to_process(cmd).expect("spawn cacheclear");
-        Invalidator {
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-
-    /// `kill -9`.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM and wait (graceful stop).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.child.take().expect("running");
-        let sent = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("kill -TERM");
-        assert!(sent.success());
-        c.wait().expect("wait")
-    }
-}
-
-impl Drop for Invalidator {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- cacheclear invalidate log (last 40 lines) ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
 
 fn config_toml(kafka: &KafkaBroker, redis: &RedisInstance, group: &str) -> String {
     format!(
@@ -190,7 +116,7 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
     let config = dir.path().join("invalidator.toml");
     std::fs::write(&config, config_toml(&kafka, &redis, "crashy")).unwrap();
     let log = dir.path().join("invalidator.log");
-    let mut first = Invalidator::start(&config, &log);
+    let mut first = Process::invalidate(&config, &log);
     // Catch it mid-stream, deterministically: once 2,000 keys carry a fence, pause Redis writes
     // (its next batch then hangs inside its Redis calls), let the commits of the batches it
     // finished land, and kill -9 it there — between a batch's Redis writes and its commit.
@@ -220,7 +146,7 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    first.kill9();
+    first.kill();
     let fences_at_kill = dbsize(&mut c).await;
     let () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
@@ -238,7 +164,7 @@ async fn kill_9_mid_stream_and_restart_loses_nothing() {
         "killed with {committed_total} of {end_total} records committed, {fences_at_kill} keys fenced"
     );
 
-    let mut second = Invalidator::start(&config, &log);
+    let mut second = Process::invalidate(&config, &log);
     // Fails on a stall, not on a slow machine: the restarted member must keep committing (no
     // 60 s without progress once it owns the partitions) until every partition reaches its end.
     let mut progress_at = Instant::now();
