@@ -434,7 +434,7 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    tokio::task::spawn_blocking(move || tokio::runtime::Runtime::new()?.block_on(make()))
+    on_blocking_thread(tokio::runtime::Runtime::new, make)
 }
 
 /// As [`on_own_runtime`], on a current-thread runtime: how `cacheclear run` runs the CDC source
@@ -444,12 +444,26 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    tokio::task::spawn_blocking(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(make())
-    })
+    on_blocking_thread(
+        || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        },
+        make,
+    )
+}
+
+/// Builds a runtime with `build` on a thread of the blocking pool and runs `make()` on it.
+fn on_blocking_thread<F, Fut>(
+    build: fn() -> std::io::Result<tokio::runtime::Runtime>,
+    make: F,
+) -> tokio::task::JoinHandle<anyhow::Result<()>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    tokio::task::spawn_blocking(move || build()?.block_on(make()))
 }
 
 /// PostgreSQL and Redis for a benchmark: the given URLs, or private instances (stopped when this
