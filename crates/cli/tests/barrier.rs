@@ -89,6 +89,46 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(get(&mut r, "{product:20}").await.as_deref(), Some("1020"));
 
+    // A later transaction that does not wait for the standby is visible at once, and its batch's
+    // snapshot query can pass while the held one's is still out (two run at once); it is still
+    // passed on after the held batch, so nothing is confirmed past the held commit.
+    set(&mut r, "{product:21}", "1021").await;
+    let other = env.pg().await;
+    other
+        .batch_execute("SET synchronous_commit = local")
+        .await
+        .unwrap();
+    other
+        .batch_execute("UPDATE product SET price_cents = 777 WHERE id = 21")
+        .await
+        .unwrap();
+    wait_for(
+        "the walsender to send the later commit",
+        Duration::from_secs(20),
+        || {
+            let admin = &admin;
+            async move {
+                admin
+                    .query_one(
+                        "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false)
+                         FROM pg_stat_replication WHERE application_name = 'cacheclear'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, bool>(0)
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        slot_confirmed(&admin).await,
+        slot_before,
+        "a later commit must not be confirmed past the held one"
+    );
+    assert_eq!(get(&mut r, "{product:20}").await.as_deref(), Some("1020"));
+
     // Lift the requirement: the commit becomes visible, and only then is the key evicted.
     admin
         .batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
@@ -114,6 +154,15 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
         .unwrap()
         .get(0);
     assert_eq!(new_price, 999);
+    wait_for(
+        "the later transaction's eviction",
+        Duration::from_secs(20),
+        || {
+            let mut r = r.clone();
+            async move { !exists(&mut r, "{product:21}").await }
+        },
+    )
+    .await;
     assert!(fence(&mut r, "product:20").await.expect("fence") > slot_before);
     running.stop().await.unwrap();
 }

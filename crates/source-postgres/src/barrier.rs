@@ -143,59 +143,88 @@ pub enum BarrierError {
     Parse(#[from] SnapshotParseError),
 }
 
+/// Snapshot queries the barrier stage runs at once ([`stage`]).
+pub(crate) const BARRIERS_IN_FLIGHT: usize = 2;
+
 /// The barrier stage: takes every batch the reader has sealed so far (up to `max_keys` keys),
 /// merges them into one, waits until all their xids are visible to a new snapshot, and passes
-/// the merged batch on. It runs while the sink applies earlier batches, so under load a
-/// transaction waits for one snapshot query and one sink round trip, not for a queue of them.
+/// the merged batch on, in the order taken. Up to [`BARRIERS_IN_FLIGHT`] batches are checked at
+/// once (each on its own pooled connection), so a commit arriving while the previous batch's
+/// snapshot query is out starts its own at once instead of waiting a round trip for it; with both
+/// out, queued batches merge into the next. It runs while the sink applies earlier batches, so
+/// under load a transaction waits for one snapshot query and one sink round trip, not for a queue
+/// of them.
 ///
 /// A failed snapshot query is retried with backoff (100 ms doubling to 5 s), forever: nothing
-/// behind the batch is confirmed meanwhile. Returns when `sealed` closes or `visible` is dropped.
+/// behind the batch is confirmed meanwhile. Returns when `sealed` closes and every batch taken was
+/// passed on, or when `visible` is dropped.
 pub(crate) async fn stage(
     pool: deadpool_postgres::Pool,
     mut sealed: mpsc::Receiver<Batch>,
     visible: mpsc::Sender<Batch>,
     max_keys: usize,
 ) {
-    while let Some(mut batch) = sealed.recv().await {
-        let mut keys = batch.key_count();
-        while keys < max_keys {
-            let Ok(more) = sealed.try_recv() else { break };
-            keys += more.key_count();
-            batch.txns.extend(more.txns);
-        }
-        batch.taken_us = now_us();
-        // xid 0 (InvalidTransactionId) marks the synthetic eviction of a new slot.
-        let xids: Vec<u32> = batch
-            .txns
-            .iter()
-            .filter(|t| t.xid != 0 && (!t.keys.is_empty() || !t.tables.is_empty()))
-            .map(|t| t.xid)
-            .collect();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let barrier = async {
-                let client = pool.get().await.map_err(|e| describe_pool(&e))?;
-                wait_visible(&client, &xids)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match barrier.await {
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                        "visibility barrier failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+    use futures::StreamExt;
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(batch) = in_flight.next(), if !in_flight.is_empty() => {
+                if visible.send(batch).await.is_err() {
+                    return;
                 }
             }
-        }
-        batch.visible_us = now_us();
-        metrics::histogram!(telemetry::VISIBILITY_BARRIER)
-            .record((batch.visible_us - batch.taken_us).max(0) as f64 / 1000.0);
-        if visible.send(batch).await.is_err() {
-            return;
+            batch = sealed.recv(), if open && in_flight.len() < BARRIERS_IN_FLIGHT => match batch {
+                Some(mut batch) => {
+                    let mut keys = batch.key_count();
+                    while keys < max_keys {
+                        let Ok(more) = sealed.try_recv() else { break };
+                        keys += more.key_count();
+                        batch.txns.extend(more.txns);
+                    }
+                    in_flight.push_back(pass(&pool, batch));
+                }
+                None => open = false,
+            },
+            else => return,
         }
     }
+}
+
+/// Waits until every xid in `batch` is visible to a new snapshot (retrying a failed query
+/// forever, 100 ms doubling to 5 s) and returns it with `taken_us` and `visible_us` set.
+async fn pass(pool: &deadpool_postgres::Pool, mut batch: Batch) -> Batch {
+    batch.taken_us = now_us();
+    // xid 0 (InvalidTransactionId) marks the synthetic eviction of a new slot.
+    let xids: Vec<u32> = batch
+        .txns
+        .iter()
+        .filter(|t| t.xid != 0 && (!t.keys.is_empty() || !t.tables.is_empty()))
+        .map(|t| t.xid)
+        .collect();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let barrier = async {
+            let client = pool.get().await.map_err(|e| describe_pool(&e))?;
+            wait_visible(&client, &xids)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match barrier.await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "visibility barrier failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    batch.visible_us = now_us();
+    metrics::histogram!(telemetry::VISIBILITY_BARRIER)
+        .record((batch.visible_us - batch.taken_us).max(0) as f64 / 1000.0);
+    batch
 }
 
 #[cfg(test)]

@@ -19,9 +19,10 @@ use crate::error::Ended;
 use crate::{PostgresConfig, RunOptions, SourceError, SourceStatus, apply, barrier};
 use crate::{drift, housekeeping, pgoutput, telemetry, watermark};
 
-/// Connections in the pool: catalog checks, the barrier's snapshot query, heartbeats (the slot
-/// lease's connection is taken from it and detached, so it does not count).
-const POOL_SIZE: usize = 3;
+/// Connections in the pool: catalog checks, the barrier's snapshot queries (up to
+/// [`barrier::BARRIERS_IN_FLIGHT`] at once), heartbeats (the slot lease's connection is taken
+/// from it and detached, so it does not count).
+const POOL_SIZE: usize = 2 + barrier::BARRIERS_IN_FLIGHT;
 
 /// First key of the slot lease's advisory lock (`pg_try_advisory_lock(LEASE_CLASS,
 /// hashtext(slot))`): "cclr".
