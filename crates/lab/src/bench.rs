@@ -99,6 +99,15 @@ struct Figures {
     lag_10k_p99_vs_floor: f64,
     /// bulk_rows_per_s / floor_bulk_rows_per_s (issue 12: ≥ 0.85).
     bulk_vs_floor: f64,
+    /// commit → evicted by the chain floor at 1k rows/s: the same consumer running, per commit,
+    /// only the round trips a correct eviction needs (the barrier's snapshot query, one
+    /// `invalidate.lua` call), `bench/floor.rs`.
+    floor_chain_lag_1k_p50_ms: f64,
+    floor_chain_lag_1k_p99_ms: f64,
+    /// lag_1k_p99_ms / floor_chain_lag_1k_p99_ms: what the pipeline adds to the chain.
+    lag_1k_p99_vs_chain_floor: f64,
+    /// lag_10k_p99_ms / floor_chain_lag_1k_p99_ms (against the same 1k rows/s chain floor).
+    lag_10k_p99_vs_chain_floor: f64,
     /// Redis's own rate for the bulk's evictions: as many fresh keys, evicted by the sink alone
     /// with the pipeline and PostgreSQL idle (`bench/floor.rs`, [`floor::redis_floor`]).
     floor_redis_keys_per_s: f64,
@@ -225,7 +234,7 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     source.stop().await?;
     // Before the floor phase: its consumer's buffers are not the load generator's.
     let peak_rss_mb = peak_rss_mb()?;
-    let floor = measure_floor(&db, &pg_url, &args, &progress).await?;
+    let floor = measure_floor(&db, &pg_url, &redis_url, &args, &progress).await?;
     drop_bench_objects(&db).await;
     progress(&format!(
         "floor: Redis alone evicts {} fresh keys",
@@ -247,6 +256,10 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         lag_1k_p99_vs_floor: phases[0].0.p99 / floor.lag_p99_ms,
         lag_10k_p99_vs_floor: phases[1].0.p99 / floor.lag_p99_ms,
         bulk_vs_floor: bulk_rows_per_s / floor.bulk_rows_per_s,
+        floor_chain_lag_1k_p50_ms: floor.chain_p50_ms,
+        floor_chain_lag_1k_p99_ms: floor.chain_p99_ms,
+        lag_1k_p99_vs_chain_floor: phases[0].0.p99 / floor.chain_p99_ms,
+        lag_10k_p99_vs_chain_floor: phases[1].0.p99 / floor.chain_p99_ms,
         floor_redis_keys_per_s: redis_floor.keys_per_s,
         bulk_vs_redis_floor: bulk.keys as f64 / bulk_seconds / redis_floor.keys_per_s,
         lag_1k_p50_ms: phases[0].0.p50,
@@ -289,6 +302,9 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 struct Floor {
     lag_p50_ms: f64,
     lag_p99_ms: f64,
+    /// The chain floor (`bench/floor.rs`, [`floor::Recording::Chain`]), commit → evicted.
+    chain_p50_ms: f64,
+    chain_p99_ms: f64,
     bulk_rows_per_s: f64,
 }
 
@@ -297,32 +313,54 @@ struct Floor {
 async fn measure_floor(
     db: &tokio_postgres::Client,
     pg_url: &str,
+    redis_url: &str,
     args: &PipelineArgs,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<Floor> {
     floor::create(db, "cacheclear_bench_product").await?;
-    let consumer = floor::FloorConsumer::start(pg_url, args.bulk_rows)?;
-    progress(&format!(
-        "floor: a consumer that only receives, 1000 row changes/s for {} s",
-        args.seconds
-    ));
-    consumer.record(true);
-    steady_load(pg_url, 1_000, 1, args.seconds, args.bulk_rows).await?;
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    consumer.record(false);
-    let (p50, p99, samples) = {
+    let consumer = floor::FloorConsumer::start(
+        pg_url,
+        args.bulk_rows,
+        Some(floor::ChainTargets {
+            pg_url: pg_url.to_owned(),
+            redis_url: redis_url.to_owned(),
+        }),
+    )?;
+    let mut steady = Vec::new();
+    for (what, name) in [
+        (floor::Recording::Receive, "a consumer that only receives"),
+        (
+            floor::Recording::Chain,
+            "the chain (receive, one snapshot query, one eviction)",
+        ),
+    ] {
+        progress(&format!(
+            "floor: {name}, 1000 row changes/s for {} s",
+            args.seconds
+        ));
+        consumer.record(what);
+        steady_load(pg_url, 1_000, 1, args.seconds, args.bulk_rows).await?;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        consumer.record(floor::Recording::Off);
         let s = consumer
             .seen
             .lock()
             .map_err(|_| anyhow::anyhow!("floor: poisoned"))?;
-        (
-            s.lag_us.value_at_quantile(0.5) as f64 / 1000.0,
-            s.lag_us.value_at_quantile(0.99) as f64 / 1000.0,
-            s.lag_us.len(),
-        )
-    };
-    if samples == 0 {
-        bail!("floor: the consumer received no transaction in the steady phase");
+        let h = if what == floor::Recording::Chain {
+            if s.chain_errors > 0 {
+                bail!("chain floor: {} round trips failed", s.chain_errors);
+            }
+            &s.chain_us
+        } else {
+            &s.lag_us
+        };
+        if h.is_empty() {
+            bail!("floor: no transaction recorded in the steady phase ({name})");
+        }
+        steady.push((
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+        ));
     }
     progress(&format!("floor: one UPDATE of {} rows", args.bulk_rows));
     db.batch_execute("UPDATE cacheclear_bench_product SET price_cents = price_cents + 1")
@@ -356,8 +394,10 @@ async fn measure_floor(
     }
     let seconds = (bulk.2 - bulk.1).max(1) as f64 / 1e6;
     Ok(Floor {
-        lag_p50_ms: p50,
-        lag_p99_ms: p99,
+        lag_p50_ms: steady[0].0,
+        lag_p99_ms: steady[0].1,
+        chain_p50_ms: steady[1].0,
+        chain_p99_ms: steady[1].1,
         bulk_rows_per_s: bulk.0 as f64 / seconds,
     })
 }
@@ -584,6 +624,22 @@ fn print_table(f: &Figures, phases: &[(StageFigures, f64)]) {
     println!(
         "{:<44} {:>12.2}",
         "lag p99 @ 10k / floor p99 (target ≤ 3)", f.lag_10k_p99_vs_floor
+    );
+    row(
+        "chain floor: commit → evicted p50 @ 1k",
+        f.floor_chain_lag_1k_p50_ms,
+    );
+    row(
+        "chain floor: commit → evicted p99 @ 1k",
+        f.floor_chain_lag_1k_p99_ms,
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "lag p99 @ 1k / chain floor p99", f.lag_1k_p99_vs_chain_floor
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "lag p99 @ 10k / chain floor p99", f.lag_10k_p99_vs_chain_floor
     );
     println!("{:<44} {:>12}", "bulk UPDATE rows", f.bulk_rows);
     println!(

@@ -8,12 +8,22 @@
 //! notes commit → received per transaction (PostgreSQL's commit timestamp against this
 //! machine's clock, as the pipeline's lag is measured) and confirms each commit; it decodes
 //! nothing else, evicts nothing.
+//!
+//! In its second mode ([`Recording::Chain`]) the same consumer is the floor of the chain every
+//! correct eviction needs: per commit received, one `SELECT pg_current_snapshot()` (the
+//! visibility barrier's query) and then one `invalidate.lua` call for one key
+//! ([`RedisSink::invalidate`]), and it notes commit → Redis acknowledged. Nothing else (no
+//! decoding, rules, batching, acknowledgement order): what the pipeline adds on top of the three
+//! round trips its design needs.
+//!
+//! [`RedisSink::invalidate`]: cacheclear_sink_redis::RedisSink::invalidate
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use cacheclear_protocol::now_us;
+use cacheclear_protocol::{Lsn, now_us};
+use cacheclear_sink_redis::{RedisConfig, RedisSink};
 use cacheclear_source_postgres::PostgresConfig;
 use hdrhistogram::Histogram;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
@@ -23,12 +33,35 @@ pub(crate) const FLOOR: &str = "cacheclear_bench_floor";
 /// µs from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
+/// What the consumer records per transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recording {
+    /// Nothing (setup, the bulk).
+    Off,
+    /// commit → received ([`Seen::lag_us`]).
+    Receive,
+    /// Runs the barrier's query and one eviction per transaction and records commit → Redis
+    /// acknowledged ([`Seen::chain_us`]); needs [`ChainTargets`].
+    Chain,
+}
+
+/// Where the chain floor's round trips go: the pipeline's PostgreSQL (a plain connection, for
+/// the snapshot query) and Redis (a [`RedisSink`] of its own, default settings).
+pub(crate) struct ChainTargets {
+    pub pg_url: String,
+    pub redis_url: String,
+}
+
 /// What the consumer saw.
 pub(crate) struct Seen {
-    /// commit → received per transaction, µs (while recording).
+    /// commit → received per transaction, µs (while recording [`Recording::Receive`]).
     pub lag_us: Histogram<u64>,
-    /// Record lag samples (the steady phase) or not (setup, bulk).
-    pub recording: bool,
+    /// commit → the one eviction acknowledged, µs (while recording [`Recording::Chain`]).
+    pub chain_us: Histogram<u64>,
+    /// Chain round trips that failed (the query or the eviction).
+    pub chain_errors: u64,
+    /// What is recorded now.
+    pub recording: Recording,
     /// Transactions of at least this many rows count as the bulk one.
     pub bulk_threshold: u64,
     /// (rows, commit µs, Commit received µs) of the bulk transaction.
@@ -72,11 +105,16 @@ pub(crate) async fn drop_floor(db: &tokio_postgres::Client) {
 }
 
 impl FloorConsumer {
-    /// Connects to the floor's slot and streams until [`FloorConsumer::stop`].
+    /// Connects to the floor's slot and streams until [`FloorConsumer::stop`]; with `chain`,
+    /// also connects the chain floor's PostgreSQL client and Redis sink (module docs).
     ///
     /// # Errors
     /// The URL is unusable.
-    pub(crate) fn start(pg_url: &str, bulk_threshold: u64) -> anyhow::Result<FloorConsumer> {
+    pub(crate) fn start(
+        pg_url: &str,
+        bulk_threshold: u64,
+        chain: Option<ChainTargets>,
+    ) -> anyhow::Result<FloorConsumer> {
         let mut cfg = PostgresConfig::new(pg_url.to_owned());
         cfg.slot = FLOOR.into();
         cfg.publication = FLOOR.into();
@@ -85,7 +123,10 @@ impl FloorConsumer {
         let seen = Arc::new(Mutex::new(Seen {
             lag_us: Histogram::new_with_bounds(1, 600_000_000, 3)
                 .expect("constant histogram bounds are valid"),
-            recording: false,
+            chain_us: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .expect("constant histogram bounds are valid"),
+            chain_errors: 0,
+            recording: Recording::Off,
             bulk_threshold,
             bulk: None,
         }));
@@ -93,6 +134,18 @@ impl FloorConsumer {
         let task = super::on_own_thread({
             let seen = Arc::clone(&seen);
             move || async move {
+                let chain = match chain {
+                    Some(t) => {
+                        let db = cacheclear_pg_tls::connect(&t.pg_url, "--postgres-url")
+                            .await
+                            .context("chain floor: connecting to PostgreSQL")?;
+                        let sink = RedisSink::connect(RedisConfig::new(t.redis_url))?;
+                        // Warm the connection and the script cache, as the pipeline's are.
+                        sink.invalidate([("bench:chain:warm-up", Lsn(1))]).await?;
+                        Some(Arc::new((db, sink)))
+                    }
+                    None => None,
+                };
                 let mut repl = ReplicationClient::connect(rc)
                     .await
                     .context("floor: connecting")?;
@@ -117,13 +170,26 @@ impl FloorConsumer {
                         }) => {
                             let received = now_us();
                             let commit = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_US);
+                            let mut run_chain = false;
                             if let Ok(mut s) = seen.lock() {
                                 if rows >= s.bulk_threshold {
                                     s.bulk = Some((rows, commit, received));
-                                } else if s.recording {
+                                } else if s.recording == Recording::Receive {
                                     let lag = u64::try_from(received - commit).unwrap_or(0);
                                     s.lag_us.saturating_record(lag.max(1));
+                                } else if s.recording == Recording::Chain {
+                                    run_chain = rows > 0;
                                 }
+                            }
+                            if let (true, Some(chain)) = (run_chain, &chain) {
+                                // Each commit's chain on its own task, so a slow one does not
+                                // hold the next commit (the pipeline overlaps them too).
+                                tokio::spawn(round_trips(
+                                    Arc::clone(chain),
+                                    Arc::clone(&seen),
+                                    Lsn(end_lsn.as_u64()),
+                                    commit,
+                                ));
                             }
                             rows = 0;
                             repl.update_applied_lsn(end_lsn);
@@ -138,13 +204,18 @@ impl FloorConsumer {
         Ok(FloorConsumer { seen, stop, task })
     }
 
-    /// Sets whether lag samples are recorded.
-    pub(crate) fn record(&self, on: bool) {
+    /// Sets what is recorded; starting a mode forgets what it recorded before.
+    pub(crate) fn record(&self, what: Recording) {
         if let Ok(mut s) = self.seen.lock() {
-            if on {
-                s.lag_us.reset();
+            match what {
+                Recording::Receive => s.lag_us.reset(),
+                Recording::Chain => {
+                    s.chain_us.reset();
+                    s.chain_errors = 0;
+                }
+                Recording::Off => {}
             }
-            s.recording = on;
+            s.recording = what;
         }
     }
 
@@ -160,6 +231,36 @@ impl FloorConsumer {
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         self.task.await?
+    }
+}
+
+/// The chain floor's round trips for one commit (module docs): the barrier's snapshot query on
+/// `chain.0`, then one eviction (`bench:chain:<end LSN>`, fenced at the commit's end LSN) on
+/// `chain.1`; records commit (µs since the Unix epoch) → Redis acknowledged in `seen`.
+async fn round_trips(
+    chain: Arc<(tokio_postgres::Client, RedisSink)>,
+    seen: Arc<Mutex<Seen>>,
+    end_lsn: Lsn,
+    commit_us: i64,
+) {
+    let (db, sink) = &*chain;
+    let key = format!("bench:chain:{}", end_lsn.0);
+    let done = async {
+        db.simple_query("SELECT pg_current_snapshot()::text")
+            .await?;
+        sink.invalidate([(key.as_str(), end_lsn)]).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let acked = now_us();
+    if let Ok(mut s) = seen.lock() {
+        match done {
+            Ok(()) => {
+                let lag = u64::try_from(acked - commit_us).unwrap_or(0);
+                s.chain_us.saturating_record(lag.max(1));
+            }
+            Err(_) => s.chain_errors += 1,
+        }
     }
 }
 
@@ -187,9 +288,7 @@ pub(crate) async fn redis_floor(
     part_keys: usize,
 ) -> anyhow::Result<RedisFloor> {
     use futures::{StreamExt, TryStreamExt};
-    let sink = cacheclear_sink_redis::RedisSink::connect(cacheclear_sink_redis::RedisConfig::new(
-        redis_url.to_owned(),
-    ))?;
+    let sink = RedisSink::connect(RedisConfig::new(redis_url.to_owned()))?;
     let names: Vec<String> = (0..keys).map(|i| format!("bench:floor:{i}")).collect();
     let lsn = cacheclear_protocol::Lsn(1 << 40);
     // Warm the connection and the script cache, as the pipeline's are by its bulk's start.
