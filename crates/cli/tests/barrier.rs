@@ -139,13 +139,11 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
         .await
         .unwrap();
     update.await.unwrap().unwrap();
-    wait_for(
-        "the held eviction to be applied",
+    gone(
+        &mut r,
         Duration::from_secs(20),
-        || {
-            let mut r = r.clone();
-            async move { !exists(&mut r, "{product:20}").await }
-        },
+        "product:20",
+        "the held eviction to be applied",
     )
     .await;
     let new_price: i64 = reader
@@ -154,13 +152,11 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
         .unwrap()
         .get(0);
     assert_eq!(new_price, 999);
-    wait_for(
-        "the later transaction's eviction",
+    gone(
+        &mut r,
         Duration::from_secs(20),
-        || {
-            let mut r = r.clone();
-            async move { !exists(&mut r, "{product:21}").await }
-        },
+        "product:21",
+        "the later transaction's eviction",
     )
     .await;
     assert!(fence(&mut r, "product:20").await.expect("fence") > slot_before);
