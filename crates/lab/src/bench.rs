@@ -90,6 +90,8 @@ struct Figures {
     /// commit → received by a consumer that does nothing else, at 1k rows/s (the floor).
     floor_lag_1k_p50_ms: f64,
     floor_lag_1k_p99_ms: f64,
+    /// The load the receive-only floor phase achieved, rows/s.
+    floor_achieved_1k_rows_per_s: f64,
     /// The walsender's own rate for the bulk UPDATE, decoded and thrown away (the floor).
     floor_bulk_rows_per_s: f64,
     /// lag_1k_p99_ms / floor_lag_1k_p99_ms (issue 12: ≤ 2).
@@ -104,6 +106,8 @@ struct Figures {
     /// `invalidate.lua` call), `bench/floor.rs`.
     floor_chain_lag_1k_p50_ms: f64,
     floor_chain_lag_1k_p99_ms: f64,
+    /// The load the chain floor phase achieved, rows/s.
+    floor_chain_achieved_1k_rows_per_s: f64,
     /// lag_1k_p99_ms / floor_chain_lag_1k_p99_ms: what the pipeline adds to the chain.
     lag_1k_p99_vs_chain_floor: f64,
     /// lag_10k_p99_ms / floor_chain_lag_1k_p99_ms (against the same 1k rows/s chain floor).
@@ -252,12 +256,14 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         command,
         floor_lag_1k_p50_ms: floor.lag_p50_ms,
         floor_lag_1k_p99_ms: floor.lag_p99_ms,
+        floor_achieved_1k_rows_per_s: floor.achieved_rows_per_s,
         floor_bulk_rows_per_s: floor.bulk_rows_per_s,
         lag_1k_p99_vs_floor: phases[0].0.p99 / floor.lag_p99_ms,
         lag_10k_p99_vs_floor: phases[1].0.p99 / floor.lag_p99_ms,
         bulk_vs_floor: bulk_rows_per_s / floor.bulk_rows_per_s,
         floor_chain_lag_1k_p50_ms: floor.chain_p50_ms,
         floor_chain_lag_1k_p99_ms: floor.chain_p99_ms,
+        floor_chain_achieved_1k_rows_per_s: floor.chain_achieved_rows_per_s,
         lag_1k_p99_vs_chain_floor: phases[0].0.p99 / floor.chain_p99_ms,
         lag_10k_p99_vs_chain_floor: phases[1].0.p99 / floor.chain_p99_ms,
         floor_redis_keys_per_s: redis_floor.keys_per_s,
@@ -302,9 +308,13 @@ async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 struct Floor {
     lag_p50_ms: f64,
     lag_p99_ms: f64,
+    /// The receive-only phase's load, rows/s.
+    achieved_rows_per_s: f64,
     /// The chain floor (`bench/floor.rs`, [`floor::Recording::Chain`]), commit → evicted.
     chain_p50_ms: f64,
     chain_p99_ms: f64,
+    /// The chain phase's load, rows/s.
+    chain_achieved_rows_per_s: f64,
     bulk_rows_per_s: f64,
 }
 
@@ -339,16 +349,25 @@ async fn measure_floor(
             args.seconds
         ));
         consumer.record(what);
-        steady_load(pg_url, 1_000, 1, args.seconds, args.bulk_rows).await?;
+        let achieved = steady_load(pg_url, 1_000, 1, args.seconds, args.bulk_rows).await?;
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         consumer.record(floor::Recording::Off);
+        if consumer.is_finished() {
+            // Its own error (a connection, the chain's warm-up) says more than "nothing seen".
+            consumer.stop().await?;
+            bail!("floor: the consumer stopped during the steady phase ({name})");
+        }
         let s = consumer
             .seen
             .lock()
             .map_err(|_| anyhow::anyhow!("floor: poisoned"))?;
         let h = if what == floor::Recording::Chain {
             if s.chain_errors > 0 {
-                bail!("chain floor: {} round trips failed", s.chain_errors);
+                bail!(
+                    "chain floor: {} round trips failed, the first: {}",
+                    s.chain_errors,
+                    s.chain_error.as_deref().unwrap_or("?")
+                );
             }
             &s.chain_us
         } else {
@@ -360,6 +379,7 @@ async fn measure_floor(
         steady.push((
             h.value_at_quantile(0.5) as f64 / 1000.0,
             h.value_at_quantile(0.99) as f64 / 1000.0,
+            achieved,
         ));
     }
     progress(&format!("floor: one UPDATE of {} rows", args.bulk_rows));
@@ -396,8 +416,10 @@ async fn measure_floor(
     Ok(Floor {
         lag_p50_ms: steady[0].0,
         lag_p99_ms: steady[0].1,
+        achieved_rows_per_s: steady[0].2,
         chain_p50_ms: steady[1].0,
         chain_p99_ms: steady[1].1,
+        chain_achieved_rows_per_s: steady[1].2,
         bulk_rows_per_s: bulk.0 as f64 / seconds,
     })
 }
@@ -440,7 +462,11 @@ impl SourceOnOwnRuntime {
         tokio::select! {
             ready = ready_rx => {
                 if ready.is_err() {
-                    bail!("the pipeline stopped: {:?}", (&mut task).await);
+                    match (&mut task).await {
+                        Ok(Err(e)) => bail!("the pipeline stopped: {e:#}"),
+                        Ok(Ok(())) => bail!("the pipeline stopped before streaming"),
+                        Err(e) => bail!("the pipeline's thread failed: {e}"),
+                    }
                 }
             }
             () = tokio::time::sleep(Duration::from_secs(60)) => {

@@ -164,10 +164,10 @@ pub(super) async fn pipeline_child(args: ChildArgs) -> anyhow::Result<()> {
             other => bail!("pipeline-child: unknown request {other:?}"),
         };
         if source.is_finished() {
-            bail!(
-                "pipeline-child: the pipeline stopped: {:?}",
-                source.stop().await
-            );
+            match source.stop().await {
+                Ok(()) => bail!("pipeline-child: the pipeline stopped"),
+                Err(e) => bail!("pipeline-child: the pipeline stopped: {e:#}"),
+            }
         }
         reply(&mut out, value).await?;
     }
@@ -249,10 +249,17 @@ impl PipelineChild {
         match self.stdout.next_line().await? {
             Some(line) => serde_json::from_str(&line)
                 .with_context(|| format!("the pipeline child's reply {line:?}")),
-            None => bail!(
-                "the pipeline child exited ({:?})",
-                self.child.try_wait().ok().flatten()
-            ),
+            None => {
+                // Its output closed: it is exiting; give it a moment to be reaped.
+                let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                match status {
+                    Some(status) => bail!("the pipeline child exited with {status}"),
+                    None => bail!("the pipeline child closed its output"),
+                }
+            }
         }
     }
 
