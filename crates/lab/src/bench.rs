@@ -64,12 +64,14 @@ pub struct PipelineArgs {
     #[arg(long, default_value_t = 1_000_000)]
     bulk_rows: u64,
     /// Use this PostgreSQL (needs wal_level=logical) instead of a private instance. The bench
-    /// creates and drops the table `cacheclear_bench_product`, the slot and publication
-    /// `cacheclear_bench`.
+    /// creates and drops the table `cacheclear_bench_product`, the slots and publications
+    /// `cacheclear_bench` and `cacheclear_bench_floor` (a failed run leaves them, slots
+    /// holding WAL, until the next run drops them at its start).
     /// TLS as in `postgres.url`: `sslmode`, `sslrootcert`, `sslcert`, `sslkey` (libpq's).
     #[arg(long)]
     postgres_url: Option<String>,
-    /// Use this Redis instead of a private instance (keys `{bench:…}` are written).
+    /// Use this Redis instead of a private instance (keys `{bench:…}` are written, and the
+    /// namespace keys `{cacheclear.ns:cacheclear_bench}:*`: its epoch and watermark).
     #[arg(long)]
     redis_url: Option<String>,
 }
