@@ -51,15 +51,7 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
                     .await
                     .unwrap();
                 let waiting: i64 = row.get(0);
-                let sent = admin
-                    .query_one(
-                        "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false)
-                     FROM pg_stat_replication WHERE application_name = 'cacheclear'",
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                waiting == 1 && sent.get::<_, bool>(0)
+                waiting == 1 && walsender_sent_everything(admin).await
             }
         },
     )
@@ -105,20 +97,7 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
     wait_for(
         "the walsender to send the later commit",
         Duration::from_secs(20),
-        || {
-            let admin = &admin;
-            async move {
-                admin
-                    .query_one(
-                        "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false)
-                         FROM pg_stat_replication WHERE application_name = 'cacheclear'",
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get::<_, bool>(0)
-            }
-        },
+        || walsender_sent_everything(&admin),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -161,4 +140,18 @@ async fn a_reader_filling_during_the_sync_wait_does_not_leave_the_old_value() {
     .await;
     assert!(fence(&mut r, "product:20").await.expect("fence") > slot_before);
     running.stop().await.unwrap();
+}
+
+/// True when the pipeline's walsender has sent all WAL written so far (`sent_lsn` at
+/// `pg_current_wal_lsn()`).
+async fn walsender_sent_everything(admin: &tokio_postgres::Client) -> bool {
+    admin
+        .query_one(
+            "SELECT coalesce(bool_and(sent_lsn >= pg_current_wal_lsn()), false)
+             FROM pg_stat_replication WHERE application_name = 'cacheclear'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
 }
