@@ -330,14 +330,7 @@ async fn measure_floor(
     progress: &impl Fn(&str),
 ) -> anyhow::Result<Floor> {
     floor::create(db, "cacheclear_bench_product").await?;
-    let consumer = floor::FloorConsumer::start(
-        pg_url,
-        args.bulk_rows,
-        Some(floor::ChainTargets {
-            pg_url: pg_url.to_owned(),
-            redis_url: redis_url.to_owned(),
-        }),
-    )?;
+    let consumer = floor::FloorConsumer::start(pg_url, args.bulk_rows, redis_url)?;
     let mut steady = Vec::new();
     for (what, name) in [
         (floor::Recording::Receive, "a consumer that only receives"),

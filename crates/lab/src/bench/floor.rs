@@ -44,15 +44,8 @@ pub(crate) enum Recording {
     /// commit → received ([`Seen::lag_us`]).
     Receive,
     /// Runs the barrier's query and one eviction per transaction and records commit → Redis
-    /// acknowledged ([`Seen::chain_us`]); needs [`ChainTargets`].
+    /// acknowledged ([`Seen::chain_us`]).
     Chain,
-}
-
-/// Where the chain floor's round trips go: the pipeline's PostgreSQL (a plain connection, for
-/// the snapshot query) and Redis (a [`RedisSink`] of its own, default settings).
-pub(crate) struct ChainTargets {
-    pub pg_url: String,
-    pub redis_url: String,
 }
 
 /// What the consumer saw.
@@ -110,15 +103,16 @@ pub(crate) async fn drop_floor(db: &tokio_postgres::Client) {
 }
 
 impl FloorConsumer {
-    /// Connects to the floor's slot and streams until [`FloorConsumer::stop`]; with `chain`,
-    /// also connects the chain floor's PostgreSQL client and Redis sink (module docs).
+    /// Connects to the floor's slot and streams until [`FloorConsumer::stop`]. For the chain
+    /// floor (module docs) it also opens a plain connection to `pg_url` (the snapshot query) and
+    /// a [`RedisSink`] of its own on `redis_url` (default settings).
     ///
     /// # Errors
     /// The URL is unusable.
     pub(crate) fn start(
         pg_url: &str,
         bulk_threshold: u64,
-        chain: Option<ChainTargets>,
+        redis_url: &str,
     ) -> anyhow::Result<FloorConsumer> {
         let mut cfg = PostgresConfig::new(pg_url.to_owned());
         cfg.slot = FLOOR.into();
@@ -139,21 +133,17 @@ impl FloorConsumer {
         let (stop, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = super::on_own_thread({
             let seen = Arc::clone(&seen);
+            let (pg_url, redis_url) = (pg_url.to_owned(), redis_url.to_owned());
             move || async move {
-                let chain = match chain {
-                    Some(t) => {
-                        let db = cacheclear_pg_tls::connect(&t.pg_url, "--postgres-url")
-                            .await
-                            .context("chain floor: connecting to PostgreSQL")?;
-                        let sink = RedisSink::connect(RedisConfig::new(t.redis_url))?;
-                        // Warm the connection and the script cache, as the pipeline's are.
-                        sink.invalidate([("bench:chain:warm-up", Lsn(1))])
-                            .await
-                            .context("chain floor: the warm-up eviction in Redis")?;
-                        Some(Arc::new((db, sink)))
-                    }
-                    None => None,
-                };
+                let db = cacheclear_pg_tls::connect(&pg_url, "--postgres-url")
+                    .await
+                    .context("chain floor: connecting to PostgreSQL")?;
+                let sink = RedisSink::connect(RedisConfig::new(redis_url))?;
+                // Warm the connection and the script cache, as the pipeline's are.
+                sink.invalidate([("bench:chain:warm-up", Lsn(1))])
+                    .await
+                    .context("chain floor: the warm-up eviction in Redis")?;
+                let chain = Arc::new((db, sink));
                 let mut repl = ReplicationClient::connect(rc)
                     .await
                     .context("floor: connecting")?;
@@ -189,11 +179,11 @@ impl FloorConsumer {
                                     run_chain = rows > 0;
                                 }
                             }
-                            if let (true, Some(chain)) = (run_chain, &chain) {
+                            if run_chain {
                                 // Each commit's chain on its own task, so a slow one does not
                                 // hold the next commit (the pipeline overlaps them too).
                                 tokio::spawn(round_trips(
-                                    Arc::clone(chain),
+                                    Arc::clone(&chain),
                                     Arc::clone(&seen),
                                     Lsn(end_lsn.as_u64()),
                                     commit,
